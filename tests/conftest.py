@@ -1,0 +1,26 @@
+"""Shared fixtures: tiny decoder model, phantom studies, the real cervical DWI."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+import phantoms
+
+DATA = Path(__file__).parent / "data"
+REAL_DWI = DATA / "sct_tutorial_dmri"
+
+
+@pytest.fixture(scope="session")
+def decoder_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A decoder 'model' at 1.0 mm spacing (phantoms are at 1.0 mm: exact round trip)."""
+    return phantoms.decoder_model(tmp_path_factory.mktemp("decoder"), spacing_mm=1.0, crop_px=32)
+
+
+@pytest.fixture(scope="session")
+def real_dwi_paths() -> dict[str, Path]:
+    paths = {"image": REAL_DWI / "dmri.nii.gz", "bval": REAL_DWI / "bvals.txt", "bvec": REAL_DWI / "bvecs.txt"}
+    for p in paths.values():
+        assert p.is_file(), f"test data missing: {p}"
+    return paths

@@ -1,0 +1,83 @@
+"""Assembling ``report.json`` and checking it against its published JSON Schema."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from functools import lru_cache
+from importlib import metadata
+from importlib.resources import files
+from typing import Any
+
+import jsonschema
+import numpy as np
+
+import worker
+from worker.ingest.dwi import DWI
+
+SCHEMA_VERSION = "1.0"
+
+UNITS = {
+    "fa": "1 (dimensionless)",
+    "md": "mm^2/s",
+    "ad": "mm^2/s",
+    "rd": "mm^2/s",
+    "volume_mm3": "mm^3",
+    "cord_area_mm2": "mm^2",
+    "z_mm": "mm (world RAS+, superior positive)",
+    "b_values": "s/mm^2",
+    "b0_snr": "1 (dimensionless)",
+    "timings_s": "s",
+}
+
+
+@lru_cache(maxsize=1)
+def report_schema() -> dict[str, Any]:
+    """The report's JSON Schema (draft 2020-12), shipped as ``worker/report/report.schema.json``."""
+    return json.loads(files("worker.report").joinpath("report.schema.json").read_text())
+
+
+def validate_report(report: dict[str, Any]) -> None:
+    """Raise :class:`jsonschema.ValidationError` if ``report`` breaks the published schema."""
+    jsonschema.validate(report, report_schema(), format_checker=jsonschema.FormatChecker())
+
+
+def software_versions() -> dict[str, str]:
+    """Versions of scsnet and the libraries that shape its numbers."""
+    out = {"scsnet": worker.__version__}
+    for dist in ("dipy", "onnxruntime", "nibabel", "numpy", "scipy", "pydicom", "highdicom", "dcm2niix"):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            continue
+    return out
+
+
+def input_section(dwi: DWI) -> dict[str, Any]:
+    """The ``input`` section: what was read, in the orientation it was stored."""
+    prov = dwi.provenance
+    return {
+        "format": prov.format,
+        "files": [{"name": f.name, "sha256": f.sha256} for f in prov.files],
+        "series_description": prov.series_description,
+        "series_instance_uid": prov.series_instance_uid,
+        "manufacturer": prov.manufacturer,
+        "shape": [int(s) for s in dwi.data.shape],
+        "voxel_size_mm": [round(z, 6) for z in dwi.zooms],
+        "orientation": dwi.orientation_codes(),
+    }
+
+
+def acquisition_section(dwi: DWI) -> dict[str, Any]:
+    """The ``acquisition`` section: b-values (s/mm^2) and counts."""
+    shells = np.unique(np.round(dwi.bvals[~dwi.is_b0], -1))
+    return {
+        "b_values": [0.0] + [float(b) for b in shells],
+        "n_volumes": int(dwi.data.shape[3]),
+        "n_b0": int(dwi.is_b0.sum()),
+        "n_directions": int(dwi.n_directions),
+    }
+
+
+def now_iso() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")

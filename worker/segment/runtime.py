@@ -1,0 +1,208 @@
+"""Run-time segmentation of the mean b0 into the eight regions with the ONNX SCS-Net.
+
+Per axial slice (the third axis of a closest-canonical RAS volume):
+
+1. resample to the model's in-plane spacing;
+2. pass 1: the whole normalised slice -> P(cord) = 1 - P(background); the largest connected
+   cord component gives the cord's centre (a slice without one gets no labels and a warning);
+3. pass 2: a crop of ``crop_size_px`` around that centre, normalised on its own -> class
+   probabilities, pasted into a background canvas;
+4. the nine probability maps are resampled back to the input grid (linear) and the label is
+   their argmax; one connected cord is kept per slice.
+
+One ONNX Runtime session per process and model (:func:`load_segmenter` is cached), on the CUDA
+provider where present, else the CPU.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+from numpy.typing import NDArray
+from scipy import ndimage
+
+from worker.errors import ModelError
+from worker.labels import BACKGROUND, N_CLASSES
+from worker.segment.manifest import Manifest, load_manifest
+from worker.segment.preprocess import normalise, resample_slice, resample_to_shape
+
+MIN_CORD_AREA_MM2 = 8.0
+"""A cord component smaller than this on a slice (mm^2) is taken as no cord: a healthy adult
+cervical cord is 50-75 mm^2 and even a severely compressed one keeps more than 20."""
+
+
+@dataclass(frozen=True)
+class Segmentation:
+    """Labels on the canonical grid and what was noticed while making them.
+
+    labels : (X, Y, Z) uint8 codes 0-8 (worker.labels).
+    cord_probability : (X, Y, Z) float32 P(cord) from the second pass, on the input grid.
+    slices_without_cord : axial slice indices where no cord was found.
+    warnings : sentences for the report's QC section.
+    """
+
+    labels: NDArray[np.uint8]
+    cord_probability: NDArray[np.float32]
+    slices_without_cord: tuple[int, ...] = ()
+    warnings: tuple[str, ...] = field(default_factory=tuple)
+
+
+class Segmenter:
+    """An ONNX SCS-Net model ready to segment b0 volumes; build once, apply many times."""
+
+    def __init__(self, model_dir: Path, *, providers: list[str] | None = None) -> None:
+        self.manifest, self.onnx_path = load_manifest(Path(model_dir))
+        available = ort.get_available_providers()
+        if providers is None:
+            providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        try:
+            self._session = ort.InferenceSession(str(self.onnx_path), sess_options=options, providers=providers)
+        except Exception as exc:  # onnxruntime raises its own untyped errors for corrupt models
+            raise ModelError(f"the model file {self.onnx_path.name} cannot be loaded: {exc}") from exc
+        self.provider: str = self._session.get_providers()[0]
+        self._input = self.manifest.input
+        self._output_name = self.manifest.output.name
+
+    @property
+    def sha256(self) -> str:
+        return self.manifest.sha256
+
+    def _normalise(self, image: NDArray[np.float32]) -> NDArray[np.float32]:
+        if self._input.normalisation == "identity":
+            return image.astype(np.float32)
+        return normalise(image)
+
+    def _probabilities(self, batch: NDArray[np.float32]) -> NDArray[np.float32]:
+        """Run the network on (N, H, W) normalised images -> (N, 9, H, W) probabilities."""
+        n, h, w = batch.shape
+        m = self._input.pad_multiple
+        ph, pw = (-h) % m, (-w) % m
+        padded = np.pad(batch, ((0, 0), (0, ph), (0, pw)), mode="edge")
+        out = self._session.run([self._output_name], {self._input.name: padded[:, None]})[0]
+        out = np.asarray(out[:, :, :h, :w], dtype=np.float32)
+        if out.shape[1] != N_CLASSES:
+            raise ModelError(f"the model returned {out.shape[1]} classes, expected {N_CLASSES}")
+        if self.manifest.output.kind == "logits":
+            out = out - out.max(axis=1, keepdims=True)
+            np.exp(out, out=out)
+            out /= out.sum(axis=1, keepdims=True)
+        return out
+
+    def segment(self, b0: NDArray[np.floating], *, zooms_mm: tuple[float, float, float]) -> Segmentation:
+        """Segment a mean-b0 volume.
+
+        Parameters
+        ----------
+        b0 : (X, Y, Z) mean b=0 image in closest-canonical RAS orientation (axial slices along Z).
+        zooms_mm : voxel size (mm) along X, Y, Z.
+
+        Returns
+        -------
+        :class:`Segmentation` on the same (X, Y, Z) grid.
+        """
+        b0 = np.asarray(b0, dtype=np.float32)
+        target = (float(self._input.spacing_mm[0]), float(self._input.spacing_mm[1]))
+        spacing = (float(zooms_mm[0]), float(zooms_mm[1]))
+        nz = b0.shape[2]
+        slices = np.stack([resample_slice(b0[:, :, z], spacing_mm=spacing, target_mm=target) for z in range(nz)])
+        pixel_area = target[0] * target[1]
+
+        coarse = self._probabilities(np.stack([self._normalise(s) for s in slices]))
+        centres: list[tuple[int, int] | None] = [
+            _cord_centre(1.0 - coarse[z, BACKGROUND], min_pixels=MIN_CORD_AREA_MM2 / pixel_area) for z in range(nz)
+        ]
+        canvases = np.zeros((nz, N_CLASSES) + slices.shape[1:], dtype=np.float32)
+        canvases[:, BACKGROUND] = 1.0
+        found = [z for z in range(nz) if centres[z] is not None]
+        if found:
+            crops, boxes = zip(*(_crop(slices[z], centres[z], self._input.crop_size_px) for z in found))  # type: ignore[arg-type]
+            fine = self._probabilities(np.stack([self._normalise(c) for c in crops]))
+            for z, probs, box in zip(found, fine, boxes):
+                _paste(canvases[z], probs, box)
+
+        labels = np.zeros(b0.shape, dtype=np.uint8)
+        cord_prob = np.zeros(b0.shape, dtype=np.float32)
+        missing: list[int] = []
+        min_voxels = MIN_CORD_AREA_MM2 / (spacing[0] * spacing[1])
+        for z in range(nz):
+            back = resample_to_shape(canvases[z], b0.shape[:2])
+            slice_labels = np.argmax(back, axis=0).astype(np.uint8)
+            slice_labels = _keep_largest_cord(slice_labels)
+            if np.count_nonzero(slice_labels) < min_voxels:
+                slice_labels[:] = BACKGROUND
+                missing.append(z)
+            labels[:, :, z] = slice_labels
+            cord_prob[:, :, z] = 1.0 - back[BACKGROUND]
+        warnings = []
+        if missing:
+            warnings.append(
+                f"no spinal cord was found on slice(s) {', '.join(str(z) for z in missing)}; "
+                "they carry no labels and are left out of the measures"
+            )
+        return Segmentation(labels=labels, cord_probability=cord_prob, slices_without_cord=tuple(missing), warnings=tuple(warnings))
+
+
+def _cord_centre(p_cord: NDArray[np.float32], *, min_pixels: float) -> tuple[int, int] | None:
+    """Centre (row, col) of the most probable connected cord component, or None."""
+    components, n = ndimage.label(p_cord > 0.5)
+    if n == 0:
+        return None
+    mass = ndimage.sum_labels(p_cord, components, index=np.arange(1, n + 1))
+    size = ndimage.sum_labels(np.ones_like(p_cord), components, index=np.arange(1, n + 1))
+    best = int(np.argmax(mass))
+    if size[best] < min_pixels:
+        return None
+    ci, cj = ndimage.center_of_mass(p_cord, components, best + 1)
+    return int(round(ci)), int(round(cj))
+
+
+Box = tuple[int, int, int, int]  # i0, j0 in the slice (may be negative), height, width
+
+
+def _crop(image: NDArray[np.float32], centre: tuple[int, int], size: tuple[int, int]) -> tuple[NDArray[np.float32], Box]:
+    """A ``size`` crop centred on ``centre``, padded with the image's edge where it overhangs."""
+    h, w = size
+    i0, j0 = centre[0] - h // 2, centre[1] - w // 2
+    pad = max(0, -i0, -j0, i0 + h - image.shape[0], j0 + w - image.shape[1])
+    padded = np.pad(image, pad, mode="edge") if pad else image
+    crop = padded[i0 + pad : i0 + pad + h, j0 + pad : j0 + pad + w]
+    return np.ascontiguousarray(crop), (i0, j0, h, w)
+
+
+def _paste(canvas: NDArray[np.float32], probs: NDArray[np.float32], box: Box) -> None:
+    """Paste (C, h, w) crop probabilities into a (C, H, W) canvas, clipping at its borders."""
+    i0, j0, h, w = box
+    H, W = canvas.shape[1:]
+    a0, b0 = max(i0, 0), max(j0, 0)
+    a1, b1 = min(i0 + h, H), min(j0 + w, W)
+    if a1 > a0 and b1 > b0:
+        canvas[:, a0:a1, b0:b1] = probs[:, a0 - i0 : a1 - i0, b0 - j0 : b1 - j0]
+
+
+def _keep_largest_cord(labels: NDArray[np.uint8]) -> NDArray[np.uint8]:
+    """Zero every labelled component but the largest (one connected cord per slice)."""
+    components, n = ndimage.label(labels > 0)
+    if n <= 1:
+        return labels
+    sizes = ndimage.sum_labels(np.ones_like(labels), components, index=np.arange(1, n + 1))
+    keep = components == (int(np.argmax(sizes)) + 1)
+    return np.where(keep, labels, 0).astype(np.uint8)
+
+
+@functools.lru_cache(maxsize=4)
+def load_segmenter(model_dir: str) -> Segmenter:
+    """The process-wide :class:`Segmenter` for ``model_dir`` (created once, then reused)."""
+    return Segmenter(Path(model_dir))
+
+
+def default_model_dir() -> Path:
+    """The model shipped with scsnet: ``models/scsnet`` inside the installed package."""
+    import models
+
+    return Path(models.__file__).resolve().parent / "scsnet"
