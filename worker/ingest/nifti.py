@@ -96,11 +96,11 @@ def load_nifti_dwi(
     b-vectors are converted to world RAS+ with the image's affine.
     """
     image = Path(image)
+    data, affine = load_nifti_image(image)
     if bval is None or bvec is None:
         found_bval, found_bvec = find_gradient_files(image)
         bval = bval or found_bval
         bvec = bvec or found_bvec
-    data, affine = load_nifti_image(image)
     bvals = read_bvals(bval)
     bvecs_fsl = read_bvecs(bvec)
     bvecs_world = fsl_to_world(bvecs_fsl, affine)

@@ -1,0 +1,144 @@
+"""The pipeline end to end on a phantom with known answers, stage by stage and atomically."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jsonschema
+import nibabel as nib
+import numpy as np
+import onnx
+import pytest
+
+import phantoms
+from worker import pipeline
+from worker.errors import ModelError
+from worker.ingest.nifti import load_nifti_dwi
+from worker.report.build import validate_report
+from worker.segment.runtime import Segmenter
+
+
+@pytest.fixture(scope="module")
+def phantom(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
+    return phantoms.region_phantom(tmp_path_factory.mktemp("phantom"))
+
+
+@pytest.fixture(scope="module")
+def result(phantom, decoder_dir, tmp_path_factory) -> tuple[dict, Path, list[tuple[str, float]]]:
+    out = tmp_path_factory.mktemp("run") / "out"
+    seen: list[tuple[str, float]] = []
+    report = pipeline.analyze(
+        [phantom["image"]], out_dir=out, segmenter=Segmenter(decoder_dir), progress=lambda s, f: seen.append((s, f))
+    )
+    return report, out, seen
+
+
+def test_measures_match_the_known_tensors(result, phantom) -> None:
+    report, _, _ = result
+    assert [r["code"] for r in report["regions"]] == list(range(1, 9))
+    for region in report["regions"]:
+        code = region["code"]
+        assert region["voxels"] == int((phantom["labels"] == code).sum())
+        assert region["fa"]["mean"] == pytest.approx(phantom["fa"][code], abs=1e-3)
+        assert region["md"]["mean"] == pytest.approx(phantom["md"][code], rel=1e-3)
+        assert region["volume_mm3"] == pytest.approx(region["voxels"] * 4.0)
+    assert report["cord"]["voxels"] == int((phantom["labels"] > 0).sum())
+
+
+def test_outputs_are_on_the_input_grid(result, phantom) -> None:
+    _, out, _ = result
+    labels = nib.load(str(out / "labels.nii.gz"))
+    assert labels.get_data_dtype() == np.uint8
+    np.testing.assert_allclose(labels.affine, phantom["affine"])
+    assert np.array_equal(np.asarray(labels.dataobj), phantom["labels"])
+    for name in ("fa", "md", "ad", "rd", "b0"):
+        img = nib.load(str(out / f"{name}.nii.gz"))
+        assert img.get_data_dtype() == np.float32 and img.shape == labels.shape
+    assert (out / "qc.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_report_validates_and_carries_provenance(result) -> None:
+    report, out, _ = result
+    on_disk = json.loads((out / "report.json").read_text())
+    validate_report(on_disk)
+    assert on_disk["input"]["orientation"] == "RAS"
+    assert on_disk["acquisition"] == {"b_values": [0.0, 800.0], "n_volumes": 32, "n_b0": 2, "n_directions": 30}
+    assert on_disk["model"]["provider"] == "CPUExecutionProvider"
+    assert set(on_disk["timings_s"]) == set(pipeline.STAGES)
+    assert on_disk["units"]["md"] == "mm^2/s"
+    assert len(on_disk["slices"]) == 4
+    assert all(len(s["regions"]) == 8 for s in on_disk["slices"])
+
+
+def test_progress_reports_every_stage_in_order(result) -> None:
+    _, _, seen = result
+    assert seen == [(s, f) for s in pipeline.STAGES for f in (0.0, 1.0)]
+
+
+def test_schema_rejects_a_report_missing_its_regions(result) -> None:
+    report, _, _ = result
+    broken = dict(report)
+    broken["regions"] = report["regions"][:7]
+    with pytest.raises(jsonschema.ValidationError):
+        validate_report(broken)
+
+
+def test_most_compressed_slice_is_the_smallest_cord(tmp_path, decoder_dir) -> None:
+    info = phantoms.region_phantom(tmp_path / "p", shape=(40, 36, 4))
+    img = nib.load(str(info["image"]))
+    data = np.asarray(img.dataobj).copy()
+    data[:, :17, 2, :] = 0  # flatten slice 2 from behind: a smaller cord
+    nib.save(nib.Nifti1Image(data, img.affine), str(info["image"]))
+    report = pipeline.analyze([info["image"]], out_dir=tmp_path / "out", segmenter=Segmenter(decoder_dir))
+    areas = [s["cord_area_mm2"] for s in report["slices"]]
+    assert report["most_compressed_slice"] == 2 == int(np.argmin(areas))
+    assert any("dorsal column is missing on slice(s) 2" in w for w in report["qc"]["warnings"])
+
+
+def test_every_b0_is_averaged_wherever_it_sits(phantom) -> None:
+    dwi = load_nifti_dwi(phantom["image"])
+    assert dwi.is_b0.tolist() == [True] + [False] * 30 + [True]
+    expected = (dwi.data[..., 0] + dwi.data[..., -1]) / 2
+    np.testing.assert_allclose(dwi.mean_b0(), expected, rtol=1e-6)
+
+
+def test_a_rerun_replaces_the_output_whole(phantom, decoder_dir, tmp_path) -> None:
+    out = tmp_path / "out"
+    first = pipeline.analyze([phantom["image"]], out_dir=out, segmenter=Segmenter(decoder_dir))
+    (out / "stale.txt").write_text("from an earlier run")
+    second = pipeline.analyze([phantom["image"]], out_dir=out, segmenter=Segmenter(decoder_dir))
+    assert not (out / "stale.txt").exists()
+    assert second["regions"] == first["regions"]
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_a_failure_leaves_the_previous_result_untouched(phantom, decoder_dir, tmp_path) -> None:
+    out = tmp_path / "out"
+    pipeline.analyze([phantom["image"]], out_dir=out, segmenter=Segmenter(decoder_dir))
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    broken = tmp_path / "broken-model"
+    phantoms.decoder_model(broken)
+    model = onnx.load(str(broken / "decoder.onnx"))
+    centres = next(t for t in model.graph.initializer if t.name == "centres")
+    centres.CopyFrom(onnx.numpy_helper.from_array(np.arange(3, dtype=np.float32).reshape(1, 3, 1, 1), "centres"))
+    onnx.save(model, str(broken / "decoder.onnx"))
+    manifest = json.loads((broken / "manifest.json").read_text())
+    import hashlib
+
+    manifest["sha256"] = hashlib.sha256((broken / "decoder.onnx").read_bytes()).hexdigest()
+    (broken / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ModelError, match="returned 3 classes"):
+        pipeline.analyze([phantom["image"]], out_dir=out, segmenter=Segmenter(broken))
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["broken-model", "out"]
+
+
+def test_convert_writes_a_consistent_fsl_study(phantom, tmp_path) -> None:
+    sidecar = pipeline.convert([phantom["image"]], out_dir=tmp_path / "conv")
+    assert sidecar["acquisition"]["n_directions"] == 30
+    again = load_nifti_dwi(tmp_path / "conv" / "dwi.nii.gz")
+    original = load_nifti_dwi(phantom["image"])
+    np.testing.assert_allclose(again.bvecs, original.bvecs, atol=1e-6)
+    np.testing.assert_allclose(again.data, original.data)
+    assert json.loads((tmp_path / "conv" / "dwi.json").read_text())["input"]["format"] == "nifti"

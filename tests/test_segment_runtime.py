@@ -1,0 +1,111 @@
+"""The ONNX run-time: manifest checks and the geometry between the input grid and the model's
+grid, with a decoder 'model' whose answer is known exactly (label = b0 / 100)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import phantoms
+from worker.errors import ModelError
+from worker.segment.runtime import Segmenter, load_segmenter
+
+
+def _dice(a: np.ndarray, b: np.ndarray, code: int) -> float:
+    x, y = a == code, b == code
+    return 2 * np.logical_and(x, y).sum() / max(1, x.sum() + y.sum())
+
+
+def test_exact_round_trip_at_the_model_spacing(decoder_dir: Path) -> None:
+    labels = phantoms.region_labels((40, 36, 3), centre=(12.0, 20.0))
+    b0 = labels.astype(np.float32) * phantoms.SCALE
+    seg = Segmenter(decoder_dir).segment(b0, zooms_mm=(1.0, 1.0, 4.0))
+    assert np.array_equal(seg.labels, labels)
+    assert seg.warnings == ()
+
+
+def test_resampled_round_trip_keeps_the_geometry(tmp_path: Path) -> None:
+    """Input at 0.9 mm, model at 0.5 mm: the cord outline and the two halves come back in place.
+
+    A cord of two codes only (1 on the left half, 5 on the right): with this decoder, the
+    intensities interpolated across a border decode to the codes in between, so only two
+    well-separated codes make a clean test of the geometry.
+    """
+    model = phantoms.decoder_model(tmp_path, spacing_mm=0.5, crop_px=48)
+    shape = (60, 50, 2)
+    ii, jj = np.mgrid[0 : shape[0], 0 : shape[1]]
+    disc = np.hypot(ii - 30.3, jj - 20.6) <= 9.0
+    half = np.where(ii < 30.3, 1, 5)
+    labels = np.repeat(np.where(disc, half, 0)[:, :, None], shape[2], axis=2).astype(np.uint8)
+    seg = Segmenter(model).segment(labels.astype(np.float32) * phantoms.SCALE, zooms_mm=(0.9, 0.9, 5.0))
+    got, want = seg.labels > 0, labels > 0
+    assert 2 * np.logical_and(got, want).sum() / (got.sum() + want.sum()) > 0.95
+    for code in (1, 5):
+        centre_got = np.argwhere(seg.labels[:, :, 0] == code).mean(axis=0)
+        centre_want = np.argwhere(labels[:, :, 0] == code).mean(axis=0)
+        assert np.linalg.norm((centre_got - centre_want) * 0.9) < 0.6, code  # mm
+
+
+def test_cord_near_the_edge_of_the_field(decoder_dir: Path) -> None:
+    """The crop overhangs the field of view: padding must not shift the labels."""
+    labels = phantoms.region_labels((40, 36, 1), centre=(7.0, 28.0), radius_vox=6.0)
+    b0 = labels.astype(np.float32) * phantoms.SCALE
+    seg = Segmenter(decoder_dir).segment(b0, zooms_mm=(1.0, 1.0, 4.0))
+    assert np.array_equal(seg.labels, labels)
+
+
+def test_slice_without_cord_gets_no_labels_and_a_warning(decoder_dir: Path) -> None:
+    labels = phantoms.region_labels((40, 36, 3))
+    labels[:, :, 1] = 0
+    b0 = labels.astype(np.float32) * phantoms.SCALE
+    seg = Segmenter(decoder_dir).segment(b0, zooms_mm=(1.0, 1.0, 4.0))
+    assert seg.slices_without_cord == (1,)
+    assert not seg.labels[:, :, 1].any()
+    assert any("slice(s) 1" in w for w in seg.warnings)
+
+
+def test_only_the_largest_cord_component_is_kept(decoder_dir: Path) -> None:
+    labels = phantoms.region_labels((40, 36, 1))
+    b0 = labels.astype(np.float32) * phantoms.SCALE
+    b0[1:4, 1:4, 0] = 4 * phantoms.SCALE  # a small bright blob far from the cord
+    seg = Segmenter(decoder_dir).segment(b0, zooms_mm=(1.0, 1.0, 4.0))
+    assert not seg.labels[1:4, 1:4, 0].any()
+    assert np.array_equal(seg.labels, labels)
+
+
+def test_session_is_made_once_per_process(decoder_dir: Path) -> None:
+    assert load_segmenter(str(decoder_dir)) is load_segmenter(str(decoder_dir))
+    assert load_segmenter(str(decoder_dir)).provider == "CPUExecutionProvider"
+
+
+def test_tampered_model_is_refused(decoder_dir: Path, tmp_path: Path) -> None:
+    bad = tmp_path / "bad"
+    shutil.copytree(decoder_dir, bad)
+    with open(bad / "decoder.onnx", "ab") as handle:
+        handle.write(b"\0")
+    with pytest.raises(ModelError, match="SHA-256"):
+        Segmenter(bad)
+
+
+def test_model_with_other_label_table_is_refused(decoder_dir: Path, tmp_path: Path) -> None:
+    bad = tmp_path / "bad"
+    shutil.copytree(decoder_dir, bad)
+    manifest = json.loads((bad / "manifest.json").read_text())
+    manifest["labels"][0], manifest["labels"][4] = manifest["labels"][4], manifest["labels"][0]
+    (bad / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ModelError, match="different label table"):
+        Segmenter(bad)
+
+
+def test_missing_manifest_and_missing_model_file(tmp_path: Path, decoder_dir: Path) -> None:
+    with pytest.raises(ModelError, match="no model manifest"):
+        Segmenter(tmp_path)
+    bad = tmp_path / "bad"
+    shutil.copytree(decoder_dir, bad)
+    (bad / "decoder.onnx").unlink()
+    with pytest.raises(ModelError, match="missing"):
+        Segmenter(bad)
