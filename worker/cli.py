@@ -41,6 +41,10 @@ def _parser() -> argparse.ArgumentParser:
     convert.add_argument("--out", required=True, type=Path)
     convert.add_argument("--bval", type=Path)
     convert.add_argument("--bvec", type=Path)
+
+    from worker import service_cli
+
+    service_cli.add_commands(sub)
     return parser
 
 
@@ -67,7 +71,10 @@ def _progress_bar(enabled: bool) -> Iterator[object]:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from worker import pipeline
+    from worker import pipeline, service_cli
+
+    if args.command in service_cli.COMMANDS:
+        return service_cli.run(args)
 
     if args.command == "convert":
         sidecar = pipeline.convert(args.inputs, out_dir=args.out, bval=args.bval, bvec=args.bvec)
