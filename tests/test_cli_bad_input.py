@@ -100,7 +100,8 @@ def _corrupt_zip(tmp: Path) -> list[str]:
 
 def _gz_junk(tmp: Path) -> list[str]:
     path = tmp / "IM0001.gz"
-    path.write_bytes(gzip.compress(b"junk" * 100)[:40])
+    payload = gzip.compress(np.random.default_rng(0).bytes(20000))
+    path.write_bytes(payload[: len(payload) // 2])
     return [str(path)]
 
 

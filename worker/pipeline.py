@@ -152,7 +152,7 @@ def write_ingest(study: Study, out: Path) -> dict[str, Any]:
         "acquisition": acquisition_section(dwi),
         "warnings": list(dwi.provenance.warnings),
     }
-    if study.dicom is not None:
+    if study.dicom is not None and study.dicom.sidecar is not None:
         sidecar["dcm2niix"] = json.loads(Path(study.dicom.sidecar).read_text())
     (out / "dwi.json").write_text(json.dumps(sidecar, indent=2))
     return sidecar

@@ -19,6 +19,10 @@ from worker.labels import REGIONS  # noqa: E402
 UPSAMPLE = 4  # outline drawn on a 4x finer grid so one-voxel regions stay visible
 
 
+def _rgb(colour: tuple[int, int, int]) -> tuple[float, float, float]:
+    return (colour[0] / 255.0, colour[1] / 255.0, colour[2] / 255.0)
+
+
 def _crop_box(labels: NDArray[np.integer], margin: int) -> tuple[slice, slice]:
     cord = labels.any(axis=2) if labels.any() else np.ones(labels.shape[:2], bool)
     ii, jj = np.nonzero(cord)
@@ -27,7 +31,7 @@ def _crop_box(labels: NDArray[np.integer], margin: int) -> tuple[slice, slice]:
     return slice(i0, i1), slice(j0, j1)
 
 
-def _display(image: NDArray[np.floating]) -> NDArray[np.floating]:
+def _display(image: NDArray[np.generic]) -> NDArray[np.generic]:
     """Canonical [i=x(R), j=y(A)] -> display rows top=anterior, columns left=patient's right."""
     return np.flipud(image.T)[:, ::-1]
 
@@ -68,13 +72,13 @@ def write_qc_png(
         for region in REGIONS:
             mask = (fine == region.code).astype(float)
             if mask.any():
-                ax_b0.contour(mask, levels=[0.5], colors=[np.array(region.colour) / 255.0], linewidths=0.9, extent=extent, origin="upper")
+                ax_b0.contour(mask, levels=[0.5], colors=[_rgb(region.colour)], linewidths=0.9, extent=extent, origin="upper")
         ax_b0.set_title(f"slice {z} b0", fontsize=7)
         ax_b0.text(0.02, 0.5, "R", color="w", fontsize=7, transform=ax_b0.transAxes, va="center")
         ax_b0.text(0.93, 0.5, "L", color="w", fontsize=7, transform=ax_b0.transAxes, va="center")
         ax_fa.imshow(_display(fa[si, sj, z]), cmap="viridis", vmin=0, vmax=1, aspect=aspect, interpolation="nearest")
         ax_fa.set_title(f"slice {z} FA", fontsize=7)
-    handles = [Patch(color=np.array(r.colour) / 255.0, label=f"{r.code} {r.name}") for r in REGIONS]
+    handles = [Patch(color=_rgb(r.colour), label=f"{r.code} {r.name}") for r in REGIONS]
     fig.legend(handles=handles, loc="lower center", ncol=4, fontsize=7, frameon=False)
     fig.suptitle(title or "scsnet QC (radiological view: patient's left on the right, anterior up)", fontsize=9)
     fig.tight_layout(rect=(0, 0.06, 1, 0.97))
