@@ -41,6 +41,10 @@ from worker.tensor.fit import FitMethod, TensorFitter, TensorMaps, fit_mask
 
 STAGES = ("load", "segment", "fit", "measure", "write")
 
+LOW_SNR = 5.0
+"""Below this b0 SNR in the cord (spread across b=0 volumes, which also holds motion and CSF
+pulsation, so it under-estimates thermal SNR) the Rician noise floor biases FA upwards."""
+
 
 class Progress(Protocol):
     """Told when a stage starts (``fraction`` 0) and ends (1); the overall fraction is derived."""
@@ -111,7 +115,7 @@ def measure_stage(analysis: Analysis, *, warnings: list[str]) -> dict[str, Any]:
         entry["z_mm"] = round(float(centre[2] + canonical.affine[2, 2] * entry["index"]), 3)
     snr = measures.b0_snr(canonical.data[..., canonical.is_b0], labels > 0)
     qc_warnings = list(canonical.provenance.warnings) + list(analysis.segmentation.warnings) + warnings
-    if snr is not None and snr < 10:
+    if snr is not None and snr < LOW_SNR:
         qc_warnings.append(f"the b0 signal-to-noise ratio in the cord is low ({snr:.1f}); measures are noisy")
     if canonical.n_directions < 12:
         qc_warnings.append(

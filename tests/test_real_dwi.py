@@ -1,0 +1,86 @@
+"""The shipped model on the real cervical DWI, through the installed ``scsnet`` console script:
+the cord is found on every slice, in anatomically sensible places, and the numbers are
+plausible for healthy cervical cord (domain.md)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from worker.labels import BY_CODE
+from worker.report.build import validate_report
+from worker.segment.runtime import default_model_dir
+
+
+@pytest.fixture(scope="module")
+def run(real_dwi_paths, tmp_path_factory) -> tuple[dict, Path]:
+    assert (default_model_dir() / "manifest.json").is_file(), "the shipped model is missing"
+    scsnet = shutil.which("scsnet", path=str(Path(sys.executable).parent))
+    assert scsnet, "the scsnet console script is not installed in this environment"
+    out = tmp_path_factory.mktemp("real") / "out"
+    proc = subprocess.run(
+        [scsnet, "analyze", str(real_dwi_paths["image"]), "--bval", str(real_dwi_paths["bval"]), "--bvec", str(real_dwi_paths["bvec"]), "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert str(out) in proc.stdout
+    return json.loads((out / "report.json").read_text()), out
+
+
+def test_report_is_valid_and_complete(run) -> None:
+    report, out = run
+    validate_report(report)
+    assert report["input"]["orientation"] == "LAS"
+    assert report["acquisition"]["n_b0"] == 5 and report["acquisition"]["n_directions"] == 30
+    assert report["model"]["name"] == "scsnet"
+    for name in ("labels", "fa", "md", "ad", "rd", "b0"):
+        assert nib.load(str(out / f"{name}.nii.gz")).shape == (96, 36, 15)
+
+
+def test_cord_on_every_slice_with_plausible_area(run) -> None:
+    report, _ = run
+    assert report["qc"]["slices_without_cord"] == []
+    areas = [s["cord_area_mm2"] for s in report["slices"]]
+    assert len(areas) == 15
+    assert min(areas) > 30 and max(areas) < 130, areas
+
+
+def test_cord_sits_where_the_cord_is(run) -> None:
+    """The cord is the low-MD, high-FA disc near array (48, 15): check the labels overlap it."""
+    _, out = run
+    labels = np.asarray(nib.load(str(out / "labels.nii.gz")).dataobj)
+    ii, jj, _ = np.nonzero(labels)
+    assert 40 <= np.median(ii) <= 56 and 8 <= np.median(jj) <= 22
+
+
+def test_left_regions_lie_at_smaller_world_x_and_dorsal_behind_ventral(run) -> None:
+    _, out = run
+    img = nib.load(str(out / "labels.nii.gz"))
+    labels = np.asarray(img.dataobj)
+    idx = np.argwhere(labels > 0)
+    world = nib.affines.apply_affine(img.affine, idx)
+    codes = labels[tuple(idx.T)]
+    centre = {code: world[codes == code].mean(axis=0) for code in range(1, 9) if (codes == code).any()}
+    assert len(centre) == 8
+    for code in range(1, 5):
+        left, right = BY_CODE[code], BY_CODE[code + 4]
+        assert centre[code][0] < centre[code + 4][0], (left.name, right.name)
+    for dorsal, ventral in ((2, 3), (6, 7)):
+        assert centre[dorsal][1] < centre[ventral][1]  # posterior = smaller world y
+
+
+def test_cord_diffusion_is_healthy_cord_like(run) -> None:
+    report, _ = run
+    wm = [r for r in report["regions"] if r["key"].endswith(("lateral", "dorsal"))]
+    for region in wm:
+        assert 0.45 < region["fa"]["mean"] < 0.95, region["name"]
+        assert 0.4e-3 < region["md"]["mean"] < 1.3e-3, region["name"]
