@@ -88,3 +88,18 @@ def test_cervical_dicom_matches_its_nifti_original(cervical_dicom, real_dwi_path
         source_sop_instance_uids=[uid], segment_numbers=[code], assert_missing_frames_are_empty=True, ignore_spatial_locations=True
     ).sum()) for uid in referenced for code in range(1, 9))
     assert total == int((np.asarray(lab_d.dataobj) > 0).sum())
+
+
+def test_convert_a_dicom_folder_names_the_series(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with tarfile.open(DATA / "dcm_qa_ge.tar.xz") as tar:
+        tar.extractall(tmp_path, filter="data")
+    out = tmp_path / "conv"
+    assert main(["convert", str(tmp_path / "dcm_qa_ge" / "In"), "--out", str(out)]) == 0, capsys.readouterr().err
+    assert "converted 7 volumes" in capsys.readouterr().out
+    assert sorted(p.name for p in out.iterdir()) == ["dwi.bval", "dwi.bvec", "dwi.json", "dwi.nii.gz"]
+    sidecar = json.loads((out / "dwi.json").read_text())
+    assert sidecar["input"]["series_description"]
+    assert sidecar["acquisition"]["n_b0"] >= 1
+    assert sidecar["dcm2niix"]["Manufacturer"].upper().startswith("GE")
+    again = load_nifti_dwi(out / "dwi.nii.gz")
+    assert again.data.shape[3] == 7

@@ -56,10 +56,14 @@ def _progress_bar(enabled: bool) -> Iterator[object]:
     if not enabled:
         yield no_progress
         return
+    from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     with Progress(
-        TextColumn("{task.description:<10}"), BarColumn(), TimeElapsedColumn(), transient=False
+        TextColumn("{task.description:<10}"),
+        BarColumn(),
+        TimeElapsedColumn(),
+        console=Console(stderr=True),  # stdout stays for the result lines
     ) as bar:
         task = bar.add_task("starting", total=len(STAGES))
 
