@@ -25,12 +25,9 @@ from worker.errors import (
     UnsupportedInputError,
 )
 from worker.ingest.archive import ArchiveLimits, collect_inputs
-from worker.ingest.dicom import (
-    convert_group,
-    describe_series,
-    group_series,
-    ingest_dicom,
-)
+from worker.ingest.dicom import ingest_dicom
+from worker.ingest.dicom_convert import convert_group
+from worker.ingest.dicom_series import describe_series, group_series
 from worker.ingest.gradients import read_bvals, read_bvecs
 
 DATA = Path(__file__).parent / "data" / "dicom"

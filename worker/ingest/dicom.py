@@ -5,30 +5,29 @@ are **not** parsed here: ``dcm2niix`` (the field's reference converter, shipped 
 every candidate series into NIfTI + FSL ``.bval`` / ``.bvec`` + BIDS JSON, and we judge the series
 by that output. pydicom is used only for what is standard: sniffing which files are DICOM,
 grouping them by series, the descriptive attributes, and the plane geometry needed to find the
-source b=0 images a DICOM SEG must reference (see :func:`frame_voxel_indices`).
+source b=0 images a DICOM SEG must reference (see
+:func:`~worker.ingest.dicom_geometry.frame_voxel_indices`).
 
 The steps of :func:`ingest_dicom`:
 
 1. collect the upload into a flat directory (:mod:`worker.ingest.archive`);
 2. sniff DICOM files and group image files by (SeriesInstanceUID, SOP class) — a Canon export
-   can hold the classic and the enhanced copy of one series under the same UID;
+   can hold the classic and the enhanced copy of one series under the same UID
+   (:mod:`worker.ingest.dicom_series`);
 3. convert each group that could be a DWI (at least 7 images or frames) separately, so each
    output is known to come from one group; derived outputs (``_ADC``, ``_TRACEW``, ``_FA``, phase
    ``_ph`` ...) are ignored;
 4. a group qualifies if an output has a b=0 volume (b < 50 s/mm^2) and diffusion directions that
    determine a tensor (design-matrix rank 6, i.e. at least 6 non-collinear directions); several
-   qualifying series: the one with most volumes wins and a warning names the others;
+   qualifying series: the one with most volumes wins and a warning names the others
+   (:mod:`worker.ingest.dicom_convert`);
 5. load the chosen output with :func:`~worker.ingest.nifti.load_nifti_dwi` and locate its source
-   b=0 images, one per slice.
+   b=0 images, one per slice (here, placing each with :mod:`worker.ingest.dicom_geometry`).
 """
 
 from __future__ import annotations
 
-import json
-import os
 import shutil
-import subprocess
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,495 +38,17 @@ import numpy as np
 import pydicom
 from numpy.typing import NDArray
 from pydicom.dataset import Dataset
-from pydicom.errors import InvalidDicomError
 
-from worker.errors import (
-    ConversionError,
-    GradientError,
-    NoDiffusionSeriesError,
-    UnsupportedInputError,
-)
+from worker.errors import UnsupportedInputError
 from worker.ingest.archive import DEFAULT_LIMITS, ArchiveLimits, collect_inputs
+from worker.ingest.dicom_convert import ConvertedVolume, choose_series
+from worker.ingest.dicom_geometry import PlaneGeometry, frame_planes, frame_voxel_indices
+from worker.ingest.dicom_series import PIXEL_TAGS, SeriesGroup, group_series, int_or_none, read_header
 from worker.ingest.dwi import DWI
-from worker.ingest.gradients import B0_THRESHOLD, read_bvals, read_bvecs, tensor_rank
+from worker.ingest.gradients import B0_THRESHOLD, read_bvals
 from worker.ingest.nifti import load_nifti_dwi
 
-MIN_DWI_FRAMES = 7
-"""A tensor needs one b=0 and six directions: a group with fewer images cannot be a DWI."""
-
-DERIVED_SUFFIXES = ("_ADC", "_TRACEW", "_FA", "_ColFA", "_TENSOR", "_EXP", "_ph", "_real", "_imaginary", "_phMag")
-"""dcm2niix name suffixes of derived or non-magnitude outputs, which are never the DWI."""
-
-GEOMETRY_TOLERANCE = 0.1
-"""Largest misfit (voxels) accepted when placing a source image on the NIfTI grid."""
-
 Layout = Literal["single-frame", "multi-frame", "mosaic"]
-
-
-# ----------------------------------------------------------------------------------------------
-# Sniffing and grouping
-# ----------------------------------------------------------------------------------------------
-
-
-GROUPING_TAGS = (
-    "SOPClassUID", "SOPInstanceUID", "SeriesInstanceUID", "StudyInstanceUID", "FrameOfReferenceUID",
-    "Rows", "Columns", "InstanceNumber", "NumberOfFrames", "SeriesDescription", "ProtocolName",
-    "SeriesNumber", "Modality", "Manufacturer", "ImageType",
-)  # fmt: skip
-"""The attributes read while sniffing (reading only these is several times faster on Philips
-headers full of private sequences)."""
-
-PIXEL_TAGS = GROUPING_TAGS + (
-    "ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing", "SamplesPerPixel",
-    "PhotometricInterpretation", "BitsAllocated", "BitsStored", "HighBit", "PixelRepresentation",
-    "PlanarConfiguration", "PixelData",
-)  # fmt: skip
-"""The attributes needed to place and compare a single-frame source image."""
-
-
-def read_header(path: Path, *, tags: Sequence[str] | None = GROUPING_TAGS) -> Dataset | None:
-    """The DICOM header of ``path`` (no pixel data; only ``tags`` unless None), or None if the file
-    is not DICOM.
-
-    Files with the standard 128-byte preamble are read directly; files without it are accepted
-    when they start with a plausible group 0002 or 0008 element (as many old exports do).
-    """
-    specific = list(tags) if tags is not None else None
-    try:
-        return pydicom.dcmread(path, stop_before_pixels=True, specific_tags=specific)
-    except InvalidDicomError:
-        pass
-    except (OSError, ValueError, EOFError, KeyError, TypeError, AttributeError):
-        return None
-    try:
-        with open(path, "rb") as handle:
-            head = handle.read(4)
-    except OSError:
-        return None
-    if head[:2] not in (b"\x02\x00", b"\x08\x00"):
-        return None
-    try:
-        ds = pydicom.dcmread(path, stop_before_pixels=True, force=True, specific_tags=specific)
-    except Exception:  # noqa: BLE001 - pydicom raises many types on garbage; garbage is not DICOM
-        return None
-    return ds if "SOPClassUID" in ds or "SeriesInstanceUID" in ds else None
-
-
-@dataclass(frozen=True)
-class SeriesGroup:
-    """The image files of one series (and SOP class) found in an upload.
-
-    Attributes
-    ----------
-    series_instance_uid, sop_class_uid : the grouping key.
-    description : SeriesDescription, or ProtocolName, or "series <number>".
-    modality, manufacturer, series_number : as in the header (None when absent).
-    files : the DICOM files, sorted by InstanceNumber.
-    n_frames : total number of frames (images) over all files.
-    """
-
-    series_instance_uid: str
-    sop_class_uid: str
-    description: str
-    modality: str | None
-    manufacturer: str | None
-    series_number: int | None
-    files: tuple[Path, ...]
-    n_frames: int
-
-    @property
-    def n_images(self) -> int:
-        return self.n_frames
-
-
-def _description(ds: Dataset) -> str:
-    for key in ("SeriesDescription", "ProtocolName"):
-        text = str(ds.get(key, "") or "").strip()
-        if text:
-            return text
-    number = ds.get("SeriesNumber")
-    return f"series {number}" if number is not None else "unnamed series"
-
-
-def _int_or_none(value: object) -> int | None:
-    try:
-        return int(value)  # type: ignore[call-overload]
-    except (TypeError, ValueError):
-        return None
-
-
-def group_series(files: Sequence[Path]) -> tuple[list[SeriesGroup], list[Path]]:
-    """Group DICOM image files by (SeriesInstanceUID, SOP class).
-
-    Returns the groups (largest first) and the files that are not DICOM images (other files,
-    DICOMDIR, presentation states, vendor private objects), which callers may ignore.
-    """
-    buckets: dict[tuple[str, str], list[tuple[int, Path, Dataset]]] = {}
-    ignored: list[Path] = []
-    for path in files:
-        ds = read_header(path)
-        if ds is None or "Rows" not in ds or "Columns" not in ds or "SeriesInstanceUID" not in ds:
-            ignored.append(path)
-            continue
-        key = (str(ds.SeriesInstanceUID), str(ds.get("SOPClassUID", "")))
-        buckets.setdefault(key, []).append((_int_or_none(ds.get("InstanceNumber")) or 0, path, ds))
-    groups = []
-    for (uid, sop_class), members in buckets.items():
-        members.sort(key=lambda m: (m[0], m[1].name))
-        first = members[0][2]
-        groups.append(
-            SeriesGroup(
-                series_instance_uid=uid,
-                sop_class_uid=sop_class,
-                description=_description(first),
-                modality=str(first.get("Modality")) if first.get("Modality") else None,
-                manufacturer=str(first.get("Manufacturer")) if first.get("Manufacturer") else None,
-                series_number=_int_or_none(first.get("SeriesNumber")),
-                files=tuple(m[1] for m in members),
-                n_frames=sum(_int_or_none(m[2].get("NumberOfFrames")) or 1 for m in members),
-            )
-        )
-    groups.sort(key=lambda g: (-g.n_frames, g.series_number or 0, g.description))
-    return groups, ignored
-
-
-def describe_series(groups: Sequence[SeriesGroup], notes: dict[str, str] | None = None) -> str:
-    """One phrase naming every series, e.g. ``2 series (T2 sagittal: 15 images; Localizer: 3
-    images)``. ``notes`` maps a series UID to an extra remark (``3 directions``)."""
-    notes = notes or {}
-    parts = []
-    for g in groups:
-        modality = f" {g.modality}" if g.modality and g.modality != "MR" else ""
-        word = "image" if g.n_frames == 1 else "images"
-        note = notes.get(g.series_instance_uid + "|" + g.sop_class_uid)
-        parts.append(f"{g.description}{modality}: {g.n_frames} {word}" + (f", {note}" if note else ""))
-    noun = "series"
-    return f"{len(groups)} {noun} ({'; '.join(parts)})"
-
-
-# ----------------------------------------------------------------------------------------------
-# Conversion with dcm2niix
-# ----------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ConvertedVolume:
-    """One dcm2niix output (NIfTI + gradients + JSON sidecar) of one series group."""
-
-    group: SeriesGroup
-    nifti: Path
-    bval: Path | None
-    bvec: Path | None
-    sidecar: Path | None
-
-    @property
-    def stem(self) -> str:
-        return self.nifti.name.removesuffix(".gz").removesuffix(".nii")
-
-
-def dcm2niix_binary() -> str:
-    """Path of the dcm2niix executable: the PyPI wheel's, else one on PATH."""
-    try:
-        import dcm2niix  # the wheel ships the binary; imported lazily (optional at import time)
-
-        path = Path(dcm2niix.bin)
-        if path.is_file():
-            return str(path)
-    except ImportError:
-        pass
-    found = shutil.which("dcm2niix")
-    if found is None:
-        raise ConversionError("the DICOM converter dcm2niix is not installed on this server")
-    return found
-
-
-def _link_or_copy(src: Path, dst: Path) -> None:
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copyfile(src, dst)
-
-
-def convert_group(group: SeriesGroup, *, workdir: Path, timeout_s: float) -> list[ConvertedVolume]:
-    """Run dcm2niix on one series group; return its outputs (derived images excluded).
-
-    Raises :class:`ConversionError` if dcm2niix times out; a non-zero exit with no output
-    returns an empty list (the caller decides whether that matters).
-    """
-    src = workdir / "in"
-    out = workdir / "out"
-    src.mkdir(parents=True, exist_ok=True)
-    out.mkdir(parents=True, exist_ok=True)
-    for i, path in enumerate(group.files):
-        _link_or_copy(path, src / f"{i:06d}.dcm")
-    cmd = [dcm2niix_binary(), "-z", "y", "-b", "y", "-ba", "n", "-f", "%s_%d", "-o", str(out), str(src)]
-    try:
-        subprocess.run(cmd, capture_output=True, timeout=max(timeout_s, 1.0), check=False)
-    except subprocess.TimeoutExpired as exc:
-        raise ConversionError(
-            f"converting the DICOM series '{group.description}' took longer than {timeout_s:.0f} s "
-            "and was stopped"
-        ) from exc
-    outputs = []
-    for nifti in sorted(out.glob("*.nii.gz")):
-        stem = nifti.name[: -len(".nii.gz")]
-        if stem.endswith(DERIVED_SUFFIXES):
-            continue
-        sidecar = out / f"{stem}.json"
-        if sidecar.is_file() and _is_derived(sidecar):
-            continue
-        bval, bvec = out / f"{stem}.bval", out / f"{stem}.bvec"
-        outputs.append(
-            ConvertedVolume(
-                group=group,
-                nifti=nifti,
-                bval=bval if bval.is_file() else None,
-                bvec=bvec if bvec.is_file() else None,
-                sidecar=sidecar if sidecar.is_file() else None,
-            )
-        )
-    return outputs
-
-
-def _is_derived(sidecar: Path) -> bool:
-    try:
-        meta = json.loads(sidecar.read_text())
-    except (OSError, ValueError):
-        return False
-    image_type = meta.get("ImageType") or []
-    return isinstance(image_type, list) and "DERIVED" in [str(t).upper() for t in image_type]
-
-
-@dataclass(frozen=True)
-class GradientSummary:
-    """What a converted output's gradient table offers: volumes, b=0 count, tensor rank."""
-
-    n_volumes: int
-    n_b0: int
-    rank: int
-
-    @property
-    def qualifies(self) -> bool:
-        return self.n_b0 >= 1 and self.rank >= 6
-
-
-def summarise_gradients(volume: ConvertedVolume) -> GradientSummary | None:
-    """Read an output's ``.bval``/``.bvec``; None when it has no (readable, consistent) table."""
-    if volume.bval is None or volume.bvec is None:
-        return None
-    try:
-        bvals = read_bvals(volume.bval)
-        bvecs = read_bvecs(volume.bvec)
-    except GradientError:
-        return None
-    if bvecs.shape[0] != bvals.size:
-        return None
-    dw = bvals >= B0_THRESHOLD
-    norms = np.linalg.norm(bvecs[dw], axis=1)
-    vectors = bvecs[dw][norms > 0.5] / norms[norms > 0.5, None]
-    return GradientSummary(n_volumes=int(bvals.size), n_b0=int((~dw).sum()), rank=tensor_rank(vectors))
-
-
-# ----------------------------------------------------------------------------------------------
-# Choosing the diffusion series
-# ----------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class _Candidate:
-    volume: ConvertedVolume
-    gradients: GradientSummary
-
-
-def _reason(summary: GradientSummary | None) -> str | None:
-    if summary is None:
-        return None
-    if summary.n_b0 == 0:
-        return f"{summary.n_volumes} volumes without a b=0 image"
-    return f"{summary.n_volumes} volumes with too few diffusion directions for a tensor"
-
-
-def choose_series(
-    groups: Sequence[SeriesGroup], *, workdir: Path, timeout_s: float
-) -> tuple[ConvertedVolume, tuple[str, ...]]:
-    """Convert the candidate groups and choose the diffusion series.
-
-    Returns the chosen output and warning sentences (empty unless several series qualified).
-    Raises :class:`NoDiffusionSeriesError` naming every series found when none qualifies, and
-    :class:`ConversionError` when dcm2niix produced nothing for a group that could be a DWI.
-    """
-    deadline = time.monotonic() + timeout_s
-    candidates: list[_Candidate] = []
-    notes: dict[str, str] = {}
-    failed: list[SeriesGroup] = []
-    for index, group in enumerate(groups):
-        if group.n_frames < MIN_DWI_FRAMES:
-            continue
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise ConversionError(f"converting the upload took longer than {timeout_s:.0f} s and was stopped")
-        outputs = convert_group(group, workdir=workdir / f"series{index:03d}", timeout_s=remaining)
-        if not outputs:
-            failed.append(group)
-        for volume in outputs:
-            summary = summarise_gradients(volume)
-            if summary is not None and summary.qualifies:
-                candidates.append(_Candidate(volume, summary))
-            elif (reason := _reason(summary)) is not None:
-                notes[group.series_instance_uid + "|" + group.sop_class_uid] = reason
-    if not candidates:
-        if failed and not notes:
-            names = ", ".join(f"'{g.description}'" for g in failed)
-            raise ConversionError(f"the DICOM converter could not read the series {names}")
-        raise NoDiffusionSeriesError(
-            f"the upload holds {describe_series(groups, notes)} but none is a diffusion series with "
-            "a b=0 image and at least 6 diffusion directions"
-        )
-    candidates.sort(key=lambda c: (-c.gradients.n_volumes, c.volume.group.series_number or 0))
-    chosen = candidates[0]
-    return chosen.volume, _choice_warning(chosen, candidates[1:])
-
-
-def _choice_warning(chosen: _Candidate, others: Sequence[_Candidate]) -> tuple[str, ...]:
-    if not others:
-        return ()
-
-    def name(c: _Candidate) -> str:
-        number = c.volume.group.series_number
-        where = f"series {number}, " if number is not None else ""
-        return f"'{c.volume.group.description}' ({where}{c.gradients.n_volumes} volumes)"
-
-    rest = "; ".join(name(c) for c in others)
-    why = "the one with most volumes" if chosen.gradients.n_volumes > others[0].gradients.n_volumes else (
-        "the first of those with most volumes"
-    )
-    return (f"the upload holds {len(others) + 1} diffusion series: analysed {name(chosen)}, {why}, and ignored {rest}",)
-
-
-# ----------------------------------------------------------------------------------------------
-# Geometry: where each source image sits on the NIfTI grid
-# ----------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class PlaneGeometry:
-    """The plane of one source image or frame, in DICOM patient coordinates (LPS, mm).
-
-    Attributes
-    ----------
-    position : (3,) ImagePositionPatient, centre of the first (top-left) pixel.
-    orientation : (6,) ImageOrientationPatient: row direction (along a row, i.e. increasing
-        column index) then column direction (down a column, increasing row index).
-    spacing : (row spacing, column spacing) from PixelSpacing, mm.
-    rows, columns : image size.
-    """
-
-    position: NDArray[np.float64]
-    orientation: NDArray[np.float64]
-    spacing: tuple[float, float]
-    rows: int
-    columns: int
-
-
-def frame_voxel_indices(
-    plane: PlaneGeometry, *, affine: NDArray[np.float64], shape: tuple[int, int, int]
-) -> NDArray[np.intp]:
-    """For every pixel of a source image, the NIfTI voxel it is.
-
-    The pixel at (row r, column c) lies at ``P + c * dc * R + r * dr * C`` (LPS), which becomes RAS+
-    by negating x and y, and then a voxel index through the inverse of ``affine``. The source
-    plane must lie exactly on the grid (axis-aligned, integer positions within
-    :data:`GEOMETRY_TOLERANCE` voxels, inside the volume) — true for dcm2niix output of a
-    single-frame or enhanced series, false for a mosaic.
-
-    Parameters
-    ----------
-    plane : geometry of the source image.
-    affine : (4, 4) NIfTI voxel -> world RAS+ (mm).
-    shape : (X, Y, Z) grid size.
-
-    Returns
-    -------
-    (3, rows, columns) integer voxel indices (i, j, k) of each source pixel.
-
-    Raises
-    ------
-    UnsupportedInputError : the source plane does not coincide with a slice of the grid.
-    """
-    lps_to_ras = np.diag([-1.0, -1.0, 1.0])
-    row_dir = lps_to_ras @ plane.orientation[:3]
-    col_dir = lps_to_ras @ plane.orientation[3:]
-    origin = lps_to_ras @ plane.position
-    inv = np.linalg.inv(np.asarray(affine, dtype=np.float64))
-    step_c = inv[:3, :3] @ (row_dir * plane.spacing[1])  # one column to the right
-    step_r = inv[:3, :3] @ (col_dir * plane.spacing[0])  # one row down
-    start = inv[:3, :3] @ origin + inv[:3, 3]
-    rows = np.arange(plane.rows)[:, None, None]
-    cols = np.arange(plane.columns)[None, :, None]
-    coords = start + cols * step_c + rows * step_r  # (rows, columns, 3)
-    indices = np.rint(coords)
-    misfit = float(np.abs(coords - indices).max())
-    for step in (step_c, step_r):
-        if np.count_nonzero(np.abs(step) > GEOMETRY_TOLERANCE) != 1:
-            raise UnsupportedInputError(
-                "the source images are not aligned with the converted volume's slices, so the "
-                "segmentation cannot be placed on them"
-            )
-    if misfit > GEOMETRY_TOLERANCE or indices.min() < 0 or np.any(indices.max(axis=(0, 1)) >= np.asarray(shape)):
-        raise UnsupportedInputError(
-            "the source images do not coincide with the converted volume's slices (mosaic or "
-            "resampled images), so the segmentation cannot be placed on them"
-        )
-    return np.moveaxis(indices.astype(np.intp), 2, 0)
-
-
-def _plane_from_dataset(ds: Dataset) -> PlaneGeometry | None:
-    if "ImagePositionPatient" not in ds or "ImageOrientationPatient" not in ds or "PixelSpacing" not in ds:
-        return None
-    return PlaneGeometry(
-        position=np.asarray(ds.ImagePositionPatient, dtype=np.float64),
-        orientation=np.asarray(ds.ImageOrientationPatient, dtype=np.float64),
-        spacing=(float(ds.PixelSpacing[0]), float(ds.PixelSpacing[1])),
-        rows=int(ds.Rows),
-        columns=int(ds.Columns),
-    )
-
-
-def _frame_item(ds: Dataset, frame: int, keyword: str) -> Dataset | None:
-    """A functional group item for ``frame`` (0-based), per-frame first, else shared."""
-    per_frame = ds.get("PerFrameFunctionalGroupsSequence")
-    shared = ds.get("SharedFunctionalGroupsSequence")
-    items = ([per_frame[frame]] if per_frame and frame < len(per_frame) else []) + ([shared[0]] if shared else [])
-    for item in items:
-        seq = item.get(keyword)
-        if seq:
-            return seq[0]
-    return None
-
-
-def frame_planes(ds: Dataset) -> list[PlaneGeometry | None]:
-    """The plane geometry of every frame of a single- or multi-frame image (None where absent)."""
-    n_frames = _int_or_none(ds.get("NumberOfFrames")) or 1
-    if "PerFrameFunctionalGroupsSequence" not in ds:
-        return [_plane_from_dataset(ds)] * n_frames
-    planes: list[PlaneGeometry | None] = []
-    for f in range(n_frames):
-        pos = _frame_item(ds, f, "PlanePositionSequence")
-        ori = _frame_item(ds, f, "PlaneOrientationSequence")
-        meas = _frame_item(ds, f, "PixelMeasuresSequence")
-        if pos is None or ori is None or meas is None or "PixelSpacing" not in meas:
-            planes.append(None)
-            continue
-        planes.append(
-            PlaneGeometry(
-                position=np.asarray(pos.ImagePositionPatient, dtype=np.float64),
-                orientation=np.asarray(ori.ImageOrientationPatient, dtype=np.float64),
-                spacing=(float(meas.PixelSpacing[0]), float(meas.PixelSpacing[1])),
-                rows=int(ds.Rows),
-                columns=int(ds.Columns),
-            )
-        )
-    return planes
 
 
 # ----------------------------------------------------------------------------------------------
@@ -590,7 +111,7 @@ MOSAIC_REASON = (
 
 
 def _layout(ds: Dataset, shape: tuple[int, int, int]) -> Layout:
-    if (_int_or_none(ds.get("NumberOfFrames")) or 1) > 1:
+    if (int_or_none(ds.get("NumberOfFrames")) or 1) > 1:
         return "multi-frame"
     image_type = [str(t).upper() for t in (ds.get("ImageType") or [])]
     if "MOSAIC" in image_type or "VFRAME" in image_type:

@@ -2,7 +2,7 @@
 
 The label map lives on dcm2niix's NIfTI grid; a PACS shows a SEG over the *source* images, so
 every SEG frame must be in a source image's own rows and columns. Each source b=0 image (or
-frame) is placed on the grid with :func:`worker.ingest.dicom.frame_voxel_indices` (its
+frame) is placed on the grid with :func:`worker.ingest.dicom_geometry.frame_voxel_indices` (its
 ImagePositionPatient / ImageOrientationPatient in LPS, mapped to RAS+ and through the inverse
 affine), which gives, for every source pixel, the voxel it is — whatever flips or transposition
 dcm2niix applied. The frame is then ``labels[i, j, k]`` gathered at those indices; nothing is
@@ -35,13 +35,8 @@ from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 
 from worker.errors import UnsupportedInputError
-from worker.ingest.dicom import (
-    DicomSeriesInfo,
-    PlaneGeometry,
-    SourceFrame,
-    frame_planes,
-    frame_voxel_indices,
-)
+from worker.ingest.dicom import DicomSeriesInfo, SourceFrame
+from worker.ingest.dicom_geometry import PlaneGeometry, frame_planes, frame_voxel_indices
 from worker.labels import LATERALITY_SNOMED, REGIONS, Region
 
 ALGORITHM_NAME = "SCS-Net"
