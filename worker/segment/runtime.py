@@ -78,7 +78,7 @@ class Segmenter:
             return image.astype(np.float32)
         return normalise(image)
 
-    def _probabilities(self, batch: NDArray[np.float32]) -> NDArray[np.float32]:
+    def probabilities(self, batch: NDArray[np.float32]) -> NDArray[np.float32]:
         """Run the network on (N, H, W) normalised images -> (N, 9, H, W) probabilities."""
         n, h, w = batch.shape
         m = self._input.pad_multiple
@@ -113,7 +113,7 @@ class Segmenter:
         slices = np.stack([resample_slice(b0[:, :, z], spacing_mm=spacing, target_mm=target) for z in range(nz)])
         pixel_area = target[0] * target[1]
 
-        coarse = self._probabilities(np.stack([self._normalise(s) for s in slices]))
+        coarse = self.probabilities(np.stack([self._normalise(s) for s in slices]))
         centres: list[tuple[int, int] | None] = [
             _cord_centre(1.0 - coarse[z, BACKGROUND], min_pixels=MIN_CORD_AREA_MM2 / pixel_area) for z in range(nz)
         ]
@@ -122,7 +122,7 @@ class Segmenter:
         found = [z for z in range(nz) if centres[z] is not None]
         if found:
             crops, boxes = zip(*(_crop(slices[z], centres[z], self._input.crop_size_px) for z in found))  # type: ignore[arg-type]
-            fine = self._probabilities(np.stack([self._normalise(c) for c in crops]))
+            fine = self.probabilities(np.stack([self._normalise(c) for c in crops]))
             for z, probs, box in zip(found, fine, boxes):
                 _paste(canvases[z], probs, box)
 
