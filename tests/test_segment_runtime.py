@@ -109,3 +109,15 @@ def test_missing_manifest_and_missing_model_file(tmp_path: Path, decoder_dir: Pa
     (bad / "decoder.onnx").unlink()
     with pytest.raises(ModelError, match="missing"):
         Segmenter(bad)
+
+
+def test_swapped_sides_are_flagged(decoder_dir: Path) -> None:
+    """A b0 whose left half carries the right-side codes (as a mis-oriented image would)."""
+    from worker.labels import MIRROR_LUT
+
+    labels = phantoms.region_labels((40, 36, 2))
+    mirrored = np.asarray(MIRROR_LUT, dtype=np.uint8)[labels]
+    seg = Segmenter(decoder_dir).segment(mirrored.astype(np.float32) * phantoms.SCALE, zooms_mm=(1.0, 1.0, 4.0))
+    assert any("check the image orientation" in w and "slice(s) 0, 1" in w for w in seg.warnings)
+    ok = Segmenter(decoder_dir).segment(labels.astype(np.float32) * phantoms.SCALE, zooms_mm=(1.0, 1.0, 4.0))
+    assert not any("orientation" in w for w in ok.warnings)

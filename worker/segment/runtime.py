@@ -140,6 +140,12 @@ class Segmenter:
             labels[:, :, z] = slice_labels
             cord_prob[:, :, z] = 1.0 - back[BACKGROUND]
         warnings = []
+        swapped = _sides_swapped(labels)
+        if swapped:
+            warnings.append(
+                f"the left regions lie to the patient's right of the right regions on slice(s) "
+                f"{', '.join(map(str, swapped))}; check the image orientation"
+            )
         if missing:
             warnings.append(
                 f"no spinal cord was found on slice(s) {', '.join(str(z) for z in missing)}; "
@@ -183,6 +189,18 @@ def _paste(canvas: NDArray[np.float32], probs: NDArray[np.float32], box: Box) ->
     a1, b1 = min(i0 + h, H), min(j0 + w, W)
     if a1 > a0 and b1 > b0:
         canvas[:, a0:a1, b0:b1] = probs[:, a0 - i0 : a1 - i0, b0 - j0 : b1 - j0]
+
+
+def _sides_swapped(labels: NDArray[np.uint8]) -> list[int]:
+    """Slices whose left-coded voxels (1-4) lie, on average, at larger canonical x (towards the
+    patient's right) than the right-coded ones (5-8)."""
+    swapped = []
+    for z in range(labels.shape[2]):
+        left = np.argwhere((labels[:, :, z] >= 1) & (labels[:, :, z] <= 4))
+        right = np.argwhere(labels[:, :, z] >= 5)
+        if len(left) and len(right) and left[:, 0].mean() > right[:, 0].mean():
+            swapped.append(z)
+    return swapped
 
 
 def _keep_largest_cord(labels: NDArray[np.uint8]) -> NDArray[np.uint8]:
