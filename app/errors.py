@@ -1,0 +1,82 @@
+"""Errors of the service itself, in the same hierarchy as the science core's (worker.errors).
+
+Pure Python, so the gateway and the worker share them; ``app.problems`` turns every
+:class:`~worker.errors.ScsnetError` into problem+json in one place, and a failed job stores
+``problem()`` of the same classes.
+"""
+
+from __future__ import annotations
+
+from worker.errors import InputError, ScsnetError
+
+
+class Unauthorized(ScsnetError):
+    type_slug = "unauthorized"
+    title = "Missing or invalid API key"
+    status = 401
+
+
+class NotFound(ScsnetError):
+    type_slug = "not-found"
+    title = "No such resource"
+    status = 404
+
+
+class MethodNotAllowed(ScsnetError):
+    type_slug = "method-not-allowed"
+    title = "Method not allowed on this resource"
+    status = 405
+
+
+class InvalidRequest(ScsnetError):
+    type_slug = "invalid-request"
+    title = "The request is malformed"
+    status = 422
+
+
+class MalformedUpload(ScsnetError):
+    type_slug = "malformed-upload"
+    title = "The upload is not a well-formed multipart form"
+    status = 400
+
+
+class UploadTooLarge(InputError):
+    type_slug = "upload-too-large"
+    title = "The upload is too large"
+    status = 413
+
+
+class InvalidCallbackUrl(ScsnetError):
+    type_slug = "invalid-callback-url"
+    title = "The callback URL is not acceptable"
+    status = 422
+
+
+class JobNotFinished(ScsnetError):
+    type_slug = "job-not-finished"
+    title = "The job has no results (yet)"
+    status = 409
+
+
+class ArtifactUnavailable(ScsnetError):
+    type_slug = "artifact-unavailable"
+    title = "This job has no such output"
+    status = 404
+
+
+class NotReady(ScsnetError):
+    type_slug = "not-ready"
+    title = "The service is not ready"
+    status = 503
+
+
+class AnalysisTimedOut(ScsnetError):
+    type_slug = "analysis-timed-out"
+    title = "The analysis took too long"
+    status = 503
+
+
+class AnalysisCrashed(ScsnetError):
+    type_slug = "internal-error"
+    title = "Internal error"
+    status = 500

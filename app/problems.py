@@ -1,0 +1,112 @@
+"""The one place where errors become RFC 9457 ``application/problem+json``, and the catalogue
+of problem types.
+
+Every :class:`~worker.errors.ScsnetError` (the science core's and the service's own) maps to
+its ``problem()`` with ``instance`` set to the request path; request validation errors become
+``invalid-request`` (422) with the offending fields; unknown routes and methods get ``not-found``
+and ``method-not-allowed``; anything else is logged and answered with a bare ``internal-error``.
+A failed job stores the same ``problem()`` object, so asynchronous failures look alike.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+import app.errors as service_errors
+from worker import errors as core_errors
+from worker.errors import ScsnetError
+
+PROBLEM_JSON = "application/problem+json"
+log = logging.getLogger(__name__)
+
+
+def _all_error_classes() -> list[type[ScsnetError]]:
+    seen: list[type[ScsnetError]] = []
+    stack: list[type[ScsnetError]] = [ScsnetError]
+    while stack:
+        cls = stack.pop(0)
+        if cls not in seen:
+            seen.append(cls)
+            stack.extend(cls.__subclasses__())
+    return seen
+
+
+def catalogue() -> list[dict[str, Any]]:
+    """Every problem type the service can answer with: type URI, title, HTTP status."""
+    assert core_errors and service_errors  # both modules define the classes walked here
+    entries: dict[str, dict[str, Any]] = {}
+    for cls in _all_error_classes():
+        entry = {"type": core_errors.PROBLEM_BASE + cls.type_slug, "title": cls.title, "status": cls.status}
+        entries.setdefault(cls.type_slug, entry)
+    return sorted(entries.values(), key=lambda e: (e["status"], e["type"]))
+
+
+def problem_response(problem: dict[str, Any], *, headers: dict[str, str] | None = None) -> JSONResponse:
+    """A problem+json response for a problem object."""
+    return JSONResponse(jsonable_encoder(problem), status_code=int(problem["status"]), media_type=PROBLEM_JSON, headers=headers)
+
+
+def _scsnet_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, ScsnetError)
+    headers = {"WWW-Authenticate": 'Bearer realm="scsnet"'} if exc.status == 401 else None
+    return problem_response({**exc.problem(), "instance": request.url.path}, headers=headers)
+
+
+def _validation_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    errors = [{"loc": list(e.get("loc", ())), "msg": e.get("msg", "")} for e in exc.errors()]
+    first = errors[0] if errors else {"loc": [], "msg": "invalid"}
+    problem = service_errors.InvalidRequest(f"{'.'.join(str(p) for p in first['loc'])}: {first['msg']}").problem()
+    return problem_response({**problem, "instance": request.url.path, "errors": errors})
+
+
+def _http_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, StarletteHTTPException)
+    error: ScsnetError
+    if exc.status_code == 404:
+        error = service_errors.NotFound("there is nothing at this address")
+    elif exc.status_code == 405:
+        error = service_errors.MethodNotAllowed(f"{request.method} is not allowed here")
+    else:
+        error = service_errors.InvalidRequest(str(exc.detail))
+        return problem_response({**error.problem(), "status": exc.status_code, "instance": request.url.path})
+    return problem_response({**error.problem(), "instance": request.url.path})
+
+
+def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+    log.exception("unhandled error on %s %s", request.method, request.url.path)
+    error = service_errors.AnalysisCrashed("an unexpected error occurred; it has been logged")
+    return problem_response({**error.problem(), "instance": request.url.path})
+
+
+def install(app: FastAPI) -> None:
+    """Register the problem+json handlers on ``app``."""
+    app.add_exception_handler(ScsnetError, _scsnet_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(Exception, _unexpected)
+
+
+PROBLEM_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["type", "title", "status"],
+    "properties": {
+        "type": {"type": "string", "format": "uri"},
+        "title": {"type": "string"},
+        "status": {"type": "integer"},
+        "detail": {"type": "string"},
+        "instance": {"type": "string"},
+    },
+}
+
+
+def problem_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses`` entries documenting problem+json answers."""
+    return {s: {"description": "problem", "content": {PROBLEM_JSON: {"schema": PROBLEM_SCHEMA}}} for s in statuses}

@@ -1,0 +1,34 @@
+"""Re-sending queued jobs the broker has lost (a Redis restart without persistence, a crash
+between storing the job and sending its message). The store is the truth: a job it holds as
+queued must have a message in the broker, or it gets a new one with a new dispatch token."""
+
+from __future__ import annotations
+
+import logging
+
+from app.queue import JobQueue
+from app.store import Store
+
+log = logging.getLogger(__name__)
+
+
+def dispatch(store: Store, queue: JobQueue, job_id: str) -> bool:
+    """Give a queued job a fresh token and send it; False if it is no longer queued."""
+    token = store.new_dispatch(job_id)
+    if token is None:
+        return False
+    queue.send_analysis(job_id, token)
+    return True
+
+
+def requeue_lost(store: Store, queue: JobQueue, *, grace_s: float) -> list[str]:
+    """Re-send every job queued for longer than ``grace_s`` that has no message in the broker."""
+    stale = store.stale_queued(older_than_s=grace_s)
+    if not stale:
+        return []
+    present = queue.job_ids_in_broker()
+    lost = [job_id for job_id in stale if job_id not in present]
+    resent = [job_id for job_id in lost if dispatch(store, queue, job_id)]
+    if resent:
+        log.warning("re-sent %d queued job(s) the broker did not hold: %s", len(resent), ", ".join(resent))
+    return resent

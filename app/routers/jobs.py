@@ -1,0 +1,196 @@
+"""``/v1/jobs``: submit a study, follow it, list, cancel or delete."""
+
+from __future__ import annotations
+
+import base64
+import logging
+import re
+import shutil
+import uuid
+from typing import Annotated
+from urllib.parse import urlsplit
+
+import anyio
+from fastapi import APIRouter, Header, Query, Request, Response
+from fastapi.responses import JSONResponse
+
+from app.deps import QueueDep, SettingsDep, StorageDep, StoreDep, TenantDep
+from app.errors import InvalidCallbackUrl, InvalidRequest, NotFound
+from app.intake import ZipLimits, arrange
+from app.problems import problem_responses
+from app.requeue import dispatch
+from app.schemas import JobOut, JobPage, etag, job_out
+from app.settings import GatewaySettings
+from app.store import TERMINAL, Job, JobState, Store, Tenant
+from app.uploads import drain, receive_form
+
+log = logging.getLogger(__name__)
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+_JOB_ID = re.compile(r"^[0-9a-f]{32}$")
+
+UPLOAD_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["files"],
+                    "properties": {
+                        "files": {
+                            "type": "array",
+                            "items": {"type": "string", "format": "binary"},
+                            "description": "DICOM files, zips of DICOM, or one NIfTI (.nii/.nii.gz)",
+                        },
+                        "bval": {"type": "string", "format": "binary", "description": "FSL b-values (NIfTI only)"},
+                        "bvec": {"type": "string", "format": "binary", "description": "FSL b-vectors (NIfTI only)"},
+                        "callback_url": {"type": "string", "format": "uri", "description": "POSTed on a terminal state"},
+                    },
+                }
+            }
+        },
+    }
+}
+
+
+def _load(store: Store, tenant: Tenant, job_id: str) -> Job:
+    job = store.get(job_id, tenant_id=tenant.id) if _JOB_ID.match(job_id) else None
+    if job is None:  # another tenant's job is "not found" too, never "forbidden"
+        raise NotFound(f"there is no job {job_id}")
+    return job
+
+
+def _check_callback(url: str | None, settings: GatewaySettings) -> str | None:
+    if not url:
+        return None
+    parts = urlsplit(url)
+    schemes = {"https", "http"} if settings.allow_http_callbacks else {"https"}
+    if parts.scheme not in schemes or not parts.hostname:
+        raise InvalidCallbackUrl(f"callback_url must be an absolute {' or '.join(sorted(schemes))} URL")
+    return url
+
+
+def _accepted(view: JobOut, settings: GatewaySettings, *, replayed: bool) -> JSONResponse:
+    headers = {"Location": view.links["self"], "Retry-After": str(settings.retry_after_s)}
+    if replayed:
+        headers["Idempotent-Replayed"] = "true"
+    return JSONResponse(view.model_dump(mode="json"), status_code=202, headers=headers)
+
+
+@router.post(
+    "",
+    status_code=202,
+    response_model=JobOut,
+    openapi_extra=UPLOAD_BODY,
+    responses=problem_responses(400, 401, 413, 415, 422),
+)
+async def create_job(
+    request: Request,
+    tenant: TenantDep,
+    settings: SettingsDep,
+    store: StoreDep,
+    storage: StorageDep,
+    queue: QueueDep,
+    idempotency_key: Annotated[str | None, Header(max_length=255)] = None,
+) -> JSONResponse:
+    """Submit a study (multipart: files, bval, bvec, callback_url); answered 202 at once."""
+    if idempotency_key:
+        existing = await anyio.to_thread.run_sync(store.find_by_idempotency_key, tenant.id, idempotency_key)
+        if existing is not None:
+            await drain(request.stream(), max_bytes=settings.max_upload_bytes)
+            view = await anyio.to_thread.run_sync(job_out, existing, store)
+            return _accepted(view, settings, replayed=True)
+    job_id = uuid.uuid4().hex
+    dest = storage.input_dir(job_id)
+    dest.mkdir(parents=True)
+    try:
+        form = await receive_form(
+            request.stream(),
+            content_type=request.headers.get("content-type"),
+            content_length=request.headers.get("content-length"),
+            dest=dest,
+            max_bytes=settings.max_upload_bytes,
+        )
+        callback_url = _check_callback(form.fields.get("callback_url"), settings)
+        limits = ZipLimits(settings.max_zip_entries, settings.max_zip_expanded_bytes)
+        inputs = await anyio.to_thread.run_sync(lambda: arrange(form, dest=dest, zip_limits=limits))
+        record = Job(id=job_id, tenant_id=tenant.id, idempotency_key=idempotency_key, callback_url=callback_url, inputs=inputs)
+        job, created = await anyio.to_thread.run_sync(store.create_job, record)
+    except BaseException:
+        shutil.rmtree(storage.job_dir(job_id), ignore_errors=True)
+        raise
+    if not created:  # a concurrent request with the same idempotency key won
+        shutil.rmtree(storage.job_dir(job_id), ignore_errors=True)
+    else:
+        try:
+            await anyio.to_thread.run_sync(dispatch, store, queue, job.id)
+        except Exception as exc:  # noqa: BLE001 - the job is stored: the re-enqueue loop will send it
+            log.warning("job %s stored but not sent to the broker (%s); it will be re-sent", job.id, type(exc).__name__)
+    view = await anyio.to_thread.run_sync(job_out, job, store)
+    return _accepted(view, settings, replayed=not created)
+
+
+@router.get("", response_model=JobPage, responses=problem_responses(401, 422))
+def list_jobs(
+    tenant: TenantDep,
+    store: StoreDep,
+    state: JobState | None = None,
+    cursor: Annotated[str | None, Query(max_length=64)] = None,
+    limit: Annotated[int, Query(ge=1, le=100)] = 20,
+) -> JobPage:
+    """The tenant's jobs, newest first, optionally of one state."""
+    before: int | None = None
+    if cursor:
+        try:
+            before = int(base64.urlsafe_b64decode(cursor.encode() + b"==").decode())
+        except ValueError as exc:
+            raise InvalidRequest("the cursor is not one this service handed out") from exc
+    jobs = store.list_jobs(tenant.id, state=state.value if state else None, before_seq=before, limit=limit + 1)
+    page, more = jobs[:limit], len(jobs) > limit
+    next_cursor = base64.urlsafe_b64encode(str(page[-1].seq).encode()).decode().rstrip("=") if more else None
+    links = {}
+    if next_cursor:
+        links["next"] = f"/v1/jobs?limit={limit}&cursor={next_cursor}" + (f"&state={state.value}" if state else "")
+    return JobPage(items=[job_out(j, store) for j in page], next_cursor=next_cursor, links=links)
+
+
+@router.get("/{job_id}", response_model=JobOut, responses={304: {"description": "not modified"}, **problem_responses(401, 404)})
+def get_job(
+    job_id: str,
+    tenant: TenantDep,
+    store: StoreDep,
+    settings: SettingsDep,
+    if_none_match: Annotated[str | None, Header()] = None,
+) -> Response:
+    """A job's state, stage, progress, queue position, problem and links (ETag for polling)."""
+    job = _load(store, tenant, job_id)
+    view = job_out(job, store)
+    tag = etag(view, job.version)
+    headers = {"ETag": tag, "Cache-Control": "no-cache"}
+    if job.state not in TERMINAL:
+        headers["Retry-After"] = str(settings.retry_after_s)
+    if if_none_match and tag in [t.strip() for t in if_none_match.split(",")]:
+        return Response(status_code=304, headers=headers)
+    return JSONResponse(view.model_dump(mode="json"), headers=headers)
+
+
+@router.delete(
+    "/{job_id}",
+    status_code=200,
+    response_model=JobOut,
+    responses={204: {"description": "the finished job and its data were deleted"}, **problem_responses(401, 404)},
+)
+def delete_job(job_id: str, tenant: TenantDep, store: StoreDep, storage: StorageDep, queue: QueueDep) -> Response:
+    """Cancel a queued or running job (200 with the job), or delete a finished job's data (204)."""
+    job = _load(store, tenant, job_id)
+    if job.state not in TERMINAL:
+        if store.cancel(job.id) and job.callback_url:
+            try:
+                queue.send_webhook(job.id)
+            except Exception as exc:  # noqa: BLE001 - the cancellation stands without its webhook
+                log.warning("webhook for cancelled job %s not sent: %s", job.id, type(exc).__name__)
+        # cancelled now, or finished just before: either way show it; a second DELETE deletes
+        return JSONResponse(job_out(_load(store, tenant, job_id), store).model_dump(mode="json"))
+    storage.delete(job.id)
+    store.delete(job.id)
+    return Response(status_code=204)

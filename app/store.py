@@ -1,0 +1,438 @@
+"""The job store: tenants, API keys, jobs and worker heartbeats (SQLAlchemy 2).
+
+The job record is the truth about a job; Celery's own task state is never read. The gateway and
+the worker both use this module (it imports only SQLAlchemy). A SQLite file is the default;
+PostgreSQL works through ``SCSNET_DATABASE_URL``. The schema is created on first use.
+
+State machine (``JobState``)::
+
+    queued -> running -> succeeded | failed
+    queued | running -> cancelled
+
+Every write bumps ``version``, which the gateway turns into the ``ETag``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from enum import StrEnum
+from pathlib import Path
+from typing import Any, ClassVar
+
+from sqlalchemy import (
+    JSON,
+    DateTime,
+    Float,
+    ForeignKey,
+    Integer,
+    String,
+    UniqueConstraint,
+    case,
+    create_engine,
+    event,
+    func,
+    select,
+    text,
+    update,
+)
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+
+KEY_PREFIX = "scsnet"
+DURATION_BUCKETS_S = (5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0)
+
+
+class JobState(StrEnum):
+    """Where a job is in its life."""
+
+    queued = "queued"
+    running = "running"
+    succeeded = "succeeded"
+    failed = "failed"
+    cancelled = "cancelled"
+
+
+TERMINAL = frozenset({JobState.succeeded, JobState.failed, JobState.cancelled})
+
+
+def utcnow() -> datetime:
+    """Now, timezone-aware UTC."""
+    return datetime.now(UTC)
+
+
+class Base(DeclarativeBase):
+    type_annotation_map: ClassVar[dict[Any, Any]] = {dict[str, Any]: JSON, list[Any]: JSON}
+
+
+class Tenant(Base):
+    """A customer (a hospital, a research group); owns keys and jobs."""
+
+    __tablename__ = "tenants"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(100), unique=True)
+    webhook_secret: Mapped[str] = mapped_column(String(100))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class ApiKey(Base):
+    """An API key, stored as the SHA-256 of the full key; ``id`` is its public prefix."""
+
+    __tablename__ = "api_keys"
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id"))
+    sha256: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+
+
+class Job(Base):
+    """One analysis request and everything known about its progress and outcome."""
+
+    __tablename__ = "jobs"
+    __table_args__ = (UniqueConstraint("tenant_id", "idempotency_key", name="uq_jobs_tenant_idempotency"),)
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    id: Mapped[str] = mapped_column(String(32), unique=True, index=True)
+    tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id"), index=True)
+    state: Mapped[str] = mapped_column(String(16), index=True, default=JobState.queued)
+    stage: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    progress: Mapped[float] = mapped_column(Float, default=0.0)
+    version: Mapped[int] = mapped_column(Integer, default=1)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    enqueued_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    duration_s: Mapped[float | None] = mapped_column(Float, nullable=True)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    dispatch_token: Mapped[str] = mapped_column(String(32), default="")
+    idempotency_key: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    callback_url: Mapped[str | None] = mapped_column(String(2048), nullable=True)
+    inputs: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    problem: Mapped[dict[str, Any] | None] = mapped_column(nullable=True)
+    artifacts: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    deliveries: Mapped[list[Any]] = mapped_column(default=list)
+
+
+class WorkerBeat(Base):
+    """The last heartbeat of each worker host (for ``/readyz``)."""
+
+    __tablename__ = "workers"
+    hostname: Mapped[str] = mapped_column(String(255), primary_key=True)
+    seen_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    info: Mapped[dict[str, Any]] = mapped_column(default=dict)
+
+
+@dataclass(frozen=True)
+class NewKey:
+    """What ``apikey create`` tells the operator (the key is shown once, never stored)."""
+
+    key_id: str
+    key: str
+    tenant: str
+    tenant_created: bool
+    webhook_secret: str
+
+
+def hash_key(key: str) -> str:
+    """SHA-256 hex of an API key (keys carry 256 random bits: no slow hash is needed)."""
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def key_id_of(key: str) -> str | None:
+    """The public id inside ``scsnet_<id>_<secret>``, or None if the key is malformed."""
+    parts = key.split("_", 2)
+    if len(parts) != 3 or parts[0] != KEY_PREFIX or not parts[1] or not parts[2]:
+        return None
+    return parts[1]
+
+
+def _aware(value: datetime | None) -> datetime | None:
+    """SQLite hands back naive datetimes; every stored time is UTC."""
+    if value is not None and value.tzinfo is None:
+        return value.replace(tzinfo=UTC)
+    return value
+
+
+class Store:
+    """Access to the job store; one per process, shared by its threads."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.engine: Engine = create_engine(url, pool_pre_ping=True)
+        if self.engine.dialect.name == "sqlite":
+            event.listen(self.engine, "connect", _sqlite_pragmas)
+            if self.engine.url.database and self.engine.url.database != ":memory:":
+                Path(self.engine.url.database).parent.mkdir(parents=True, exist_ok=True)
+        Base.metadata.create_all(self.engine)
+        self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+
+    @contextmanager
+    def session(self) -> Iterator[Session]:
+        """A session committed on success and rolled back on error."""
+        with self._sessions() as session, session.begin():
+            yield session
+
+    def ping(self) -> None:
+        """Raise if the store cannot be reached."""
+        with self.engine.connect() as conn:
+            conn.execute(text("SELECT 1"))
+
+    # --- tenants and keys -------------------------------------------------------------
+    def create_api_key(self, tenant_name: str) -> NewKey:
+        """Create a key for ``tenant_name`` (and the tenant with its webhook secret if new)."""
+        key_id = secrets.token_hex(6)
+        key = f"{KEY_PREFIX}_{key_id}_{secrets.token_urlsafe(32)}"
+        with self.session() as s:
+            tenant = s.scalar(select(Tenant).where(Tenant.name == tenant_name))
+            created = tenant is None
+            if tenant is None:
+                tenant = Tenant(name=tenant_name, webhook_secret="whsec_" + secrets.token_urlsafe(32))
+                s.add(tenant)
+                s.flush()
+            s.add(ApiKey(id=key_id, tenant_id=tenant.id, sha256=hash_key(key)))
+            return NewKey(key_id, key, tenant.name, created, tenant.webhook_secret)
+
+    def revoke_api_key(self, key_or_id: str) -> bool:
+        """Revoke a key given as its id or the full key; False if there was no such live key."""
+        key_id = key_id_of(key_or_id) or key_or_id
+        with self.session() as s:
+            done = s.execute(
+                update(ApiKey).where(ApiKey.id == key_id, ApiKey.revoked_at.is_(None)).values(revoked_at=utcnow())
+            )
+            return bool(done.rowcount)  # type: ignore[attr-defined]
+
+    def list_api_keys(self, tenant_name: str | None = None) -> list[tuple[str, str, datetime, datetime | None]]:
+        """(key id, tenant, created, revoked) of every key, optionally of one tenant."""
+        query = select(ApiKey.id, Tenant.name, ApiKey.created_at, ApiKey.revoked_at).join(Tenant)
+        if tenant_name:
+            query = query.where(Tenant.name == tenant_name)
+        with self.session() as s:
+            return [(r[0], r[1], _aware(r[2]), _aware(r[3])) for r in s.execute(query.order_by(ApiKey.created_at))]  # type: ignore[misc]
+
+    def authenticate(self, key: str) -> Tenant | None:
+        """The tenant owning a live ``key``, or None."""
+        key_id = key_id_of(key)
+        if key_id is None:
+            return None
+        with self.session() as s:
+            row = s.execute(
+                select(ApiKey, Tenant).join(Tenant).where(ApiKey.id == key_id, ApiKey.revoked_at.is_(None))
+            ).first()
+            if row is None or not hmac.compare_digest(row[0].sha256, hash_key(key)):
+                return None
+            return row[1]
+
+    def tenant(self, tenant_id: int) -> Tenant | None:
+        """A tenant by id."""
+        with self.session() as s:
+            return s.get(Tenant, tenant_id)
+
+    # --- jobs -------------------------------------------------------------------------
+    def create_job(self, job: Job) -> tuple[Job, bool]:
+        """Insert ``job``; with an idempotency key already used by its tenant, return that job.
+
+        Returns ``(job, created)``.
+        """
+        try:
+            with self.session() as s:
+                s.add(job)
+            return job, True
+        except IntegrityError:
+            existing = self.find_by_idempotency_key(job.tenant_id, job.idempotency_key or "")
+            if existing is None:
+                raise
+            return existing, False
+
+    def find_by_idempotency_key(self, tenant_id: int, key: str) -> Job | None:
+        """The tenant's job created with ``key``, if any."""
+        with self.session() as s:
+            return s.scalar(select(Job).where(Job.tenant_id == tenant_id, Job.idempotency_key == key))
+
+    def get(self, job_id: str, *, tenant_id: int | None = None) -> Job | None:
+        """A job by id; with ``tenant_id``, only if that tenant owns it."""
+        query = select(Job).where(Job.id == job_id)
+        if tenant_id is not None:
+            query = query.where(Job.tenant_id == tenant_id)
+        with self.session() as s:
+            return s.scalar(query)
+
+    def list_jobs(self, tenant_id: int, *, state: str | None, before_seq: int | None, limit: int) -> list[Job]:
+        """The tenant's jobs, newest first, keyset-paginated on ``seq``."""
+        query = select(Job).where(Job.tenant_id == tenant_id)
+        if state:
+            query = query.where(Job.state == state)
+        if before_seq is not None:
+            query = query.where(Job.seq < before_seq)
+        with self.session() as s:
+            return list(s.scalars(query.order_by(Job.seq.desc()).limit(limit)))
+
+    def queue_position(self, job: Job) -> int:
+        """1 for the next job to run: queued jobs (any tenant) created before this one, plus 1."""
+        with self.session() as s:
+            ahead = s.scalar(select(func.count()).where(Job.state == JobState.queued, Job.seq < job.seq))
+            return int(ahead or 0) + 1
+
+    def _update(self, job_id: str, *, only_from: frozenset[str] | None = None, **values: Any) -> bool:
+        query = update(Job).where(Job.id == job_id)
+        if only_from is not None:
+            query = query.where(Job.state.in_(only_from))
+        values.setdefault("updated_at", utcnow())
+        with self.session() as s:
+            done = s.execute(query.values(version=Job.version + 1, **values))
+            return bool(done.rowcount)  # type: ignore[attr-defined]
+
+    def new_dispatch(self, job_id: str) -> str | None:
+        """A fresh dispatch token for a queued job about to be (re)sent; None if not queued.
+
+        Only a message carrying the job's current token may run it, so a message the broker
+        had not lost after all, arriving after a re-send, does nothing.
+        """
+        token = secrets.token_hex(8)
+        done = self._update(job_id, only_from=frozenset({JobState.queued}), dispatch_token=token, enqueued_at=utcnow())
+        return token if done else None
+
+    def claim(self, job_id: str, token: str) -> Job | None:
+        """Move a queued job (or a running one whose message is redelivered) to running.
+
+        Returns None if the job is finished, cancelled, unknown or ``token`` is stale, so a
+        duplicate message does nothing.
+        """
+        now = utcnow()
+        query = update(Job).where(
+            Job.id == job_id, Job.dispatch_token == token, Job.state.in_((JobState.queued, JobState.running))
+        )
+        with self.session() as s:
+            done = s.execute(
+                query.values(
+                    version=Job.version + 1,
+                    updated_at=now,
+                    state=JobState.running,
+                    stage=None,
+                    progress=0.0,
+                    started_at=now,
+                    attempts=Job.attempts + 1,
+                )
+            )
+            claimed = bool(done.rowcount)  # type: ignore[attr-defined]
+        return self.get(job_id) if claimed else None
+
+    def set_progress(self, job_id: str, *, stage: str, progress: float) -> bool:
+        """Record progress of a running job; False if it is no longer running (cancelled)."""
+        return self._update(
+            job_id, only_from=frozenset({JobState.running}), stage=stage, progress=round(min(max(progress, 0.0), 1.0), 4)
+        )
+
+    def finish(
+        self,
+        job_id: str,
+        state: JobState,
+        *,
+        problem: dict[str, Any] | None = None,
+        artifacts: dict[str, Any] | None = None,
+    ) -> bool:
+        """Record a running job's outcome; False if it was cancelled meanwhile."""
+        job = self.get(job_id)
+        if job is None:
+            return False
+        now = utcnow()
+        started = _aware(job.started_at) or now
+        return self._update(
+            job_id,
+            only_from=frozenset({JobState.running}),
+            state=state,
+            stage=None,
+            progress=1.0 if state == JobState.succeeded else job.progress,
+            finished_at=now,
+            duration_s=(now - started).total_seconds(),
+            problem=problem,
+            artifacts=artifacts or {},
+        )
+
+    def cancel(self, job_id: str) -> bool:
+        """Cancel a queued or running job; False if it had already finished."""
+        return self._update(
+            job_id,
+            only_from=frozenset({JobState.queued, JobState.running}),
+            state=JobState.cancelled,
+            finished_at=utcnow(),
+        )
+
+    def delete(self, job_id: str) -> None:
+        """Forget a job."""
+        with self.session() as s:
+            job = s.scalar(select(Job).where(Job.id == job_id))
+            if job is not None:
+                s.delete(job)
+
+    def add_delivery(self, job_id: str, delivery: dict[str, Any]) -> None:
+        """Append a webhook delivery attempt to the job's record."""
+        with self.session() as s:
+            job = s.scalar(select(Job).where(Job.id == job_id).with_for_update())
+            if job is not None:
+                job.deliveries = [*job.deliveries, delivery]
+                job.version += 1
+                job.updated_at = utcnow()
+
+    def stale_queued(self, *, older_than_s: float) -> list[str]:
+        """Ids of queued jobs last sent to the broker (or created) longer ago than ``older_than_s``."""
+        cutoff = utcnow() - timedelta(seconds=older_than_s)
+        with self.session() as s:
+            rows = s.scalars(
+                select(Job.id).where(
+                    Job.state == JobState.queued, func.coalesce(Job.enqueued_at, Job.created_at) < cutoff
+                )
+            )
+            return list(rows)
+
+    # --- metrics and health -----------------------------------------------------------
+    def counts_by_state(self) -> dict[str, int]:
+        """Number of jobs in each state (every state present, zero included)."""
+        with self.session() as s:
+            rows = {state: count for state, count in s.execute(select(Job.state, func.count()).group_by(Job.state))}
+        return {state.value: int(rows.get(state.value, 0)) for state in JobState}
+
+    def duration_histogram(self) -> tuple[list[int], int, float]:
+        """Cumulative counts per :data:`DURATION_BUCKETS_S` bound, total count and sum (s) of
+        the durations of succeeded jobs."""
+        done = Job.state == JobState.succeeded
+        columns = [func.sum(case((Job.duration_s <= b, 1), else_=0)) for b in DURATION_BUCKETS_S]
+        with self.session() as s:
+            row = s.execute(select(*columns, func.count(), func.coalesce(func.sum(Job.duration_s), 0.0)).where(done)).one()
+        return [int(v or 0) for v in row[:-2]], int(row[-2] or 0), float(row[-1] or 0.0)
+
+    def beat(self, hostname: str, info: dict[str, Any]) -> None:
+        """Record that the worker ``hostname`` is alive, with what it serves (its model)."""
+        with self.session() as s:
+            beat = s.get(WorkerBeat, hostname)
+            if beat is None:
+                s.add(WorkerBeat(hostname=hostname, seen_at=utcnow(), info=info))
+            else:
+                beat.seen_at, beat.info = utcnow(), info
+
+    def workers(self, *, seen_within_s: float) -> list[WorkerBeat]:
+        """Workers whose last heartbeat is at most ``seen_within_s`` old, most recent first."""
+        cutoff = utcnow() - timedelta(seconds=seen_within_s)
+        with self.session() as s:
+            return list(s.scalars(select(WorkerBeat).where(WorkerBeat.seen_at >= cutoff).order_by(WorkerBeat.seen_at.desc())))
+
+
+def aware(value: datetime | None) -> datetime | None:
+    """A stored time as timezone-aware UTC (SQLite drops the zone)."""
+    return _aware(value)
+
+
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    # The gateway and the worker are separate processes writing one file: WAL lets readers
+    # and a writer proceed together, and the busy timeout waits for a lock instead of failing.
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA busy_timeout=10000")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.close()

@@ -1,0 +1,31 @@
+# scsnet gateway: the HTTP API only. Slim on purpose: no onnxruntime, no dipy, no nibabel;
+# it stores uploads, records jobs and enqueues them by task name for the GPU workers.
+# Build from the repository root:  docker build -f docker/gateway.Dockerfile -t scsnet-gateway .
+FROM python:3.11-slim-bookworm
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    SCSNET_DATA_DIR=/data
+
+WORKDIR /opt/scsnet
+COPY docker/gateway-requirements.txt ./
+RUN pip install -r gateway-requirements.txt
+
+# Only the light modules the gateway runs: the app package and worker's pure-Python parts
+# (errors, the CLI); the science subpackages are copied but their dependencies are not installed.
+COPY pyproject.toml README.md ./
+COPY app ./app
+COPY worker ./worker
+RUN pip install --no-deps . \
+    && useradd --system --uid 10001 --home-dir /data scsnet \
+    && mkdir -p /data \
+    && chown scsnet /data
+
+USER 10001
+VOLUME ["/data"]
+EXPOSE 8000
+HEALTHCHECK --interval=30s --timeout=5s --retries=3 \
+    CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/healthz', timeout=4)"]
+CMD ["scsnet", "serve", "--no-worker", "--host", "0.0.0.0", "--port", "8000"]

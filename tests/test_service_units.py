@@ -1,0 +1,91 @@
+"""Unit tests of the service's small pieces: content sniffing, zip checks, webhook signatures,
+settings, key format."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import service_helpers as h
+
+from app import webhooks
+from app.intake import ZipLimits, check_zip
+from app.settings import GatewaySettings
+from app.sniff import Kind, sniff
+from app.store import key_id_of
+from worker.errors import ArchiveError
+
+REAL = Path(__file__).parent / "data" / "sct_tutorial_dmri"
+
+
+@pytest.mark.parametrize(
+    ("content", "kind"),
+    [
+        (h.nifti_header((4, 4, 2, 3)), Kind.nifti),
+        (h.gz(h.nifti_header((4, 4, 2, 3))), Kind.nifti),
+        (h.dicom_bytes(), Kind.dicom),
+        (h.gz(h.dicom_bytes()), Kind.dicom),
+        (b"\x08\x00\x05\x00CS\x0a\x00ISO_IR 100", Kind.dicom),  # no preamble, explicit VR
+        (h.zip_bytes({"a.dcm": b"x"}), Kind.zip),
+        (b"0 1000 1000\n", Kind.text),
+        (bytes(range(256)), Kind.unknown),
+        (b"", Kind.unknown),
+    ],
+)
+def test_sniffing_goes_by_content(tmp_path: Path, content: bytes, kind: Kind) -> None:
+    path = tmp_path / "upload.nii.gz"  # a misleading name on purpose
+    path.write_bytes(content)
+    assert sniff(path)[0] == kind
+
+
+def test_the_real_dwi_header_is_read_without_nibabel() -> None:
+    kind, dims = sniff(REAL / "dmri.nii.gz")
+    assert kind == Kind.nifti and len(dims or ()) == 4
+    assert dims[3] == len((REAL / "bvals.txt").read_text().split())  # type: ignore[index]
+
+
+def test_zip_checks_refuse_traversal_links_and_bombs(tmp_path: Path) -> None:
+    limits = ZipLimits(max_entries=3, max_expanded_bytes=1000)
+    cases = {
+        "traversal": h.zip_bytes({"../x.dcm": b"x"}),
+        "absolute": h.zip_bytes({"/etc/x.dcm": b"x"}),
+        "link": h.zip_bytes({}, symlink="a.dcm"),
+        "entries": h.zip_bytes({f"{i}.dcm": b"x" for i in range(4)}),
+        "bomb": h.zip_bytes({"big.dcm": b"\0" * 5000}),
+    }
+    for name, content in cases.items():
+        path = tmp_path / f"{name}.zip"
+        path.write_bytes(content)
+        with pytest.raises(ArchiveError):
+            check_zip(path, label=name, limits=limits)
+    fine = tmp_path / "fine.zip"
+    fine.write_bytes(h.zip_bytes({"dir/a.dcm": b"x", "b.dcm": b"y"}))
+    check_zip(fine, label="fine", limits=limits)
+
+
+def test_webhook_signatures_verify_and_reject_tampering_and_age() -> None:
+    body = webhooks.payload(job_id="j1", state="succeeded", artifacts={"report": {}}, problem=None)
+    header = webhooks.sign("s3cret", body, timestamp=1_000_000)
+    assert webhooks.verify("s3cret", header, body, now=1_000_010)
+    assert not webhooks.verify("s3cret", header, body + b" ", now=1_000_010)
+    assert not webhooks.verify("other", header, body, now=1_000_010)
+    assert not webhooks.verify("s3cret", header, body, now=1_000_000 + webhooks.TOLERANCE_S + 1)
+    assert not webhooks.verify("s3cret", "garbage", body)
+
+
+def test_settings_come_from_prefixed_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("SCSNET_DATA_DIR", str(tmp_path))
+    monkeypatch.setenv("SCSNET_MAX_UPLOAD_BYTES", "1234")
+    settings = GatewaySettings()
+    assert settings.max_upload_bytes == 1234
+    assert settings.store_url == f"sqlite:///{tmp_path}/scsnet.db"
+    assert settings.broker_url == f"redis+socket://{tmp_path}/redis/redis.sock"
+    monkeypatch.setenv("SCSNET_MAX_UPLOAD_BYTES", "-1")
+    with pytest.raises(ValueError):
+        GatewaySettings()
+
+
+def test_api_key_ids_parse_only_well_formed_keys() -> None:
+    assert key_id_of("scsnet_abc123_x_y-z") == "abc123"
+    for bad in ("", "scsnet__x", "other_abc_x", "scsnet_abc", "Bearer x"):
+        assert key_id_of(bad) is None

@@ -1,0 +1,124 @@
+"""The Celery application of the analysis worker (``celery -A worker.celery_app worker``).
+
+Configured on purpose; every non-default setting says why. The gateway does not import this
+module: it sends tasks by name (``app.queue``).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import socket
+import threading
+from pathlib import Path
+from typing import Any
+
+from celery import Celery
+from celery.signals import worker_process_init, worker_ready, worker_shutdown
+
+from app.queue import ANALYZE_TASK, WEBHOOK_TASK
+from app.storage import Storage
+from app.store import Store
+from worker.service_settings import WorkerSettings
+
+log = logging.getLogger(__name__)
+settings = WorkerSettings()
+
+celery_app = Celery("scsnet", include=["worker.tasks"])
+celery_app.conf.update(
+    broker_url=settings.broker_url,
+    # The job record in our store is the truth; Celery results would be a second, stale copy.
+    task_ignore_result=True,
+    result_backend=None,
+    # Both task kinds share one queue, named so that several deployments can share a Redis.
+    task_default_queue=settings.queue_name,
+    task_routes={ANALYZE_TASK: {"queue": settings.queue_name}, WEBHOOK_TASK: {"queue": settings.queue_name}},
+    # Acknowledge after the task ran, so a worker that dies mid-analysis leaves the message to
+    # be redelivered (the task is idempotent: outputs are renamed into place at the end).
+    task_acks_late=True,
+    # ... and a pool child killed by the OOM killer or a signal also gets its message requeued.
+    task_reject_on_worker_lost=True,
+    # One analysis takes seconds to minutes and a lot of memory: take one message at a time so
+    # queued jobs wait in the broker, where another worker can take them.
+    worker_prefetch_multiplier=1,
+    # Bound every analysis: the soft limit raises inside the task (recorded as a failed job),
+    # the hard limit kills a stuck process.
+    task_soft_time_limit=settings.soft_time_limit_s,
+    task_time_limit=settings.time_limit_s,
+    # With acks_late, Redis redelivers an unacknowledged message after the visibility timeout:
+    # it must exceed the hard time limit, or a long analysis would run twice.
+    broker_transport_options={"visibility_timeout": settings.time_limit_s * 2},
+    # If the broker connection drops mid-task, the message is redelivered anyway; stop the
+    # late-acked task instead of finishing work nobody can acknowledge.
+    worker_cancel_long_running_tasks_on_connection_loss=True,
+    # Keep retrying the broker at start-up (the embedded Redis may still be starting).
+    broker_connection_retry_on_startup=True,
+    # JSON only: tasks carry a job id and a token, never pickled objects.
+    task_serializer="json",
+    accept_content=["json"],
+    # Task events are not used (metrics come from the store), so do not send them.
+    worker_send_task_events=False,
+)
+
+
+@functools.cache
+def services() -> tuple[Store, Storage]:
+    """This process's job store and storage (created on first use, after any fork)."""
+    return Store(settings.store_url), Storage(settings.data_root)
+
+
+def model_dir() -> str:
+    """The model folder this worker serves."""
+    from worker.segment.runtime import default_model_dir
+
+    return str(settings.model_dir or default_model_dir())
+
+
+def _model_info() -> dict[str, Any]:
+    """The manifest of the model this worker serves, or the problem loading it."""
+    from worker.errors import ScsnetError
+    from worker.segment.manifest import load_manifest
+
+    try:
+        manifest, _ = load_manifest(Path(model_dir()))
+    except ScsnetError as exc:
+        return {"model_problem": exc.problem()}
+    return {"model": manifest.model_dump(mode="json")}
+
+
+_stop = threading.Event()
+
+
+def _heartbeat(hostname: str) -> None:
+    info = _model_info()
+    store, _ = services()
+    while not _stop.is_set():
+        try:
+            store.beat(hostname, info)
+        except Exception as exc:  # noqa: BLE001 - the store may be briefly unreachable; beat again later
+            log.warning("heartbeat failed: %s", type(exc).__name__)
+        _stop.wait(settings.heartbeat_s)
+
+
+@worker_ready.connect
+def _start_heartbeat(sender: Any = None, **_: Any) -> None:
+    hostname = getattr(sender, "hostname", None) or socket.gethostname()
+    threading.Thread(target=_heartbeat, args=(hostname,), name="scsnet-heartbeat", daemon=True).start()
+
+
+@worker_shutdown.connect
+def _stop_heartbeat(**_: Any) -> None:
+    _stop.set()
+
+
+@worker_process_init.connect
+def _warm_up(**_: Any) -> None:
+    """Create the ONNX session once per pool process, before the first job arrives."""
+    services.cache_clear()  # never share the parent's database connections across a fork
+    from worker.errors import ScsnetError
+    from worker.segment.runtime import load_segmenter
+
+    try:
+        load_segmenter(model_dir())
+    except ScsnetError as exc:  # jobs will fail with the same problem; the worker stays up
+        log.error("model unavailable: %s", exc.detail)

@@ -1,0 +1,23 @@
+"""Configuration of a Celery worker process: the shared service settings plus the core's
+(model dir) and the worker's own limits. Built once when ``worker.celery_app`` is imported."""
+
+from __future__ import annotations
+
+from pydantic import Field
+from pydantic_settings import SettingsConfigDict
+
+from app.settings import ServiceSettings
+from worker.settings import CoreSettings
+
+
+class WorkerSettings(ServiceSettings, CoreSettings):
+    """Settings of the analysis worker."""
+
+    model_config = SettingsConfigDict(env_prefix="SCSNET_", extra="ignore", protected_namespaces=())
+
+    soft_time_limit_s: int = Field(default=900, gt=0, description="an analysis is asked to stop after this")
+    time_limit_s: int = Field(default=1200, gt=0, description="an analysis process is killed after this")
+    heartbeat_s: float = Field(default=10.0, gt=0, description="how often the worker records that it is alive")
+    webhook_timeout_s: float = Field(default=10.0, gt=0, description="time allowed for one webhook POST")
+    webhook_max_retries: int = Field(default=8, ge=0, description="re-tries of a failed webhook delivery")
+    webhook_backoff_s: float = Field(default=5.0, gt=0, description="first retry delay; doubles each time")

@@ -1,0 +1,88 @@
+"""The worker's tasks: run one analysis job, deliver one webhook. Thin adapters: the job
+record is loaded and updated through ``app.store``; the science is ``worker.pipeline``."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import httpx
+import redis.exceptions
+import sqlalchemy.exc
+from celery import Task
+from celery.exceptions import SoftTimeLimitExceeded
+
+from app import webhooks
+from app.artifacts import describe_outputs
+from app.errors import AnalysisCrashed, AnalysisTimedOut
+from app.queue import ANALYZE_TASK, WEBHOOK_TASK
+from app.store import JobState, utcnow
+from worker import pipeline
+from worker.celery_app import celery_app, model_dir, services, settings
+from worker.errors import ScsnetError
+from worker.segment.runtime import load_segmenter
+
+log = logging.getLogger(__name__)
+TRANSIENT = (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError, redis.exceptions.ConnectionError)
+
+
+class JobCancelled(Exception):
+    """The job record says cancelled: stop at the next stage."""
+
+
+@celery_app.task(name=ANALYZE_TASK, autoretry_for=TRANSIENT, retry_backoff=2, retry_backoff_max=60, max_retries=5)
+def analyze(job_id: str, token: str) -> None:
+    """Run the analysis of ``job_id``; its outcome lands in the job record."""
+    store, storage = services()
+    job = store.claim(job_id, token)
+    if job is None:  # finished, cancelled, deleted, or a stale duplicate message
+        return
+
+    def progress(stage: str, fraction: float) -> None:
+        overall = (pipeline.STAGES.index(stage) + fraction) / len(pipeline.STAGES)
+        if not store.set_progress(job_id, stage=stage, progress=overall):
+            raise JobCancelled(job_id)
+
+    paths, bval, bvec = storage.input_paths(job_id, job.inputs)
+    state, problem, artifacts = JobState.succeeded, None, None
+    try:
+        out = storage.out_dir(job_id)
+        pipeline.analyze(paths, out_dir=out, segmenter=load_segmenter(model_dir()), bval=bval, bvec=bvec, progress=progress)
+        artifacts = describe_outputs(out)
+    except JobCancelled:
+        storage.remove_outputs(job_id)
+        return
+    except ScsnetError as exc:
+        state, problem = JobState.failed, exc.problem()
+    except SoftTimeLimitExceeded:
+        state, problem = JobState.failed, AnalysisTimedOut(f"the analysis did not finish within {settings.soft_time_limit_s} s").problem()
+    except TRANSIENT:
+        raise
+    except Exception:
+        log.exception("job %s crashed", job_id)
+        state, problem = JobState.failed, AnalysisCrashed("the analysis failed unexpectedly; the error has been logged").problem()
+    if not store.finish(job_id, state, problem=problem, artifacts=artifacts):
+        storage.remove_outputs(job_id)  # cancelled while finishing
+    elif job.callback_url:
+        deliver_webhook.delay(job_id)
+
+
+@celery_app.task(name=WEBHOOK_TASK, bind=True, autoretry_for=TRANSIENT, max_retries=settings.webhook_max_retries)
+def deliver_webhook(self: Task, job_id: str) -> None:  # type: ignore[type-arg]
+    """POST the job's terminal state to its callback URL, signed; retried with backoff."""
+    store, _ = services()
+    job = store.get(job_id)
+    tenant = store.tenant(job.tenant_id) if job is not None else None
+    if job is None or tenant is None or not job.callback_url:
+        return
+    body = webhooks.payload(job_id=job.id, state=job.state, artifacts=job.artifacts, problem=job.problem)
+    headers = {"Content-Type": "application/json", webhooks.SIGNATURE_HEADER: webhooks.sign(tenant.webhook_secret, body)}
+    attempt: dict[str, Any] = {"attempt": self.request.retries + 1, "at": utcnow().isoformat(), "delivered": False}
+    try:
+        response = httpx.post(job.callback_url, content=body, headers=headers, timeout=settings.webhook_timeout_s)
+        attempt.update(status_code=response.status_code, delivered=response.is_success)
+    except httpx.HTTPError as exc:
+        attempt["error"] = type(exc).__name__
+    store.add_delivery(job_id, attempt)
+    if not attempt["delivered"] and self.request.retries < settings.webhook_max_retries:
+        raise self.retry(countdown=settings.webhook_backoff_s * 2**self.request.retries)
