@@ -7,6 +7,8 @@ Pure Python, so the gateway and the worker share them; ``app.problems`` turns ev
 
 from __future__ import annotations
 
+import errno
+
 from worker.errors import InputError, ScsnetError
 
 
@@ -74,6 +76,32 @@ class AnalysisTimedOut(ScsnetError):
     type_slug = "analysis-timed-out"
     title = "The analysis took too long"
     status = 503
+
+
+class StorageUnavailable(ScsnetError):
+    type_slug = "storage-unavailable"
+    title = "The service cannot write to its storage"
+    status = 503
+
+
+_STORAGE_FAULTS = {
+    errno.ENOSPC: "is full",
+    errno.EDQUOT: "is over its quota",
+    errno.EROFS: "is read-only",
+    errno.EACCES: "is not writable by the service (permission denied)",
+    errno.EPERM: "is not writable by the service (operation not permitted)",
+    errno.EIO: "failed with an I/O error",
+}
+
+
+def storage_error(exc: BaseException) -> StorageUnavailable | None:
+    """The problem for an ``OSError`` saying the service's own disk is full, read-only, not
+    writable or failing (the operator's trouble, not the client's); None for anything else."""
+    if isinstance(exc, OSError) and exc.errno in _STORAGE_FAULTS:
+        return StorageUnavailable(
+            f"the service's storage {_STORAGE_FAULTS[exc.errno]}; nothing was kept; try again once an operator has fixed it"
+        )
+    return None
 
 
 class AnalysisCrashed(ScsnetError):

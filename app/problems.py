@@ -4,13 +4,16 @@ of problem types.
 Every :class:`~worker.errors.ScsnetError` (the science core's and the service's own) maps to
 its ``problem()`` with ``instance`` set to the request path; request validation errors become
 ``invalid-request`` (422) with the offending fields; unknown routes and methods get ``not-found``
-and ``method-not-allowed``; anything else is logged and answered with a bare ``internal-error``.
+and ``method-not-allowed``; a client hanging up mid-upload is ``malformed-upload``; a full or
+read-only disk is ``storage-unavailable`` (503); anything else is logged and answered with a bare
+``internal-error``.
 A failed job stores the same ``problem()`` object, so asynchronous failures look alike.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -18,6 +21,7 @@ from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 import app.errors as service_errors
 from worker import errors as core_errors
@@ -67,17 +71,51 @@ def _validation_error(request: Request, exc: Exception) -> JSONResponse:
     return problem_response({**problem, "instance": request.url.path, "errors": errors})
 
 
+_HTTP_METHODS = frozenset({"get", "put", "post", "delete", "options", "head", "patch", "trace"})
+
+
+def _allowed_methods(request: Request) -> str:
+    """Every method the API serves at the request's path, from its OpenAPI document (Starlette
+    names only those of the first route whose path matches, and a 405 must list them all)."""
+    paths: dict[str, dict[str, Any]] = request.app.openapi().get("paths", {})
+    methods = {
+        method.upper()
+        for template, operations in paths.items()
+        if re.fullmatch(re.sub(r"\\\{[^/]+?\\\}", "[^/]+", re.escape(template)), request.url.path)
+        for method in operations
+        if method in _HTTP_METHODS
+    }
+    return ", ".join(sorted(methods))
+
+
 def _http_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
     error: ScsnetError
+    headers = dict(exc.headers or {})
     if exc.status_code == 404:
         error = service_errors.NotFound("there is nothing at this address")
     elif exc.status_code == 405:
         error = service_errors.MethodNotAllowed(f"{request.method} is not allowed here")
+        headers["Allow"] = _allowed_methods(request) or headers.get("Allow", "")
     else:
         error = service_errors.InvalidRequest(str(exc.detail))
-        return problem_response({**error.problem(), "status": exc.status_code, "instance": request.url.path})
+        return problem_response({**error.problem(), "status": exc.status_code, "instance": request.url.path}, headers=headers)
+    return problem_response({**error.problem(), "instance": request.url.path}, headers=headers)
+
+
+def _client_disconnect(request: Request, exc: Exception) -> JSONResponse:
+    # The client hung up mid-body: its mistake (nobody reads this answer), not a 500 to log.
+    error = service_errors.MalformedUpload("the client closed the connection before the request body ended")
     return problem_response({**error.problem(), "instance": request.url.path})
+
+
+def _os_error(request: Request, exc: Exception) -> JSONResponse:
+    storage = service_errors.storage_error(exc)
+    if storage is None:
+        return _unexpected(request, exc)
+    # the service's own disk is full, read-only or failing: a 503 for the operator, not a bug
+    log.error("storage fault on %s %s: %s", request.method, request.url.path, exc)
+    return problem_response({**storage.problem(), "instance": request.url.path})
 
 
 def _unexpected(request: Request, exc: Exception) -> JSONResponse:
@@ -91,6 +129,8 @@ def install(app: FastAPI) -> None:
     app.add_exception_handler(ScsnetError, _scsnet_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(ClientDisconnect, _client_disconnect)
+    app.add_exception_handler(OSError, _os_error)
     app.add_exception_handler(Exception, _unexpected)
 
 

@@ -19,6 +19,7 @@ class Delivery(BaseModel):
     status_code: int | None = None
     error: str | None = None
     delivered: bool
+    gave_up: bool = Field(default=False, description="true on a failed attempt after which no more are made")
 
 
 class JobOut(BaseModel):

@@ -62,6 +62,8 @@ class Storage:
         shutil.rmtree(self.out_dir(job_id), ignore_errors=True)
 
     def check_writable(self) -> None:
-        """Raise OSError unless a file can be created in the job area."""
-        with tempfile.NamedTemporaryFile(dir=self.jobs, prefix=".probe-"):
-            pass
+        """Raise OSError unless a file can be created and written in the job area (an empty
+        file can still be created on a full disk, so the probe writes a block)."""
+        with tempfile.NamedTemporaryFile(dir=self.jobs, prefix=".probe-") as probe:
+            probe.write(b"\0" * 4096)
+            probe.flush()

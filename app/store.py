@@ -8,6 +8,7 @@ State machine (``JobState``)::
 
     queued -> running -> succeeded | failed
     queued | running -> cancelled
+    running -> queued          (its broker message was lost: re-sent with a fresh dispatch token)
 
 Every write bumps ``version``, which the gateway turns into the ``ETag``.
 """
@@ -33,6 +34,7 @@ from sqlalchemy import (
     Integer,
     String,
     UniqueConstraint,
+    bindparam,
     case,
     create_engine,
     event,
@@ -46,7 +48,8 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 KEY_PREFIX = "scsnet"
-DURATION_BUCKETS_S = (5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0)
+# an analysis of a typical study takes a few seconds (benchmarks/RESULTS.md): resolve those too
+DURATION_BUCKETS_S = (1.0, 2.0, 3.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0)
 
 
 class JobState(StrEnum):
@@ -118,6 +121,19 @@ class Job(Base):
     problem: Mapped[dict[str, Any] | None] = mapped_column(nullable=True)
     artifacts: Mapped[dict[str, Any]] = mapped_column(default=dict)
     deliveries: Mapped[list[Any]] = mapped_column(default=list)
+
+
+# Statements of the status-poll path (authenticate, get, queue_position), built once: building
+# and cache-keying a statement per call cost more than running it. Authentication and the queue
+# position are plain Core queries on a connection, with no ORM session or unit of work.
+_AUTHENTICATE = (
+    select(ApiKey.sha256, Tenant.id, Tenant.name, Tenant.webhook_secret, Tenant.created_at)
+    .join(Tenant, ApiKey.tenant_id == Tenant.id)
+    .where(ApiKey.id == bindparam("key_id"), ApiKey.revoked_at.is_(None))
+)
+_JOB_BY_ID = select(Job).where(Job.id == bindparam("job_id"))
+_JOB_BY_ID_OF_TENANT = _JOB_BY_ID.where(Job.tenant_id == bindparam("tenant_id"))
+_QUEUED_AHEAD = select(func.count()).select_from(Job).where(Job.state == JobState.queued.value, Job.seq < bindparam("seq"))
 
 
 class WorkerBeat(Base):
@@ -221,13 +237,11 @@ class Store:
         key_id = key_id_of(key)
         if key_id is None:
             return None
-        with self.session() as s:
-            row = s.execute(
-                select(ApiKey, Tenant).join(Tenant).where(ApiKey.id == key_id, ApiKey.revoked_at.is_(None))
-            ).first()
-            if row is None or not hmac.compare_digest(row[0].sha256, hash_key(key)):
-                return None
-            return row[1]
+        with self.engine.connect() as conn:
+            row = conn.execute(_AUTHENTICATE, {"key_id": key_id}).first()
+        if row is None or not hmac.compare_digest(row.sha256, hash_key(key)):
+            return None
+        return Tenant(id=row.id, name=row.name, webhook_secret=row.webhook_secret, created_at=row.created_at)
 
     def tenant(self, tenant_id: int) -> Tenant | None:
         """A tenant by id."""
@@ -257,11 +271,10 @@ class Store:
 
     def get(self, job_id: str, *, tenant_id: int | None = None) -> Job | None:
         """A job by id; with ``tenant_id``, only if that tenant owns it."""
-        query = select(Job).where(Job.id == job_id)
-        if tenant_id is not None:
-            query = query.where(Job.tenant_id == tenant_id)
         with self.session() as s:
-            return s.scalar(query)
+            if tenant_id is None:
+                return s.scalar(_JOB_BY_ID, {"job_id": job_id})
+            return s.scalar(_JOB_BY_ID_OF_TENANT, {"job_id": job_id, "tenant_id": tenant_id})
 
     def list_jobs(self, tenant_id: int, *, state: str | None, before_seq: int | None, limit: int) -> list[Job]:
         """The tenant's jobs, newest first, keyset-paginated on ``seq``."""
@@ -275,14 +288,18 @@ class Store:
 
     def queue_position(self, job: Job) -> int:
         """1 for the next job to run: queued jobs (any tenant) created before this one, plus 1."""
-        with self.session() as s:
-            ahead = s.scalar(select(func.count()).where(Job.state == JobState.queued, Job.seq < job.seq))
-            return int(ahead or 0) + 1
+        with self.engine.connect() as conn:
+            ahead = conn.execute(_QUEUED_AHEAD, {"seq": job.seq}).scalar()
+        return int(ahead or 0) + 1
 
-    def _update(self, job_id: str, *, only_from: frozenset[str] | None = None, **values: Any) -> bool:
+    def _update(
+        self, job_id: str, *, only_from: frozenset[str] | None = None, with_token: str | None = None, **values: Any
+    ) -> bool:
         query = update(Job).where(Job.id == job_id)
         if only_from is not None:
             query = query.where(Job.state.in_(only_from))
+        if with_token is not None:
+            query = query.where(Job.dispatch_token == with_token)
         values.setdefault("updated_at", utcnow())
         with self.session() as s:
             done = s.execute(query.values(version=Job.version + 1, **values))
@@ -323,10 +340,15 @@ class Store:
             claimed = bool(done.rowcount)  # type: ignore[attr-defined]
         return self.get(job_id) if claimed else None
 
-    def set_progress(self, job_id: str, *, stage: str, progress: float) -> bool:
-        """Record progress of a running job; False if it is no longer running (cancelled)."""
+    def set_progress(self, job_id: str, *, stage: str, progress: float, token: str | None = None) -> bool:
+        """Record progress of a running job; False if it is no longer running (cancelled) or,
+        given the run's ``token``, if the job was re-sent to another run meanwhile."""
         return self._update(
-            job_id, only_from=frozenset({JobState.running}), stage=stage, progress=round(min(max(progress, 0.0), 1.0), 4)
+            job_id,
+            only_from=frozenset({JobState.running}),
+            with_token=token,
+            stage=stage,
+            progress=round(min(max(progress, 0.0), 1.0), 4),
         )
 
     def finish(
@@ -336,8 +358,10 @@ class Store:
         *,
         problem: dict[str, Any] | None = None,
         artifacts: dict[str, Any] | None = None,
+        token: str | None = None,
     ) -> bool:
-        """Record a running job's outcome; False if it was cancelled meanwhile."""
+        """Record a running job's outcome; False if it was cancelled meanwhile or, given the
+        run's ``token``, re-sent to another run."""
         job = self.get(job_id)
         if job is None:
             return False
@@ -346,6 +370,7 @@ class Store:
         return self._update(
             job_id,
             only_from=frozenset({JobState.running}),
+            with_token=token,
             state=state,
             stage=None,
             progress=1.0 if state == JobState.succeeded else job.progress,
@@ -390,6 +415,33 @@ class Store:
                 )
             )
             return list(rows)
+
+    def stale_running(self, *, older_than_s: float) -> list[tuple[str, str]]:
+        """(id, dispatch token) of running jobs claimed longer ago than ``older_than_s``."""
+        cutoff = utcnow() - timedelta(seconds=older_than_s)
+        with self.session() as s:
+            rows = s.execute(select(Job.id, Job.dispatch_token).where(Job.state == JobState.running, Job.started_at < cutoff))
+            return [(row[0], row[1]) for row in rows]
+
+    def requeue_running(self, job_id: str, token: str) -> str | None:
+        """Put back in the queue, with a fresh dispatch token, a job running under ``token``
+        whose broker message is lost; None if it no longer runs under that token.
+
+        The run holding ``token``, should it still be alive somewhere, is fenced off: its
+        progress and outcome are refused from now on.
+        """
+        fresh = secrets.token_hex(8)
+        done = self._update(
+            job_id,
+            only_from=frozenset({JobState.running}),
+            with_token=token,
+            state=JobState.queued,
+            stage=None,
+            progress=0.0,
+            dispatch_token=fresh,
+            enqueued_at=utcnow(),
+        )
+        return fresh if done else None
 
     # --- metrics and health -----------------------------------------------------------
     def counts_by_state(self) -> dict[str, int]:

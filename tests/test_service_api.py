@@ -287,8 +287,8 @@ def test_metrics_count_requests_jobs_by_state_and_queue_depth(service) -> None: 
 
 
 def test_problem_types_are_catalogued_once_each(service) -> None:  # type: ignore[no-untyped-def]
-    client, _ = service
-    entries = client.get("/v1/problems").json()["problems"]
+    client, store = service
+    entries = client.get("/v1/problems", headers=_key(store, "a")).json()["problems"]
     types = [e["type"] for e in entries]
     assert len(types) == len(set(types))
     for slug in ("unauthorized", "not-found", "invalid-gradients", "upload-too-large", "model-unavailable", "analysis-timed-out"):

@@ -89,3 +89,63 @@ def test_api_key_ids_parse_only_well_formed_keys() -> None:
     assert key_id_of("scsnet_abc123_x_y-z") == "abc123"
     for bad in ("", "scsnet__x", "other_abc_x", "scsnet_abc", "Bearer x"):
         assert key_id_of(bad) is None
+
+
+def test_the_visibility_timeout_must_outlast_the_hard_time_limit(monkeypatch: pytest.MonkeyPatch) -> None:
+    from worker.service_settings import WorkerSettings
+
+    monkeypatch.setenv("SCSNET_TIME_LIMIT_S", "100")
+    assert WorkerSettings().redelivery_after_s == 200
+    monkeypatch.setenv("SCSNET_VISIBILITY_TIMEOUT_S", "101")
+    assert WorkerSettings().redelivery_after_s == 101
+    monkeypatch.setenv("SCSNET_VISIBILITY_TIMEOUT_S", "100")  # a redelivery could meet the first run alive
+    with pytest.raises(ValueError, match="must exceed"):
+        WorkerSettings()
+
+
+class _Broker:
+    """A :class:`app.queue.JobQueue` holding messages in memory (what Redis would hold)."""
+
+    def __init__(self) -> None:
+        self.held: set[str] = set()
+        self.sent: list[tuple[str, str]] = []
+
+    def send_analysis(self, job_id: str, token: str) -> None:
+        self.sent.append((job_id, token))
+        self.held.add(job_id)
+
+    def send_webhook(self, job_id: str) -> None: ...
+
+    def depth(self) -> int:
+        return len(self.held)
+
+    def ping(self) -> None: ...
+
+    def job_ids_in_broker(self) -> set[str]:
+        return set(self.held)
+
+
+def test_a_running_job_whose_message_is_lost_is_re_sent_and_its_old_run_fenced_off(tmp_path: Path) -> None:
+    from app.requeue import dispatch, requeue_lost
+    from app.store import Job, JobState, Store
+
+    store, broker, job_id = Store(f"sqlite:///{tmp_path / 'jobs.db'}"), _Broker(), "a" * 32
+    tenant = store.authenticate(store.create_api_key("t").key)
+    assert tenant is not None
+    store.create_job(Job(id=job_id, tenant_id=tenant.id, inputs={}))
+    dispatch(store, broker, job_id)
+    old = broker.sent[-1][1]
+    assert store.claim(job_id, old) is not None
+    assert requeue_lost(store, broker, grace_s=0) == []  # running; its message waits unacknowledged
+    broker.held.clear()  # Redis restarted empty
+    assert requeue_lost(store, broker, grace_s=0) == [job_id]
+    job = store.get(job_id)
+    assert job is not None and job.state == JobState.queued
+    fresh = job.dispatch_token
+    assert fresh != old and broker.sent[-1] == (job_id, fresh)
+    # the old run, were it still alive somewhere, can neither go on, report nor finish
+    assert store.claim(job_id, old) is None
+    assert store.claim(job_id, fresh) is not None
+    assert not store.set_progress(job_id, stage="fit", progress=0.5, token=old)
+    assert not store.finish(job_id, JobState.succeeded, token=old)
+    assert store.finish(job_id, JobState.succeeded, token=fresh)

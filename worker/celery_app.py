@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import socket
 import threading
 from pathlib import Path
@@ -46,8 +47,14 @@ celery_app.conf.update(
     task_soft_time_limit=settings.soft_time_limit_s,
     task_time_limit=settings.time_limit_s,
     # With acks_late, Redis redelivers an unacknowledged message after the visibility timeout:
-    # it must exceed the hard time limit, or a long analysis would run twice.
-    broker_transport_options={"visibility_timeout": settings.time_limit_s * 2},
+    # it must exceed the hard time limit, or a long analysis would run twice (checked in the
+    # settings). kombu looks for such messages only every 10 x 10 s by default; sweeping every
+    # tenth of the timeout (at most a minute) gives a dead worker's job to a live one soon after.
+    broker_transport_options={
+        "visibility_timeout": settings.redelivery_after_s,
+        "unacked_restore_interval": max(1, min(60, settings.redelivery_after_s // 10)),
+        "unacked_restore_throttle": 1,
+    },
     # If the broker connection drops mid-task, the message is redelivered anyway; stop the
     # late-acked task instead of finishing work nobody can acknowledge.
     worker_cancel_long_running_tasks_on_connection_loss=True,
@@ -88,15 +95,29 @@ def _model_info() -> dict[str, Any]:
 
 _stop = threading.Event()
 
+# The main process forks pool processes (at start, and to replace one that died) while its
+# heartbeat thread writes to the job store. A child forked during such a write inherits SQLite's
+# in-process lock bookkeeping, with a write lock no one in the child will ever release: every
+# write there is then "database is locked", for good. Any inherited connection is unsafe anyway
+# (SQLite, psycopg). So the heartbeat keeps no connection between beats, and a fork waits for a
+# beat in progress.
+_fork_guard = threading.Lock()
+os.register_at_fork(before=_fork_guard.acquire, after_in_parent=_fork_guard.release, after_in_child=_fork_guard.release)
+
 
 def _heartbeat(hostname: str) -> None:
     info = _model_info()
-    store, _ = services()
+    store: Store | None = None
     while not _stop.is_set():
-        try:
-            store.beat(hostname, info)
-        except Exception as exc:  # noqa: BLE001 - the store may be briefly unreachable; beat again later
-            log.warning("heartbeat failed: %s", type(exc).__name__)
+        with _fork_guard:
+            try:
+                store = store or Store(settings.store_url)
+                store.beat(hostname, info)
+            except Exception as exc:  # noqa: BLE001 - the store may be briefly unreachable; beat again later
+                log.warning("heartbeat failed: %s", type(exc).__name__)
+            finally:
+                if store is not None:
+                    store.engine.dispose()  # no open connection for a fork to inherit
         _stop.wait(settings.heartbeat_s)
 
 

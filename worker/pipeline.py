@@ -263,6 +263,16 @@ def convert(inputs: Sequence[Path], *, out_dir: Path, bval: Path | None = None, 
 MARKERS = ("report.json", "dwi.json")
 
 
+def discard_staging(out_dir: Path) -> None:
+    """Remove the temporary folders :func:`staging_dir` left beside ``out_dir`` when its
+    process was killed mid-way (a SIGKILL runs no ``finally``). Call it only when no other
+    analysis into ``out_dir`` is running."""
+    out_dir = Path(out_dir).absolute()
+    for kind in ("partial", "old"):
+        for folder in out_dir.parent.glob(f".{out_dir.name}.{kind}-*"):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
 @contextmanager
 def staging_dir(out_dir: Path) -> Iterator[Path]:
     """A temporary folder beside ``out_dir`` that replaces it only if the block succeeds.

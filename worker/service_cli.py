@@ -30,6 +30,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
     serve.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
     serve.add_argument("--no-worker", action="store_true", help="gateway only (workers run elsewhere: scsnet worker)")
     serve.add_argument("--shutdown-timeout", type=float, default=30.0, help="seconds a running job may take to finish on stop")
+    serve.add_argument(
+        "--access-log", action="store_true", help="log every HTTP request (off by default: /metrics counts them by route and status)"
+    )
 
     worker = sub.add_parser("worker", help="run a Celery worker for the service's analysis queue")
     worker.add_argument("--concurrency", type=int, default=1, help="analyses run at once (default 1)")
@@ -154,7 +157,9 @@ def _serve(args: argparse.Namespace) -> int:
             children.append(
                 start_worker(queue_name=settings.queue_name, env=env, log_path=data / "logs" / "worker.log", shutdown_timeout_s=args.shutdown_timeout)
             )
-        server = uvicorn.Server(uvicorn.Config(create_app(settings), host=args.host, port=args.port, log_level="info"))
+        # uvicorn picks httptools and uvloop (dependencies) over h11 and asyncio by itself
+        config = uvicorn.Config(create_app(settings), host=args.host, port=args.port, log_level="info", access_log=args.access_log)
+        server = uvicorn.Server(config)
         threading.Thread(target=_watch, args=(children, server, failed), daemon=True).start()
         url = f"http://{args.host}:{args.port}"
         print(f"scsnet serving on {url} (data in {data}; worker log in {data / 'logs' / 'worker.log'})", flush=True)

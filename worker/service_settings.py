@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from app.settings import ServiceSettings
@@ -21,3 +21,26 @@ class WorkerSettings(ServiceSettings, CoreSettings):
     webhook_timeout_s: float = Field(default=10.0, gt=0, description="time allowed for one webhook POST")
     webhook_max_retries: int = Field(default=8, ge=0, description="re-tries of a failed webhook delivery")
     webhook_backoff_s: float = Field(default=5.0, gt=0, description="first retry delay; doubles each time")
+    visibility_timeout_s: int | None = Field(
+        default=None,
+        gt=0,
+        description=(
+            "seconds after which Redis hands a job taken by a worker that died to another worker; "
+            "must exceed time_limit_s (default: twice time_limit_s)"
+        ),
+    )
+
+    @model_validator(mode="after")
+    def _redelivery_after_the_hard_limit(self) -> WorkerSettings:
+        # A message redelivered while its first run may still be going would run the job twice
+        # at once; the hard time limit guarantees the first run is dead by then.
+        if self.visibility_timeout_s is not None and self.visibility_timeout_s <= self.time_limit_s:
+            raise ValueError(
+                f"SCSNET_VISIBILITY_TIMEOUT_S ({self.visibility_timeout_s}) must exceed SCSNET_TIME_LIMIT_S ({self.time_limit_s})"
+            )
+        return self
+
+    @property
+    def redelivery_after_s(self) -> int:
+        """The broker's visibility timeout for unacknowledged analysis messages."""
+        return self.visibility_timeout_s or 2 * self.time_limit_s

@@ -14,9 +14,10 @@ from celery.exceptions import SoftTimeLimitExceeded
 
 from app import webhooks
 from app.artifacts import describe_outputs
-from app.errors import AnalysisCrashed, AnalysisTimedOut
+from app.errors import AnalysisCrashed, AnalysisTimedOut, storage_error
 from app.queue import ANALYZE_TASK, WEBHOOK_TASK
-from app.store import JobState, utcnow
+from app.storage import Storage
+from app.store import JobState, Store, utcnow
 from worker import pipeline
 from worker.celery_app import celery_app, model_dir, services, settings
 from worker.errors import ScsnetError
@@ -27,7 +28,7 @@ TRANSIENT = (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError, red
 
 
 class JobCancelled(Exception):
-    """The job record says cancelled: stop at the next stage."""
+    """The job record says cancelled (or re-sent to another run): stop at the next stage."""
 
 
 @celery_app.task(name=ANALYZE_TASK, autoretry_for=TRANSIENT, retry_backoff=2, retry_backoff_max=60, max_retries=5)
@@ -40,17 +41,18 @@ def analyze(job_id: str, token: str) -> None:
 
     def progress(stage: str, fraction: float) -> None:
         overall = (pipeline.STAGES.index(stage) + fraction) / len(pipeline.STAGES)
-        if not store.set_progress(job_id, stage=stage, progress=overall):
+        if not store.set_progress(job_id, stage=stage, progress=overall, token=token):
             raise JobCancelled(job_id)
 
     paths, bval, bvec = storage.input_paths(job_id, job.inputs)
     state, problem, artifacts = JobState.succeeded, None, None
     try:
         out = storage.out_dir(job_id)
+        pipeline.discard_staging(out)  # what an earlier run of this job, killed mid-way, left
         pipeline.analyze(paths, out_dir=out, segmenter=load_segmenter(model_dir()), bval=bval, bvec=bvec, progress=progress)
         artifacts = describe_outputs(out)
     except JobCancelled:
-        storage.remove_outputs(job_id)
+        _drop_outputs_if_cancelled(store, storage, job_id)
         return
     except ScsnetError as exc:
         state, problem = JobState.failed, exc.problem()
@@ -58,13 +60,30 @@ def analyze(job_id: str, token: str) -> None:
         state, problem = JobState.failed, AnalysisTimedOut(f"the analysis did not finish within {settings.soft_time_limit_s} s").problem()
     except TRANSIENT:
         raise
-    except Exception:
-        log.exception("job %s crashed", job_id)
-        state, problem = JobState.failed, AnalysisCrashed("the analysis failed unexpectedly; the error has been logged").problem()
-    if not store.finish(job_id, state, problem=problem, artifacts=artifacts):
-        storage.remove_outputs(job_id)  # cancelled while finishing
+    except Exception as exc:  # noqa: BLE001 - a storage fault or a bug, told apart and logged below
+        state, problem = JobState.failed, _unexpected_problem(job_id, exc)
+    if not store.finish(job_id, state, problem=problem, artifacts=artifacts, token=token):
+        _drop_outputs_if_cancelled(store, storage, job_id)  # cancelled while finishing
     elif job.callback_url:
         deliver_webhook.delay(job_id)
+
+
+def _unexpected_problem(job_id: str, exc: Exception) -> dict[str, Any]:
+    """A full, read-only or failing disk is the operator's to fix (``storage-unavailable``,
+    503); anything else is a bug, logged with its traceback."""
+    storage = storage_error(exc)
+    if storage is not None:
+        log.error("job %s failed on a storage fault: %s", job_id, exc)
+        return storage.problem()
+    log.exception("job %s crashed", job_id)
+    return AnalysisCrashed("the analysis failed unexpectedly; the error has been logged").problem()
+
+
+def _drop_outputs_if_cancelled(store: Store, storage: Storage, job_id: str) -> None:
+    # A job re-sent to another run keeps its folder: that run writes (or wrote) the outputs.
+    current = store.get(job_id)
+    if current is None or current.state == JobState.cancelled:
+        storage.remove_outputs(job_id)
 
 
 @celery_app.task(name=WEBHOOK_TASK, bind=True, autoretry_for=TRANSIENT, max_retries=settings.webhook_max_retries)
@@ -83,6 +102,8 @@ def deliver_webhook(self: Task, job_id: str) -> None:  # type: ignore[type-arg]
         attempt.update(status_code=response.status_code, delivered=response.is_success)
     except httpx.HTTPError as exc:
         attempt["error"] = type(exc).__name__
+    retry = not attempt["delivered"] and self.request.retries < settings.webhook_max_retries
+    attempt["gave_up"] = not attempt["delivered"] and not retry
     store.add_delivery(job_id, attempt)
-    if not attempt["delivered"] and self.request.retries < settings.webhook_max_retries:
+    if retry:
         raise self.retry(countdown=settings.webhook_backoff_s * 2**self.request.retries)

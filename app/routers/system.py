@@ -62,7 +62,7 @@ def models(tenant: TenantDep, settings: SettingsDep, store: StoreDep) -> dict[st
     return {"models": list(manifests.values()), "problems": problems, "workers": len(workers)}
 
 
-@router.get("/v1/problems")
-def problems() -> dict[str, Any]:
+@router.get("/v1/problems", responses=problem_responses(401))
+def problems(tenant: TenantDep) -> dict[str, Any]:
     """The catalogue of problem types this service answers with."""
     return {"problems": catalogue()}

@@ -217,6 +217,8 @@ def _add_gunzipped(
         with gzip.GzipFile(fileobj=raw, mode="rb") as unzipped:
             out = collector.add_stream(unzipped, name=name, origin=origin, max_bytes=max_bytes)
     except (EOFError, gzip.BadGzipFile, zlib.error, OSError) as exc:
+        if isinstance(exc, OSError) and exc.errno is not None:
+            raise  # the disk failed (full, read-only), not the file: not the client's mistake
         raise UnreadableFileError(
             f"{origin} is a truncated or corrupt gzip file and cannot be decompressed"
         ) from exc

@@ -44,7 +44,7 @@ def read_header(path: Path, *, tags: Sequence[str] | None = GROUPING_TAGS) -> Da
         return pydicom.dcmread(path, stop_before_pixels=True, specific_tags=specific)
     except InvalidDicomError:
         pass
-    except (OSError, ValueError, EOFError, KeyError, TypeError, AttributeError):
+    except Exception:  # noqa: BLE001 - as below: a corrupt data set (even a bad deflate stream, zlib.error) is not DICOM
         return None
     try:
         with open(path, "rb") as handle:

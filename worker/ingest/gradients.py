@@ -99,7 +99,9 @@ def check_gradients(
         raise GradientError(
             f"the b-value file has {bvals.size} entries but the image has {n_volumes} volumes"
         )
-    if bvecs.shape != (n_volumes, 3):
+    if bvecs.ndim != 2 or bvecs.shape[1] != 3:
+        raise GradientError(f"the b-vectors must form a table of N x 3 numbers; they are {list(bvecs.shape)}")
+    if bvecs.shape[0] != n_volumes:
         raise GradientError(
             f"the b-vector file has {bvecs.shape[0]} entries but the image has {n_volumes} volumes"
         )

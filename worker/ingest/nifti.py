@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import math
 import zlib
 from pathlib import Path
 
@@ -43,38 +44,128 @@ def find_gradient_files(image: Path) -> tuple[Path, Path]:
     return bval, bvec
 
 
+MAX_VOXELS = 2_000_000_000 // 4
+"""Most voxels (over all volumes) a study may declare: 2 GB as float32."""
+
+DEFLATE_MAX_RATIO = 1032
+"""Deflate cannot expand data more than about 1032 times: a gzipped file declaring more voxel
+bytes than that is truncated or forged, and is refused before any buffer is allocated for it."""
+
+GZIP_TRAILING_SLACK = 1 << 20
+"""Bytes a gzipped NIfTI may hold beyond the image its header declares (writers add none)."""
+
+_UNREADABLE = (
+    nib.filebasedimages.ImageFileError,
+    nib.spatialimages.HeaderDataError,  # unknown datatype, impossible vox_offset, bad scaling
+    ValueError,
+    OverflowError,  # infinite or negative offsets and sizes reaching mmap or int()
+    OSError,  # includes gzip.BadGzipFile
+    EOFError,
+    zlib.error,
+)
+
+
 def load_nifti_image(path: Path) -> tuple[np.ndarray, np.ndarray]:
     """Read a NIfTI image fully into memory as float32 with its affine (voxel -> RAS+ mm).
 
+    The header is checked before any voxel is read: dimensions must be positive, voxels real
+    numbers (not complex or RGB), the affine finite, and the file must hold the voxel data it
+    declares (a gzipped file is verified to its checksum), so a tiny forged file never makes us
+    allocate gigabytes and a corrupt one is never read as silently wrong voxels.
+
     Raises :class:`UnreadableFileError` with a specific sentence for truncated, corrupt or
-    non-NIfTI files.
+    non-NIfTI files, :class:`ImageError` for headers that declare an unusable image.
     """
+    path = Path(path)
     try:
         img = nib.load(str(path))
-    except (nib.filebasedimages.ImageFileError, ValueError, OSError, EOFError, zlib.error, gzip.BadGzipFile) as exc:
-        raise UnreadableFileError(f"{path.name} is not a readable NIfTI image ({_reason(exc)})") from exc
+    except _UNREADABLE as exc:
+        raise UnreadableFileError(f"{path.name} is not a readable NIfTI image ({_reason(exc, path)})") from exc
     if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
         raise UnreadableFileError(f"{path.name} is not a NIfTI image")
-    shape = img.shape
+    shape = tuple(int(s) for s in img.shape)
+    if not shape or min(shape) < 1:
+        raise ImageError(f"{path.name} declares impossible dimensions {list(shape)} in its header")
     if len(shape) > 4 and all(s == 1 for s in shape[4:]):
         shape = shape[:4]
-    n_voxels = int(np.prod(shape, dtype=np.int64))
-    if n_voxels > 2_000_000_000 // 4:
+    n_voxels = math.prod(shape)  # Python ints: forged NIfTI-2 dimensions cannot overflow
+    if n_voxels > MAX_VOXELS:
         raise ImageError(f"{path.name} declares {shape} voxels, too large for a diffusion study")
-    try:
-        data = np.asarray(img.dataobj, dtype=np.float32).reshape(shape)
-    except (ValueError, OSError, EOFError, zlib.error, gzip.BadGzipFile) as exc:
-        raise UnreadableFileError(
-            f"{path.name} is truncated or corrupt: its voxel data cannot be read ({_reason(exc)})"
-        ) from exc
+    dtype = img.header.get_data_dtype()
+    if dtype.kind not in "iuf":
+        raise ImageError(
+            f"{path.name} holds {_dtype_name(dtype)} voxels; a diffusion series is real-valued (magnitude) data"
+        )
     affine = img.affine
     if affine is None:
         raise ImageError(f"{path.name} has no orientation information")
+    with np.errstate(all="ignore"):
+        usable = np.all(np.isfinite(affine)) and np.all(np.isfinite(np.linalg.norm(affine[:3, :3], axis=0)))
+    if not usable:
+        raise ImageError(f"{path.name} has an orientation (affine) that is not finite")
+    # the proxy's offset is the file's (the image's own header copy has it reset to 0)
+    _check_data_present(path, offset=int(getattr(img.dataobj, "offset", 0)), n_bytes=n_voxels * dtype.itemsize)
+    try:
+        data = np.asarray(img.dataobj, dtype=np.float32).reshape(shape)
+    except _UNREADABLE as exc:
+        raise UnreadableFileError(
+            f"{path.name} is truncated or corrupt: its voxel data cannot be read ({_reason(exc, path)})"
+        ) from exc
     return data, np.asarray(affine, dtype=np.float64)
 
 
-def _reason(exc: BaseException) -> str:
+def _dtype_name(dtype: np.dtype) -> str:
+    return "colour (RGB)" if dtype.fields else "complex" if dtype.kind == "c" else str(dtype)
+
+
+def _check_data_present(path: Path, *, offset: int, n_bytes: int) -> None:
+    """Raise :class:`UnreadableFileError` unless the file holds the ``n_bytes`` of voxels its
+    header declares after ``offset``.
+
+    A plain file is checked by its size. A gzipped one is first bounded by deflate's largest
+    expansion (no buffer is allocated for a forged size), then decompressed once to its end and
+    discarded, so that a stream cut short or failing its CRC is refused here rather than read
+    as silently wrong voxels (nibabel stops reading where the image ends, before the checksum).
+    """
+    size = path.stat().st_size
+    needed = max(offset, 0) + n_bytes
+    name = path.name.lower()
+    if name.endswith(".nii") and size < needed:
+        raise UnreadableFileError(
+            f"{path.name} is truncated: its header declares {needed} bytes of image but the file holds {size}"
+        )
+    if not name.endswith(".gz"):
+        return
+    if needed > size * DEFLATE_MAX_RATIO + (1 << 16):
+        raise UnreadableFileError(
+            f"{path.name} is truncated or corrupt: its header declares {needed} bytes of image, more "
+            f"than a {size}-byte gzip file can hold"
+        )
+    total, limit = 0, needed + GZIP_TRAILING_SLACK
+    try:
+        with gzip.open(path, "rb") as stream:
+            while block := stream.read(1 << 20):
+                total += len(block)
+                if total > limit:
+                    raise UnreadableFileError(
+                        f"{path.name} decompresses to more than the {needed} bytes its header declares; "
+                        "it is corrupt or a compression bomb"
+                    )
+    except (OSError, EOFError, zlib.error) as exc:
+        raise UnreadableFileError(
+            f"{path.name} is truncated or corrupt: its gzip stream cannot be read to the end ({_reason(exc, path)})"
+        ) from exc
+    if total < needed:
+        raise UnreadableFileError(
+            f"{path.name} is truncated: its header declares {needed} bytes of image but it holds {total}"
+        )
+
+
+def _reason(exc: BaseException, path: Path | None = None) -> str:
+    """The first line of an exception's message, without the server's folders in it."""
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if path is not None:
+        text = text.replace(str(path), path.name).replace(str(path.parent), "")
     return text[:160]
 
 

@@ -1,0 +1,246 @@
+"""Evaluate a shipped SCS-Net (ONNX) on held-out synthetic slices and on the real DWI.
+
+    python -m models.evaluate [--model models/scsnet] [--n 300] [--real PATH] [--qc qc.png]
+
+Synthetic test: seeds ``EVAL_SEED_BASE + n`` (never used in training or validation), each with
+its own independently drawn acquisition. Inference follows the run-time recipe (two passes,
+see :func:`segment_slice`) and is scored on the acquisition grid against the exact labels:
+per-region Dice, precision and recall (pooled over all slices and mean per slice), and the FA
+feature error |mean FA(pred) - mean FA(true)| / mean FA(true) from a tensor fit of the simulated
+DWI (30 directions, b = 800 s/mm^2), averaged over slices.
+
+Real DWI: b=0 volumes (b < 50 s/mm^2) averaged, closest-canonical RAS, every axial slice
+segmented; prints cord area, left/right and dorsal/ventral sanity checks and FA per region,
+and writes a QC montage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+
+from models.generator import fit_fa, generate, simulate_dwi
+from models.train import EVAL_SEED_BASE
+from worker.labels import BY_CODE, N_CLASSES
+from worker.segment.preprocess import normalise, resample_slice, resample_to_shape
+
+log = logging.getLogger(__name__)
+DEFAULT_REAL = Path("tests/data/sct_tutorial_dmri/dmri.nii.gz")
+
+
+class TwoPassSegmenter:
+    """The run-time recipe with ONNX Runtime: resample to the model grid, pass 1 on the whole
+    normalised slice, crop ``crop_size_px`` around the cord centroid (1 - P(background) > 0.5),
+    normalise the crop, pass 2, paste, map probabilities back to the input grid."""
+
+    def __init__(self, model_dir: Path) -> None:
+        import onnxruntime as ort  # type: ignore[import-untyped]
+
+        self.manifest = json.loads((model_dir / "manifest.json").read_text())
+        self.spacing = tuple(self.manifest["input"]["spacing_mm"])
+        self.crop = int(self.manifest["input"]["crop_size_px"][0])
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = 1
+        self.sess = ort.InferenceSession(str(model_dir / self.manifest["file"]), opts,
+                                         providers=["CPUExecutionProvider"])
+
+    def _probs(self, x: NDArray[np.float32]) -> NDArray[np.float32]:
+        (logits,) = self.sess.run(["logits"], {"b0": x[None, None].astype(np.float32)})
+        e = np.exp(logits[0] - logits[0].max(axis=0, keepdims=True))
+        return (e / e.sum(axis=0, keepdims=True)).astype(np.float32)
+
+    def probabilities(self, image: NDArray, spacing_mm: tuple[float, float]) -> NDArray[np.float32]:
+        """(9, H, W) class probabilities on the input grid."""
+        img = resample_slice(image, spacing_mm=spacing_mm, target_mm=self.spacing)
+        p1 = self._probs(normalise(img))
+        cord = 1.0 - p1[0]
+        if (cord > 0.5).any():
+            ci, cj = np.argwhere(cord > 0.5).mean(axis=0)
+        else:
+            ci, cj = np.unravel_index(int(np.argmax(cord)), cord.shape)
+        c = self.crop
+        i0, j0 = round(ci) - c // 2, round(cj) - c // 2
+        pad = ((max(0, -i0), max(0, i0 + c - img.shape[0])), (max(0, -j0), max(0, j0 + c - img.shape[1])))
+        padded = np.pad(img, pad, mode="edge")
+        a, b = i0 + pad[0][0], j0 + pad[1][0]
+        p2 = self._probs(normalise(padded[a : a + c, b : b + c]))
+        full = np.pad(p1, ((0, 0),) + pad, mode="edge")
+        full[:, a : a + c, b : b + c] = p2
+        probs = full[:, pad[0][0] : pad[0][0] + img.shape[0], pad[1][0] : pad[1][0] + img.shape[1]]
+        return resample_to_shape(probs, image.shape)
+
+    def labels(self, image: NDArray, spacing_mm: tuple[float, float]) -> NDArray[np.uint8]:
+        return np.argmax(self.probabilities(image, spacing_mm), axis=0).astype(np.uint8)
+
+
+def evaluate_synthetic(seg: TwoPassSegmenter, n: int) -> dict[str, Any]:
+    tp = np.zeros(N_CLASSES)
+    fp = np.zeros(N_CLASSES)
+    fn = np.zeros(N_CLASSES)
+    dice_per: list[list[float]] = [[] for _ in range(N_CLASSES)]
+    fa_err: list[list[float]] = [[] for _ in range(N_CLASSES)]
+    missing = np.zeros(N_CLASSES, int)
+    t_inf = []
+    for k in range(n):
+        seed = EVAL_SEED_BASE + k
+        s = generate(seed)
+        t = time.perf_counter()
+        pred = seg.labels(s.b0, s.acquisition.spacing_mm)
+        t_inf.append(time.perf_counter() - t)
+        dwi, bvals, bvecs = simulate_dwi(s, seed)
+        fa = fit_fa(dwi, bvals, bvecs)
+        for c in range(1, N_CLASSES):
+            p, g = pred == c, s.labels == c
+            tp[c] += (p & g).sum()
+            fp[c] += (p & ~g).sum()
+            fn[c] += (~p & g).sum()
+            if g.any():
+                dice_per[c].append(2 * (p & g).sum() / (p.sum() + g.sum()))
+                if p.any():
+                    true_fa = float(fa[g].mean())
+                    fa_err[c].append(abs(float(fa[p].mean()) - true_fa) / true_fa * 100)
+                else:
+                    missing[c] += 1
+        if (k + 1) % 50 == 0:
+            log.info("%d / %d slices", k + 1, n)
+    rows = {}
+    for c in range(1, N_CLASSES):
+        rows[BY_CODE[c].key] = {
+            "dice_pooled": 2 * tp[c] / max(2 * tp[c] + fp[c] + fn[c], 1),
+            "dice_mean": float(np.mean(dice_per[c])) if dice_per[c] else float("nan"),
+            "precision": tp[c] / max(tp[c] + fp[c], 1),
+            "recall": tp[c] / max(tp[c] + fn[c], 1),
+            "fa_error_pct": float(np.mean(fa_err[c])) if fa_err[c] else float("nan"),
+            "slices": len(dice_per[c]),
+            "missed_slices": int(missing[c]),
+        }
+    return {"regions": rows, "n": n, "inference_s_median": float(np.median(t_inf)),
+            "seeds": [EVAL_SEED_BASE, EVAL_SEED_BASE + n - 1]}
+
+
+def print_table(res: dict[str, Any]) -> str:
+    lines = [f"Synthetic test: {res['n']} slices, seeds {res['seeds'][0]}..{res['seeds'][1]}",
+             f"{'region':<16}{'Dice(pool)':>11}{'Dice(mean)':>11}{'precision':>10}{'recall':>8}{'FA err %':>9}{'slices':>7}{'missed':>7}"]
+    for key, r in res["regions"].items():
+        lines.append(f"{key:<16}{r['dice_pooled']:>11.3f}{r['dice_mean']:>11.3f}{r['precision']:>10.3f}{r['recall']:>8.3f}"
+                     f"{r['fa_error_pct']:>9.2f}{r['slices']:>7d}{r['missed_slices']:>7d}")
+    lines.append(f"median two-pass inference time per slice (CPU, 1 thread): {res['inference_s_median'] * 1000:.1f} ms")
+    return "\n".join(lines)
+
+
+def _world_centroid(lab: NDArray, k: int, affine: NDArray, codes: list[int]) -> NDArray:
+    """World (RAS mm) centroid of ``codes`` in slice ``k`` (NaN if absent)."""
+    m = np.argwhere(np.isin(lab, codes))
+    if len(m) == 0:
+        return np.array([np.nan, np.nan, np.nan])
+    return (affine @ np.r_[m.mean(axis=0), k, 1.0])[:3]
+
+
+def segment_real(seg: TwoPassSegmenter, path: Path) -> dict[str, Any]:
+    """Segment every axial slice of a real DWI (b-values/vectors ``bval*``/``bvec*`` beside it).
+
+    Returns the canonical-RAS mean b0 ``(X, Y, Z)``, labels, FA map, voxel size and per-slice rows
+    (cord area mm^2, left-at-smaller-world-x, dorsal-posterior-to-ventral, mean FA WM/GM).
+    """
+    import nibabel as nib
+
+    img: Any = nib.as_closest_canonical(nib.load(path))
+    data = np.asarray(img.dataobj, dtype=np.float32)
+    folder = path.parent
+    bvals = np.loadtxt(next(folder.glob("bval*")))
+    bvecs = np.loadtxt(next(folder.glob("bvec*")))
+    bvecs = bvecs.T if bvecs.shape[0] == 3 else bvecs
+    # FA is invariant to the reflection between the stored and RAS frames, so the b-vectors
+    # need no reorientation for this check.
+    b0 = data[..., bvals < 50].mean(axis=3)
+    fa = np.stack([fit_fa(data[:, :, k], bvals, bvecs) for k in range(data.shape[2])], axis=2)
+    zx, zy = (float(z) for z in img.header.get_zooms()[:2])
+    zooms = (zx, zy)
+    labels = np.stack([seg.labels(b0[:, :, k], zooms) for k in range(b0.shape[2])], axis=2)
+    aff = img.affine
+    rows = []
+    for k in range(labels.shape[2]):
+        lab = labels[:, :, k]
+        wm = fa[:, :, k][np.isin(lab, [1, 2, 3, 5, 6, 7])]
+        gm = fa[:, :, k][np.isin(lab, [4, 8])]
+        rows.append({
+            "slice": k,
+            "cord_mm2": float((lab > 0).sum() * zx * zy),
+            "left_at_smaller_x": bool(_world_centroid(lab, k, aff, [1, 2, 3, 4])[0]
+                                      < _world_centroid(lab, k, aff, [5, 6, 7, 8])[0]),
+            "dorsal_posterior": bool(_world_centroid(lab, k, aff, [2, 6])[1] < _world_centroid(lab, k, aff, [3, 7])[1]),
+            "fa_wm": float(wm.mean()) if wm.size else float("nan"),
+            "fa_gm": float(gm.mean()) if gm.size else float("nan"),
+        })
+    return {"b0": b0, "labels": labels, "fa": fa, "zooms": zooms, "rows": rows}
+
+
+def evaluate_real(seg: TwoPassSegmenter, path: Path, qc: Path) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    res = segment_real(seg, path)
+    b0, labels, zooms = res["b0"], res["labels"], res["zooms"]
+    px_area = zooms[0] * zooms[1]
+    lines = [f"Real DWI {path} (canonical RAS, voxel {zooms[0]:.3f} x {zooms[1]:.3f} mm)",
+             f"{'slice':>5}{'cord mm2':>9}{'L<R x':>7}{'D<V y':>7}{'FA WM':>7}{'FA GM':>7}"]
+    for r in res["rows"]:
+        lines.append(f"{r['slice']:>5}{r['cord_mm2']:>9.1f}{r['left_at_smaller_x']!s:>7}{r['dorsal_posterior']!s:>7}"
+                     f"{r['fa_wm']:>7.2f}{r['fa_gm']:>7.2f}")
+    # QC montage: each slice, b0 (anterior up, patient's right on the viewer's left as radiology),
+    # with the label outline colours of worker.labels.
+    n = labels.shape[2]
+    cols = 5
+    fig, axes = plt.subplots(int(np.ceil(n / cols)), cols, figsize=(cols * 4, np.ceil(n / cols) * 2.2))
+    lut = np.zeros((N_CLASSES, 4))
+    for c in range(1, N_CLASSES):
+        lut[c, :3] = np.asarray(BY_CODE[c].colour) / 255
+        lut[c, 3] = 0.55
+    for k, ax in enumerate(axes.flat):
+        ax.axis("off")
+        if k >= n:
+            continue
+        # Display with array i (world +x, patient's right) to the viewer's left = radiological.
+        ax.imshow(b0[::-1, :, k].T, origin="lower", cmap="gray")
+        ax.imshow(lut[labels[::-1, :, k].T], origin="lower")
+        ax.set_title(f"slice {k}: cord {(labels[:, :, k] > 0).sum() * px_area:.0f} mm2", fontsize=8)
+    fig.suptitle("SCS-Net on real b0 (radiological view: patient's right on the left, anterior up)")
+    fig.tight_layout()
+    fig.savefig(qc, dpi=80)
+    plt.close(fig)
+    lines.append(f"QC montage: {qc}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", type=Path, default=Path("models/scsnet"))
+    p.add_argument("--n", type=int, default=300)
+    p.add_argument("--real", type=Path, default=DEFAULT_REAL)
+    p.add_argument("--qc", type=Path, default=Path("scsnet_real_qc.png"))
+    p.add_argument("--json", type=Path, default=None, help="also write the synthetic results here")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    seg = TwoPassSegmenter(args.model)
+    if args.n > 0:
+        res = evaluate_synthetic(seg, args.n)
+        print(print_table(res))
+        if args.json:
+            args.json.write_text(json.dumps(res, indent=2, default=float))
+    if args.real.exists():
+        print(evaluate_real(seg, args.real, args.qc))
+    else:
+        print(f"real DWI not found at {args.real}: pass --real PATH")
+
+
+if __name__ == "__main__":
+    main()

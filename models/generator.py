@@ -1,0 +1,511 @@
+"""Synthetic axial b=0 slices of the cervical cord with exact eight-region labels.
+
+Every sample is drawn from a seed (``numpy.random.default_rng(seed)``), so a seed fully defines
+the slice, its labels and its simulated DWI.
+
+How a slice is made
+-------------------
+1. **Acquisition** draw: in-plane voxel 0.6-1.8 mm (slightly anisotropic at times), slice
+   thickness 3-7 mm, a reduced (25-100 mm) or full (100-170 mm) field of view, cord centre
+   anywhere at least ~7 mm inside the field, phase-encode axis, SNR 8-40.
+2. **Scene** on a fine grid (acquisition voxel / k, about 0.2-0.3 mm), coordinates in mm in an
+   anatomical frame (u to the patient's right, v anterior) rotated by up to +-20 degrees about the
+   cord centre. The cord comes from the compact PAM50 atlas (``models/atlas``): the sub-slices
+   (1 mm apart) inside the slab are sampled with a cord tilt and averaged, which gives partial
+   volume through the slice; size is scaled 0.8-1.2 and CSM-like compression flattens the cord
+   front-to-back down to ~half its depth (widening it slightly). A left-right mirror is applied
+   to the geometry *and* swaps the left/right region channels (the MIRROR_LUT rule).
+   Around it: a thecal sac of variable width (sometimes almost no CSF), epidural fat/veins, the
+   vertebral body or a disc (with a bright nucleus), a dark posterior ligament layer, pedicles and
+   lamina, nerve-root sleeves running antero-laterally, vertebral arteries, muscles with fat
+   planes, the neck outline and air.
+3. **Contrast** (b0, long-TE EPI): CSF bright (1.1-2.8 x cord; 15 %: 0.9-1.3), gray matter equal to or slightly
+   brighter than white matter, bone/ligament dark, muscle intermediate-dark, texture fields.
+4. **Acquisition grid**: block-average the fine grid (voxel partial volume), EPI blur and a
+   smooth geometric distortion along the phase-encode axis (applied to labels too, since a rater
+   labels the distorted image), multiplicative bias field, Rician noise.
+5. **Labels**: per-class fractions (background = 1 - cord) follow the same path; the label
+   map on the acquisition grid is their argmax. On the model grid the class fractions are
+   resampled linearly with :func:`worker.segment.preprocess.resample_slice` and the argmax is
+   taken (documented choice: smoother and less biased than nearest-neighbour).
+
+The module also renders the matching DWI (per-region tensors, see :func:`simulate_dwi`) so
+that FA per region can be measured on simulated data.
+
+All arrays are ``[i, j]``: ``i`` along world +x (patient's right larger), ``j`` along world +y
+(anterior larger).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from functools import lru_cache
+
+import numpy as np
+from numpy.typing import NDArray
+from scipy import ndimage
+
+from models.atlas import Atlas, load_atlas
+from worker.labels import MIRROR_LUT
+from worker.segment.preprocess import normalise, resample_slice, resample_to_shape
+
+F32 = NDArray[np.float32]
+MODEL_SPACING_MM = 0.5
+CROP_SIZE_PX = 96  # 48 mm at 0.5 mm: cord, CSF and a margin of surrounding tissue
+PAD_MULTIPLE = 16
+
+
+@dataclass(frozen=True)
+class Acquisition:
+    spacing_mm: tuple[float, float]
+    thickness_mm: float
+    shape: tuple[int, int]
+    snr: float
+    pe_axis: int
+
+
+@dataclass
+class SyntheticSlice:
+    """One synthetic slice on the acquisition grid.
+
+    b0 : (H, W) float32, arbitrary scanner-like units
+    labels : (H, W) uint8 codes 0-8
+    fractions : (9, H, W) float32 class fractions (index = label code; 0 = not cord)
+    csf : (H, W) float32 CSF fraction
+    clean : (H, W) noiseless b0 (before bias and noise), used to render the DWI
+    """
+
+    b0: F32
+    labels: NDArray[np.uint8]
+    fractions: F32
+    csf: F32
+    clean: F32
+    bias: F32
+    acquisition: Acquisition
+    params: dict[str, float] = field(default_factory=dict)
+
+
+@lru_cache(maxsize=1)
+def _atlas() -> tuple[Atlas, F32, F32]:
+    """The atlas with region fractions renormalised inside the cord (nearest-region fill where
+    the tracts leave a gap), returned as (atlas, fractions (Z, 8, H, W), centre (2,))."""
+    atlas = load_atlas()
+    regions = atlas.regions
+    total = regions.sum(axis=1)
+    frac = np.zeros_like(regions)
+    for z in range(regions.shape[0]):
+        has = total[z] > 0.05
+        _, (ii, jj) = ndimage.distance_transform_edt(~has, return_indices=True)
+        r = regions[z][:, ii, jj]
+        frac[z] = r / np.maximum(r.sum(axis=0), 1e-6)
+    cord = atlas.cord
+    ii = np.arange(cord.shape[1])[:, None]
+    jj = np.arange(cord.shape[2])[None, :]
+    centre = np.array([(cord * ii).sum() / cord.sum(), (cord * jj).sum() / cord.sum()], np.float32)
+    return atlas, frac.astype(np.float32), centre
+
+
+def _smooth_noise(rng: np.random.Generator, shape: tuple[int, int], cells: int) -> F32:
+    """Smooth random field in about [-1, 1] with ``cells`` features across the image."""
+    coarse = rng.standard_normal((cells + 2, cells + 2)).astype(np.float32)
+    out = ndimage.zoom(coarse, (shape[0] / coarse.shape[0], shape[1] / coarse.shape[1]), order=1)
+    out = out[: shape[0], : shape[1]]
+    if out.shape != shape:
+        out = np.pad(out, [(0, shape[0] - out.shape[0]), (0, shape[1] - out.shape[1])], mode="edge")
+    return (out / (np.abs(out).max() + 1e-6)).astype(np.float32)
+
+
+def _soft(d: F32, width: float) -> F32:
+    """Soft indicator of ``d < 0`` (signed distance-like) with edge width in mm."""
+    return (1.0 / (1.0 + np.exp(np.clip(d / max(width, 1e-3), -30, 30)))).astype(np.float32)
+
+
+def _ellipse(u: F32, v: F32, cu: float, cv: float, au: float, av: float) -> F32:
+    """Approximate signed distance (mm) to an axis-aligned ellipse."""
+    r = np.sqrt(((u - cu) / au) ** 2 + ((v - cv) / av) ** 2)
+    return ((r - 1.0) * min(au, av)).astype(np.float32)
+
+
+def draw_acquisition(rng: np.random.Generator) -> Acquisition:
+    s = float(rng.uniform(0.6, 1.8))
+    s2 = s * float(rng.uniform(0.9, 1.1)) if rng.random() < 0.3 else s
+    if rng.random() < 0.55:
+        fov = (rng.uniform(40, 100), rng.uniform(25, 70))
+    else:
+        f = rng.uniform(100, 170)
+        fov = (f, f * rng.uniform(0.7, 1.0))
+    if rng.random() < 0.5:
+        fov = (fov[0], fov[1]) if rng.random() < 0.8 else (fov[1], fov[0])
+    shape = (max(16, int(fov[0] / s)), max(16, int(fov[1] / s2)))
+    return Acquisition(
+        spacing_mm=(s, s2),
+        thickness_mm=float(rng.uniform(3.0, 7.0)),
+        shape=shape,
+        snr=float(np.exp(rng.uniform(np.log(8), np.log(40)))),
+        pe_axis=int(rng.random() < 0.7),  # AP phase encoding is the most common for the cord
+    )
+
+
+def _sample_cord(
+    rng: np.random.Generator, u: F32, v: F32, thickness: float, p: dict[str, float]
+) -> tuple[F32, F32]:
+    """Cord fraction (Hf, Wf) and region fractions (8, Hf, Wf) on the fine grid (u, v in mm)."""
+    atlas, frac, centre = _atlas()
+    nz = frac.shape[0]
+    n_sub = max(1, round(thickness / 1.0))
+    z0 = int(rng.integers(0, nz - n_sub + 1))
+    p["level"] = float(atlas.level[z0 + n_sub // 2])
+    cord = np.zeros(u.shape, np.float32)
+    regions = np.zeros((8,) + u.shape, np.float32)
+    sp = atlas.spacing_mm
+    for k in range(n_sub):
+        dz = (k - (n_sub - 1) / 2.0) * 1.0
+        uu = (u - dz * p["tilt_u"]) / p["scale_u"]
+        vv = (v - dz * p["tilt_v"]) / p["scale_v"]
+        if p["mirror"]:
+            uu = -uu
+        coords = np.stack([uu / sp + centre[0], vv / sp + centre[1]])
+        c = ndimage.map_coordinates(atlas.cord[z0 + k], coords, order=1, mode="constant")
+        cord += c
+        for r in range(8):
+            regions[r] += c * ndimage.map_coordinates(frac[z0 + k, r], coords, order=1, mode="nearest")
+    cord /= n_sub
+    regions /= n_sub
+    if p["mirror"]:
+        regions = regions[[4, 5, 6, 7, 0, 1, 2, 3]]
+    return cord, regions
+
+
+def _surroundings(rng: np.random.Generator, u: F32, v: F32, p: dict[str, float], sac_ap: tuple[float, float],
+                  sac_lr: float) -> tuple[F32, F32]:
+    """Intensity of non-neural tissue (relative to cord WM = 1) on the fine grid, and a
+    placeholder (zeros) for structures indenting the sac (not modelled yet)."""
+    shape = u.shape
+    tex = _smooth_noise(rng, shape, int(rng.integers(6, 16)))
+    tex2 = _smooth_noise(rng, shape, int(rng.integers(20, 40)))
+    img = np.zeros(shape, np.float32)
+    post, ant = sac_ap
+    # Neck outline: soft tissue inside, air outside.
+    neck_c = float(rng.uniform(8, 22))
+    neck = _soft(_ellipse(u, v, 0.0, neck_c, rng.uniform(45, 65), rng.uniform(40, 55)), 2.0)
+    muscle = rng.uniform(0.12, 0.6)
+    img += neck * muscle * (1 + 0.4 * tex + 0.25 * tex2)
+    # Fat planes between muscles (streaks).
+    for _ in range(int(rng.integers(2, 6))):
+        ang = rng.uniform(0, np.pi)
+        off = rng.uniform(-30, 30)
+        d = np.abs(np.cos(ang) * u + np.sin(ang) * (v + 20) - off) - rng.uniform(0.4, 1.5)
+        fat = _soft(d, 0.5) * (v < post + rng.uniform(-5, 15))
+        img = img * (1 - fat * neck) + fat * neck * rng.uniform(0.1, 0.9)
+    # Clutter: vessels, fat lobules, lymph nodes, glands as random blobs anywhere in the neck.
+    for _ in range(int(rng.integers(5, 25))):
+        bu, bv = rng.uniform(-45, 45), rng.uniform(-35, 55)
+        if abs(bu) < 12 and -12 < bv < 18:
+            continue
+        blob = _soft(_ellipse(u, v, bu, bv, rng.uniform(1, 8), rng.uniform(1, 8)), rng.uniform(0.3, 1.5))
+        img = img * (1 - blob * neck) + blob * neck * rng.uniform(0.05, 1.3) * (1 + 0.2 * tex2)
+    # Vertebral body or disc anterior to the sac.
+    gap = rng.uniform(0.5, 3.0)
+    au, av = rng.uniform(7, 11), rng.uniform(6, 9)
+    body_c = ant + gap + av
+    body = _soft(_ellipse(u, v, 0.0, body_c, au, av), 0.6)
+    is_disc = rng.random() < 0.4
+    if is_disc:
+        nucleus = _soft(_ellipse(u, v, 0.0, body_c, au * 0.6, av * 0.6), 1.5)
+        body_int = rng.uniform(0.2, 0.5) * (1 - nucleus) + nucleus * rng.uniform(0.4, 1.2)
+    else:
+        cortex = body - _soft(_ellipse(u, v, 0.0, body_c, au - 1.0, av - 1.0), 0.5)
+        body_int = rng.uniform(0.15, 0.5) * (1 + 0.3 * tex2) * (1 - cortex) + cortex * 0.05
+    img = img * (1 - body) + body * body_int
+    # Posterior longitudinal ligament / epidural layer (dark) in front of the sac.
+    pll = _soft(_ellipse(u, v, 0.0, ant + gap * 0.5, au * 0.9, max(gap * 0.5, 0.3)), 0.3)
+    img = img * (1 - pll) + pll * rng.uniform(0.05, 0.3)
+    # Uncovertebral / pedicles and lateral masses (dark bone) on both sides.
+    side_bone = np.zeros(shape, np.float32)
+    lat = sac_lr + rng.uniform(1.5, 4.0)
+    for sgn in (-1.0, 1.0):
+        side_bone = np.maximum(side_bone, _soft(_ellipse(u, v, sgn * (lat + 4), rng.uniform(-2, 4), rng.uniform(3, 6),
+                                                         rng.uniform(3, 7)), 0.7))
+    bone_int = rng.uniform(0.08, 0.35)
+    img = img * (1 - side_bone) + side_bone * bone_int * (1 + 0.3 * tex2)
+    # Lamina: a V behind the sac, spinous process in the midline.
+    apex = post - rng.uniform(2, 6)
+    slope = rng.uniform(0.4, 1.0)
+    lam_d = np.abs(v - apex - slope * np.abs(u)) / np.sqrt(1 + slope**2)
+    lam = _soft(lam_d - rng.uniform(0.8, 2.0), 0.5)
+    lam *= (np.abs(u) < lat + 6) & (v > apex - 1)
+    spin = _soft(_ellipse(u, v, 0.0, apex - 8, rng.uniform(1.5, 3), 8), 0.5)
+    post_bone = np.maximum(lam, spin)
+    img = img * (1 - post_bone) + post_bone * rng.uniform(0.05, 0.35)
+    # Nerve-root sleeves: bright lines running antero-laterally from the sac (the "V" of the
+    # real example), at disc/foraminal levels.
+    if rng.random() < 0.7:
+        ang = np.deg2rad(rng.uniform(15, 50))
+        bright = rng.uniform(0.5, 2.0)
+        width = rng.uniform(0.5, 1.5)
+        length = rng.uniform(8, 25)
+        for sgn in (-1.0, 1.0):
+            du = sgn * u - sac_lr * 0.8
+            dv = v - rng.uniform(-2, 2)
+            along = du * np.cos(ang) + dv * np.sin(ang)
+            across = -du * np.sin(ang) + dv * np.cos(ang)
+            root = _soft(np.abs(across) - width, 0.4) * (along > 0) * (along < length)
+            img = img * (1 - root) + root * bright
+    # Vertebral arteries.
+    for sgn in (-1.0, 1.0):
+        va = _soft(_ellipse(u, v, sgn * rng.uniform(11, 16), rng.uniform(1, 7), 2.0, 2.0) + rng.uniform(-0.7, 0.5), 0.3)
+        img = img * (1 - va) + va * (rng.uniform(0.0, 0.2) if rng.random() < 0.6 else rng.uniform(0.8, 1.5))
+    indent = np.zeros(shape, np.float32)
+    p["disc"] = float(is_disc)
+    return img.astype(np.float32), indent
+
+
+def _downsample(x: F32, k: int) -> F32:
+    h, w = x.shape[-2] // k, x.shape[-1] // k
+    x = x[..., : h * k, : w * k]
+    return x.reshape(x.shape[:-2] + (h, k, w, k)).mean(axis=(-3, -1)).astype(np.float32)
+
+
+def generate(seed: int, *, acquisition: Acquisition | None = None) -> SyntheticSlice:
+    """Render one synthetic slice (see module docstring) on its acquisition grid."""
+    rng = np.random.default_rng(seed)
+    acq = acquisition or draw_acquisition(rng)
+    sx, sy = acq.spacing_mm
+    k = max(2, math.ceil(max(sx, sy) / 0.3))
+    H, W = acq.shape
+    fx, fy = sx / k, sy / k
+    # Cord centre somewhere inside the field of view (mm, image frame).
+    margin = 7.0
+    cx = rng.uniform(min(margin, H * sx / 2), max(H * sx - margin, H * sx / 2))
+    cy = rng.uniform(min(margin, W * sy / 2), max(W * sy - margin, W * sy / 2))
+    xi = (np.arange(H * k, dtype=np.float32) + 0.5) * fx - cx
+    yj = (np.arange(W * k, dtype=np.float32) + 0.5) * fy - cy
+    X, Y = np.meshgrid(xi, yj, indexing="ij")
+    theta = np.deg2rad(rng.uniform(-20, 20) if rng.random() < 0.8 else rng.uniform(-5, 5))
+    u = (np.cos(theta) * X + np.sin(theta) * Y).astype(np.float32)
+    v = (-np.sin(theta) * X + np.cos(theta) * Y).astype(np.float32)
+
+    size = rng.uniform(0.8, 1.2)
+    compress = 1.0 if rng.random() < 0.6 else rng.uniform(0.5, 0.95)
+    p: dict[str, float] = {
+        "theta_deg": float(np.rad2deg(theta)),
+        "scale_u": float(size * rng.uniform(0.92, 1.08) / np.sqrt(compress) ** 0.5),
+        "scale_v": float(size * rng.uniform(0.92, 1.08) * compress),
+        "tilt_u": float(np.tan(np.deg2rad(rng.uniform(-12, 12)))),
+        "tilt_v": float(np.tan(np.deg2rad(rng.uniform(-15, 15)))),
+        "mirror": float(rng.random() < 0.5),
+        "compression": float(compress),
+        "size": float(size),
+    }
+    # Cord on a window around its centre only (the atlas covers 24 mm).
+    win = (np.abs(u) < 14) & (np.abs(v) < 14)
+    rows = np.where(win.any(axis=1))[0]
+    cols = np.where(win.any(axis=0))[0]
+    cord = np.zeros(u.shape, np.float32)
+    regions = np.zeros((8,) + u.shape, np.float32)
+    if rows.size and cols.size:
+        rs = slice(rows.min(), rows.max() + 1)
+        cs = slice(cols.min(), cols.max() + 1)
+        c_w, r_w = _sample_cord(rng, u[rs, cs], v[rs, cs], acq.thickness_mm, p)
+        cord[rs, cs] = c_w
+        regions[:, rs, cs] = r_w
+    # Thecal sac: the cord's extent plus a margin that varies around the circumference.
+    cu = float((cord * u).sum() / max(cord.sum(), 1e-6))
+    cv = float((cord * v).sum() / max(cord.sum(), 1e-6))
+    half_lr = 5.5 * p["scale_u"]
+    half_ap = 4.0 * p["scale_v"]
+    thin = rng.random() < 0.2
+    m_ant = rng.uniform(0.1, 0.8) if (thin or compress < 0.8) else rng.uniform(0.4, 3.0)
+    m_post = rng.uniform(0.2, 1.0) if thin else rng.uniform(0.8, 4.5)
+    m_lat = rng.uniform(0.3, 1.0) if thin else rng.uniform(0.8, 4.0)
+    sac_lr = half_lr + m_lat
+    sac_post = cv - half_ap - m_post
+    sac_ant = cv + half_ap + m_ant
+    sac_cv = (sac_post + sac_ant) / 2
+    sac = _soft(_ellipse(u, v, cu, sac_cv, sac_lr, (sac_ant - sac_post) / 2)
+                + 0.6 * _smooth_noise(rng, u.shape, 4) * (not thin), 0.25)
+    sac = np.maximum(sac, cord)
+    csf = np.clip(sac - cord, 0.0, 1.0)
+
+    other, _ = _surroundings(rng, u, v, p, (sac_post, sac_ant), sac_lr)
+    wm_int = 1.0
+    gm_int = float(rng.uniform(1.0, 1.15))
+    csf_int = float(rng.uniform(1.1, 2.8)) if rng.random() < 0.85 else float(rng.uniform(0.9, 1.3))
+    gm = regions[3] + regions[7]
+    wm = cord - gm
+    cord_tex = 1.0 + 0.04 * _smooth_noise(rng, u.shape, 6)
+    fine = other * (1.0 - sac) + csf * csf_int + (wm * wm_int + gm * gm_int) * cord_tex
+    # Epidural ring (fat / veins) directly around the sac.
+    ring = np.clip(_soft(_ellipse(u, v, cu, sac_cv, sac_lr + 1.2, (sac_ant - sac_post) / 2 + 1.2), 0.4) - sac, 0, 1)
+    fine = fine * (1 - ring) + ring * rng.uniform(0.1, 0.9) * (1 + 0.3 * _smooth_noise(rng, u.shape, 20))
+
+    # Acquisition grid: voxel partial volume.
+    img = _downsample(fine, k)
+    fr = np.concatenate([(1.0 - cord)[None], regions], axis=0)
+    fr = _downsample(fr, k)
+    csf_a = _downsample(csf, k)
+    img = img[:H, :W]
+    # EPI: blur and smooth displacement along the phase-encode axis (labels follow the image).
+    sig = float(rng.uniform(0.2, 0.9))
+    img = ndimage.gaussian_filter1d(img, sig, axis=acq.pe_axis)
+    fr = ndimage.gaussian_filter1d(fr, sig, axis=acq.pe_axis + 1)
+    csf_a = ndimage.gaussian_filter1d(csf_a, sig, axis=acq.pe_axis)
+    amp = float(rng.uniform(0.0, 1.5))
+    disp = amp * _smooth_noise(rng, img.shape, 3)
+    grid = list(np.meshgrid(np.arange(img.shape[0], dtype=np.float32), np.arange(img.shape[1], dtype=np.float32),
+                       indexing="ij"))
+    grid[acq.pe_axis] = grid[acq.pe_axis] + disp
+    img = ndimage.map_coordinates(img, grid, order=1, mode="nearest")
+    fr = np.stack([ndimage.map_coordinates(c, grid, order=1, mode="nearest") for c in fr])
+    csf_a = ndimage.map_coordinates(csf_a, grid, order=1, mode="nearest")
+    clean = img.astype(np.float32)
+    # Bias field (receive coil), Rician noise relative to the cord signal.
+    bias = np.exp(0.5 * _smooth_noise(rng, img.shape, 2) * rng.uniform(0.2, 1.0)
+                  + rng.uniform(-0.02, 0.02) * (np.arange(img.shape[1])[None, :] - cy / sy) * sy)
+    bias = (bias / bias.flat[int(np.clip(cx / sx, 0, H - 1)) * W + int(np.clip(cy / sy, 0, W - 1))]).astype(np.float32)
+    sigma = 1.0 / acq.snr
+    n1 = rng.normal(0, sigma, img.shape)
+    n2 = rng.normal(0, sigma, img.shape)
+    scale = float(np.exp(rng.uniform(np.log(50), np.log(3000))))
+    b0 = (np.sqrt((clean * bias + n1) ** 2 + n2**2) * scale).astype(np.float32)
+    labels = np.argmax(fr, axis=0).astype(np.uint8)
+    p.update(csf_int=csf_int, gm_int=gm_int, scale=scale, k=float(k))
+    return SyntheticSlice(b0=b0, labels=labels, fractions=fr.astype(np.float32), csf=csf_a.astype(np.float32),
+                          clean=clean, bias=bias, acquisition=acq, params=p)
+
+
+def to_model_grid(s: SyntheticSlice, *, spacing_mm: float = MODEL_SPACING_MM) -> tuple[F32, NDArray[np.uint8]]:
+    """Resample a slice to the model grid: b0 linearly; labels as the argmax of the linearly
+    resampled class fractions. Returns (b0 not yet normalised, labels)."""
+    tgt = (spacing_mm, spacing_mm)
+    img = resample_slice(s.b0, spacing_mm=s.acquisition.spacing_mm, target_mm=tgt)
+    fr = resample_to_shape(s.fractions, img.shape)
+    return img, np.argmax(fr, axis=0).astype(np.uint8)
+
+
+def mirror(image: F32, labels: NDArray[np.uint8]) -> tuple[F32, NDArray[np.uint8]]:
+    """Left-right flip (along i = world x) with the label codes swapped through MIRROR_LUT."""
+    lut = np.asarray(MIRROR_LUT, np.uint8)
+    return image[::-1].copy(), lut[labels[::-1]]
+
+
+def _crop(x: NDArray, centre: tuple[int, int], size: int, fill: float | None) -> NDArray:
+    """``size``-square crop around ``centre``; outside the image: ``fill`` or edge values."""
+    i0, j0 = centre[0] - size // 2, centre[1] - size // 2
+    pad = [(max(0, -i0), max(0, i0 + size - x.shape[0])), (max(0, -j0), max(0, j0 + size - x.shape[1]))]
+    if fill is None:
+        xp = np.pad(x, pad, mode="edge")
+    else:
+        xp = np.pad(x, pad, mode="constant", constant_values=fill)
+    i0 += pad[0][0]
+    j0 += pad[1][0]
+    return xp[i0 : i0 + size, j0 : j0 + size]
+
+
+def training_sample(seed: int, *, patch: int = CROP_SIZE_PX, spacing_mm: float = MODEL_SPACING_MM) -> tuple[F32, NDArray[np.uint8]]:
+    """One training pair on the model grid, (patch, patch) float32 image and uint8 labels.
+
+    Half the samples imitate inference pass 1 (the whole slice normalised, then a random window
+    that usually contains the cord), half imitate pass 2 (a ``patch`` crop around the cord
+    centroid with a few mm of error, normalised on its own; outside the image zero- or
+    edge-padded).
+    """
+    s = generate(seed)
+    rng = np.random.default_rng(seed + 7_919_000_003)
+    img, lab = to_model_grid(s, spacing_mm=spacing_mm)
+    cord = lab > 0
+    if cord.any():
+        ci, cj = np.argwhere(cord).mean(axis=0)
+    else:
+        ci, cj = img.shape[0] / 2, img.shape[1] / 2
+    if rng.random() < 0.5:
+        norm = normalise(img)
+        if rng.random() < 0.85:
+            c = (int(ci + rng.uniform(-0.4, 0.4) * patch), int(cj + rng.uniform(-0.4, 0.4) * patch))
+        else:
+            c = (int(rng.uniform(0, img.shape[0])), int(rng.uniform(0, img.shape[1])))
+        x = _crop(norm, c, patch, 0.0)
+        y = _crop(lab, c, patch, 0)
+    else:
+        jitter = rng.normal(0, 1.5 / spacing_mm, 2)
+        c = (round(ci + jitter[0]), round(cj + jitter[1]))
+        fill = 0.0 if rng.random() < 0.5 else None
+        x = normalise(_crop(img, c, patch, fill))
+        y = _crop(lab, c, patch, 0)
+    return x.astype(np.float32), y.astype(np.uint8)
+
+
+# --- simulated DWI --------------------------------------------------------------------------
+
+def _tensor(fa: float, md: float, direction: NDArray[np.float64]) -> NDArray[np.float64]:
+    """Cylindrically symmetric tensor with given FA and MD, principal axis ``direction``."""
+    # l1 = md (1 + 2a), l2 = l3 = md (1 - a); FA = 3a / sqrt(3 + 6a^2) -> solve for a.
+    a = fa / np.sqrt(max(9 - 6 * fa**2, 1e-9))
+    l1, l2 = md * (1 + 2 * a), md * (1 - a)
+    d = direction / np.linalg.norm(direction)
+    return l2 * np.eye(3) + (l1 - l2) * np.outer(d, d)
+
+
+def region_tensors(rng: np.random.Generator, compression: float) -> tuple[dict[int, NDArray[np.float64]], dict[int, float]]:
+    """Per-region tensors (codes 1-8) with typical healthy values; lower FA when compressed."""
+    tilt = rng.normal(0, 0.1, 3)
+    tilt[2] = 1.0
+    drop = 1.0 - (1.0 - compression) * rng.uniform(0.2, 0.5)
+    out, fas = {}, {}
+    base = {"lateral": 0.72, "dorsal": 0.76, "ventral": 0.68, "gray": 0.4}
+    tissues = ["lateral", "dorsal", "ventral", "gray"]
+    for code in range(1, 9):
+        t = tissues[(code - 1) % 4]
+        fa = float(np.clip(base[t] + rng.normal(0, 0.04), 0.2, 0.9) * drop)
+        md = float(rng.uniform(0.6e-3, 1.0e-3) if t != "gray" else rng.uniform(0.7e-3, 1.1e-3))
+        out[code] = _tensor(fa, md, tilt)
+        fas[code] = fa
+    return out, fas
+
+
+def simulate_dwi(s: SyntheticSlice, seed: int, *, bval: float = 800.0, n_dirs: int = 30) -> tuple[F32, NDArray, NDArray]:
+    """Simulated DWI on the acquisition grid: (H, W, 1 + n_dirs) signal, bvals, bvecs (n, 3).
+
+    Compartments mix linearly within a voxel: each cord region (its fraction from
+    ``s.fractions``) with its tensor and S0 = its share of the clean b0; CSF isotropic with
+    MD 3e-3 mm^2/s; all other tissue isotropic 1.5e-3 mm^2/s. Same bias and Rician noise level
+    as the b0.
+    """
+    rng = np.random.default_rng(seed + 104_729)
+    tensors, _ = region_tensors(rng, s.params.get("compression", 1.0))
+    g = rng.standard_normal((n_dirs, 3))
+    g /= np.linalg.norm(g, axis=1, keepdims=True)
+    bvecs = np.vstack([[0, 0, 0], g])
+    bvals = np.r_[0.0, np.full(n_dirs, bval)]
+    gm_int = s.params["gm_int"]
+    csf_int = s.params["csf_int"]
+    s0_cord = {c: s.fractions[c] * (gm_int if c in (4, 8) else 1.0) for c in range(1, 9)}
+    s0_csf = s.csf * csf_int
+    s0_other = np.clip(s.clean - sum(s0_cord.values()) - s0_csf, 0.0, None)
+    out = np.zeros(s.clean.shape + (len(bvals),), np.float32)
+    for n, (b, gv) in enumerate(zip(bvals, bvecs)):
+        sig = s0_other * np.exp(-b * 1.5e-3) + s0_csf * np.exp(-b * 3.0e-3)
+        for c in range(1, 9):
+            sig = sig + s0_cord[c] * np.exp(-b * gv @ tensors[c] @ gv)
+        out[..., n] = sig
+    sigma = 1.0 / s.acquisition.snr
+    noisy = np.sqrt((out * s.bias[..., None] + rng.normal(0, sigma, out.shape)) ** 2
+                    + rng.normal(0, sigma, out.shape) ** 2)
+    return (noisy * s.params["scale"]).astype(np.float32), bvals, bvecs
+
+
+def fit_fa(dwi: F32, bvals: NDArray, bvecs: NDArray) -> F32:
+    """Log-linear least-squares tensor fit, FA map (H, W)."""
+    g = bvecs
+    B = np.c_[np.ones(len(bvals)), -bvals[:, None] * np.c_[g[:, 0] ** 2, g[:, 1] ** 2, g[:, 2] ** 2,
+                                                        2 * g[:, 0] * g[:, 1], 2 * g[:, 0] * g[:, 2], 2 * g[:, 1] * g[:, 2]]]
+    y = np.log(np.maximum(dwi.reshape(-1, dwi.shape[-1]), 1e-6)).T
+    coef, *_ = np.linalg.lstsq(B, y, rcond=None)
+    d = coef[1:].T
+    D = np.stack([d[:, [0, 3, 4]], d[:, [3, 1, 5]], d[:, [4, 5, 2]]], axis=1)
+    ev = np.linalg.eigvalsh(D)
+    md = ev.mean(axis=1, keepdims=True)
+    fa = np.sqrt(1.5 * ((ev - md) ** 2).sum(axis=1) / np.maximum((ev**2).sum(axis=1), 1e-12))
+    return np.clip(fa, 0, 1).reshape(dwi.shape[:2]).astype(np.float32)
+

@@ -1,0 +1,286 @@
+"""Train SCS-Net on on-the-fly synthetic slices (and optionally a site's own labelled data),
+then export ONNX + manifest.
+
+    python -m models.train --out models/scsnet [--steps N] [--data DIR] [--max-minutes M]
+
+Batches: one DataLoader worker process generates fresh samples (``--fresh`` per step) into a
+replay buffer; each step draws ``--batch`` samples from the buffer (with a left-right mirror that
+also swaps the label codes). Everything is seeded: the generator seeds are
+``seed * 100_000_000 + n``; evaluation uses seeds >= ``EVAL_SEED_BASE`` (never trained on).
+
+``--data DIR`` adds (or, with ``--synthetic-fraction 0``, uses only) a folder of
+``<case>_b0.nii.gz`` + ``<case>_labels.nii.gz`` pairs: volumes are brought to closest-canonical
+RAS, every axial slice that holds cord is resampled to the model grid (b0 linear, labels
+nearest) and served in both inference modes (whole slice and cord crop). ``--init CKPT`` starts
+from an existing checkpoint (fine-tuning).
+
+Loss: cross-entropy + soft Dice (mean over the nine classes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import logging
+import math
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, IterableDataset
+
+from models.export import export
+from models.generator import CROP_SIZE_PX, MODEL_SPACING_MM, _crop, training_sample
+from models.net import DEFAULT_WIDTHS, SCSNet, count_parameters
+from worker.labels import MIRROR_LUT, N_CLASSES
+from worker.segment.preprocess import normalise, resample_slice
+
+log = logging.getLogger(__name__)
+
+SEED_STRIDE = 100_000_000
+VALIDATION_SEED_BASE = 1_500_000_000
+EVAL_SEED_BASE = 2_000_000_000
+
+
+class SyntheticStream(IterableDataset):
+    """Endless stream of (image, labels) training pairs from consecutive generator seeds."""
+
+    def __init__(self, seed: int, patch: int) -> None:
+        self.seed = seed
+        self.patch = patch
+
+    def __iter__(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        info = torch.utils.data.get_worker_info()
+        worker, n_workers = (info.id, info.num_workers) if info else (0, 1)
+        n = worker
+        while True:
+            yield training_sample(self.seed * SEED_STRIDE + n, patch=self.patch)
+            n += n_workers
+
+
+def load_site_data(folder: Path, spacing_mm: float = MODEL_SPACING_MM) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Axial slices (model grid, RAS [i, j]) holding cord from ``<case>_b0`` / ``<case>_labels``
+    NIfTI pairs. Returns raw (not normalised) b0 slices and uint8 label slices."""
+    import nibabel as nib
+
+    out = []
+    for b0_path in sorted(folder.glob("*_b0.nii*")):
+        case = b0_path.name.split("_b0.nii")[0]
+        lab_path = next(iter(sorted(folder.glob(f"{case}_labels.nii*"))), None)
+        if lab_path is None:
+            raise FileNotFoundError(f"{b0_path} has no matching {case}_labels.nii.gz in {folder}")
+        b0 = nib.as_closest_canonical(nib.load(b0_path))
+        lab = nib.as_closest_canonical(nib.load(lab_path))
+        if b0.shape[:3] != lab.shape[:3] or not np.allclose(b0.affine, lab.affine, atol=1e-3):
+            raise ValueError(f"{case}: b0 and labels are not on the same voxel grid")
+        data = np.asarray(b0.dataobj, dtype=np.float32)
+        if data.ndim == 4:
+            data = data.mean(axis=3)
+        labels = np.asarray(lab.dataobj).astype(np.int16)
+        if labels.min() < 0 or labels.max() >= N_CLASSES:
+            raise ValueError(f"{case}: label codes must be 0-{N_CLASSES - 1}")
+        zx, zy = (float(z) for z in b0.header.get_zooms()[:2])
+        zooms = (zx, zy)
+        for k in range(data.shape[2]):
+            if not (labels[:, :, k] > 0).any():
+                continue
+            img = resample_slice(data[:, :, k], spacing_mm=zooms, target_mm=(spacing_mm, spacing_mm))
+            lab2 = resample_slice(labels[:, :, k].astype(np.float32), spacing_mm=zooms,
+                                  target_mm=(spacing_mm, spacing_mm), order=0)
+            out.append((img, lab2.astype(np.uint8)))
+        log.info("site data %s: %d slices so far", case, len(out))
+    if not out:
+        raise ValueError(f"no labelled cord slices found in {folder}")
+    return out
+
+
+def site_sample(slices: list[tuple[np.ndarray, np.ndarray]], rng: np.random.Generator, patch: int) -> tuple[np.ndarray, np.ndarray]:
+    """A training pair from site data, in pass-1 (whole slice) or pass-2 (crop) mode."""
+    img, lab = slices[int(rng.integers(len(slices)))]
+    ci, cj = np.argwhere(lab > 0).mean(axis=0)
+    if rng.random() < 0.5:
+        norm = normalise(img)
+        c = (int(ci + rng.uniform(-0.4, 0.4) * patch), int(cj + rng.uniform(-0.4, 0.4) * patch))
+        return _crop(norm, c, patch, 0.0), _crop(lab, c, patch, 0)
+    j = rng.normal(0, 3.0, 2)
+    c = (round(ci + j[0]), round(cj + j[1]))
+    return normalise(_crop(img, c, patch, 0.0 if rng.random() < 0.5 else None)), _crop(lab, c, patch, 0)
+
+
+def dice_ce_loss(logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Cross-entropy + (1 - soft Dice averaged over the nine classes, batch-pooled, smoothed by 1)."""
+    ce = F.cross_entropy(logits, target)
+    p = torch.softmax(logits, dim=1)
+    onehot = F.one_hot(target, N_CLASSES).permute(0, 3, 1, 2).float()
+    inter = (p * onehot).sum(dim=(0, 2, 3))
+    denom = p.sum(dim=(0, 2, 3)) + onehot.sum(dim=(0, 2, 3))
+    dice = (2 * inter + 1.0) / (denom + 1.0)
+    dice_loss = 1.0 - dice.mean()
+    return ce + dice_loss, ce, dice_loss
+
+
+def hard_dice(pred: np.ndarray, truth: np.ndarray) -> np.ndarray:
+    """Per-class Dice for codes 1..8 over a batch (NaN where the class is absent in both)."""
+    out = np.full(N_CLASSES - 1, np.nan)
+    for c in range(1, N_CLASSES):
+        a, b = pred == c, truth == c
+        s = a.sum() + b.sum()
+        if s:
+            out[c - 1] = 2 * (a & b).sum() / s
+    return out
+
+
+def train(args: argparse.Namespace) -> None:
+    torch.manual_seed(args.seed)
+    torch.set_num_threads(args.threads)
+    rng = np.random.default_rng(args.seed)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = SCSNet(widths=tuple(args.widths)).to(device)
+    if args.init:
+        ck = torch.load(args.init, map_location=device, weights_only=False)
+        model.load_state_dict(ck["state_dict"])
+        log.info("initialised from %s", args.init)
+    log.info("SCS-Net %d parameters on %s", count_parameters(model), device)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-4)
+    warm = min(200, args.steps // 10 + 1)
+
+    def lr_at(step: int) -> float:
+        if step < warm:
+            return args.lr * (step + 1) / warm
+        return args.lr * 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, args.steps - warm)))
+
+    site = load_site_data(args.data) if args.data else None
+    synth_frac = args.synthetic_fraction if site is not None else 1.0
+    patch = args.patch
+    stream = DataLoader(SyntheticStream(args.seed, patch), batch_size=None, num_workers=args.workers,
+                        prefetch_factor=8 if args.workers else None, persistent_workers=bool(args.workers))
+    it = iter(stream)
+    buf_x = np.zeros((args.buffer, patch, patch), np.float32)
+    buf_y = np.zeros((args.buffer, patch, patch), np.uint8)
+    filled = 0
+    pos = 0
+
+    def push(x: np.ndarray, y: np.ndarray) -> None:
+        nonlocal filled, pos
+        buf_x[pos], buf_y[pos] = x, y
+        pos = (pos + 1) % args.buffer
+        filled = min(filled + 1, args.buffer)
+
+    def fresh(n: int) -> None:
+        for _ in range(n):
+            if rng.random() < synth_frac:
+                x, y = next(it)
+            else:
+                x, y = site_sample(site, rng, patch)  # type: ignore[arg-type]
+            push(x, y)
+
+    t0 = time.time()
+    fresh(args.warmup_samples)
+    log.info("buffer warm-up: %d samples in %.0f s", filled, time.time() - t0)
+    val = [training_sample(VALIDATION_SEED_BASE + n, patch=patch) for n in range(args.val_samples)]
+    val_x = torch.from_numpy(np.stack([v[0] for v in val])[:, None]).to(device)
+    val_y = np.stack([v[1] for v in val])
+    lut = torch.tensor(MIRROR_LUT, dtype=torch.long)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    log_path = out / "train_log.csv"
+
+    def log_row(row: list[object]) -> None:
+        with open(log_path, "a", newline="") as f:
+            csv.writer(f).writerow(row)
+
+    log_path.unlink(missing_ok=True)
+    log_row(["step", "seconds", "lr", "loss", "ce", "dice_loss", "val_mean_dice"])
+    running = np.zeros(3)
+    step = 0
+    for step in range(args.steps):
+        fresh(args.fresh)
+        idx = rng.integers(0, filled, args.batch)
+        x = torch.from_numpy(buf_x[idx][:, None].copy())
+        y = torch.from_numpy(buf_y[idx].astype(np.int64))
+        flip = torch.from_numpy(rng.random(args.batch) < 0.5)
+        x[flip] = x[flip].flip(2)
+        y[flip] = lut[y[flip].flip(1)]
+        gain = torch.from_numpy(rng.uniform(0.85, 1.15, (args.batch, 1, 1, 1)).astype(np.float32))
+        x = x * gain + torch.from_numpy(rng.normal(0, 0.05, (args.batch, 1, 1, 1)).astype(np.float32))
+        x, y = x.to(device), y.to(device)
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step)
+        model.train()
+        loss, ce, dl = dice_ce_loss(model(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        running += [loss.item(), ce.item(), dl.item()]
+        last = step == args.steps - 1
+        over_time = args.max_minutes and (time.time() - t0) > 60 * args.max_minutes
+        if (step + 1) % args.log_every == 0 or last or over_time:
+            n = (step % args.log_every) + 1
+            vd = ""
+            if (step + 1) % (args.log_every * 5) == 0 or last or over_time:
+                model.eval()
+                with torch.no_grad():
+                    pred = model(val_x).argmax(1).cpu().numpy()
+                vd = f"{np.nanmean(hard_dice(pred, val_y)):.4f}"
+            r = running / n
+            log_row([step + 1, f"{time.time() - t0:.1f}", f"{lr_at(step):.2e}", f"{r[0]:.4f}", f"{r[1]:.4f}",
+                     f"{r[2]:.4f}", vd])
+            log.info("step %d  %.0fs  loss %.4f ce %.4f dice_loss %.4f  val dice %s", step + 1, time.time() - t0, *r, vd)
+            running[:] = 0
+            torch.save({"widths": list(args.widths), "state_dict": model.state_dict()}, out / "scsnet.pt")
+        if over_time:
+            log.info("time limit reached at step %d", step + 1)
+            break
+    steps_done = step + 1
+    minutes = (time.time() - t0) / 60
+    # The manifest's "training" block has exactly data/steps/seed; run details go in the text.
+    training = {
+        "data": (
+            "synthetic axial b0 slices from models/generator.py (PAM50-derived 8-region atlas, "
+            "randomised anatomy, contrast, partial volume, EPI distortion, Rician noise)"
+            + (f" mixed with site data from {args.data} (synthetic fraction {synth_frac})" if site else "")
+            + (f"; fine-tuned from {args.init}" if args.init else "")
+            + f"; batch {args.batch} x {patch}x{patch} px at {MODEL_SPACING_MM} mm, {minutes:.1f} min on {device}"
+        ),
+        "steps": steps_done,
+        "seed": args.seed,
+    }
+    model = model.cpu().eval()
+    torch.save({"widths": list(args.widths), "state_dict": model.state_dict(), "training": training}, out / "scsnet.pt")
+    manifest = export(model, out, training=training)
+    log.info("exported %s (sha256 %s) after %d steps, %.1f min", out / "scsnet.onnx", manifest["sha256"], steps_done, minutes)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, default=Path("models/scsnet"))
+    p.add_argument("--steps", type=int, default=6000)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--patch", type=int, default=CROP_SIZE_PX)
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--data", type=Path, default=None, help="folder of <case>_b0.nii.gz + <case>_labels.nii.gz")
+    p.add_argument("--synthetic-fraction", type=float, default=0.5, help="share of synthetic samples with --data")
+    p.add_argument("--init", type=Path, default=None, help="checkpoint (.pt) to fine-tune from")
+    p.add_argument("--widths", type=int, nargs="+", default=list(DEFAULT_WIDTHS))
+    p.add_argument("--buffer", type=int, default=4000, help="replay buffer size (samples)")
+    p.add_argument("--fresh", type=int, default=4, help="fresh samples added to the buffer per step")
+    p.add_argument("--warmup-samples", type=int, default=256)
+    p.add_argument("--val-samples", type=int, default=64)
+    p.add_argument("--workers", type=int, default=1, help="DataLoader worker processes (0 = main process)")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    p.add_argument("--log-every", type=int, default=50)
+    p.add_argument("--max-minutes", type=float, default=0.0, help="stop early after this long (0 = no limit)")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    train(parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,76 @@
+"""Synthetic-data generator: labels, sides, orientation and determinism."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from models.atlas import load_atlas
+from models.generator import (
+    draw_acquisition,
+    generate,
+    mirror,
+    to_model_grid,
+    training_sample,
+)
+from worker.labels import BY_CODE, MIRROR_LUT
+
+LEFT = [c for c, r in BY_CODE.items() if r.side == "left"]
+RIGHT = [c for c, r in BY_CODE.items() if r.side == "right"]
+DORSAL = [c for c, r in BY_CODE.items() if r.tissue == "dorsal"]
+VENTRAL = [c for c, r in BY_CODE.items() if r.tissue == "ventral"]
+
+
+def _centroid(labels: np.ndarray, codes: list[int]) -> np.ndarray:
+    return np.argwhere(np.isin(labels, codes)).mean(axis=0)
+
+
+def test_atlas_sides_in_world_frame() -> None:
+    """In the committed atlas, i is world +x: left regions at smaller i; j is +y: dorsal
+    columns posterior (smaller j) to the ventral funiculi."""
+    atlas = load_atlas()
+    w = atlas.regions.sum(axis=0)
+    ii, jj = np.indices(w.shape[1:])
+    cx = [(w[k] * ii).sum() / w[k].sum() for k in range(8)]
+    cy = [(w[k] * jj).sum() / w[k].sum() for k in range(8)]
+    for k in range(4):
+        assert cx[k] < cx[k + 4]
+    assert cy[1] < cy[2] and cy[5] < cy[6]
+    assert atlas.regions.shape[1] == 8
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_left_regions_at_smaller_world_x_and_dorsal_posterior(seed: int) -> None:
+    s = generate(seed)
+    lab = s.labels
+    assert set(np.unique(lab)) <= set(range(9))
+    assert (lab > 0).sum() > 5
+    left, right = _centroid(lab, LEFT), _centroid(lab, RIGHT)
+    assert left[0] < right[0]
+    if np.isin(lab, DORSAL).any() and np.isin(lab, VENTRAL).any():
+        assert _centroid(lab, DORSAL)[1] < _centroid(lab, VENTRAL)[1]
+
+
+def test_mirror_swaps_codes() -> None:
+    img, lab = to_model_grid(generate(5))
+    m_img, m_lab = mirror(img, lab)
+    assert np.array_equal(m_img, img[::-1])
+    assert np.array_equal(m_lab, np.asarray(MIRROR_LUT)[lab[::-1]])
+    assert _centroid(m_lab, LEFT)[0] < _centroid(m_lab, RIGHT)[0]
+
+
+def test_seeded_and_model_grid() -> None:
+    a, b = generate(42), generate(42)
+    assert np.array_equal(a.b0, b.b0) and np.array_equal(a.labels, b.labels)
+    x, y = training_sample(42)
+    assert x.shape == y.shape == (96, 96) and x.dtype == np.float32 and y.dtype == np.uint8
+    assert np.isfinite(x).all() and np.abs(x).max() <= 3.0
+
+
+def test_acquisition_ranges() -> None:
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        acq = draw_acquisition(rng)
+        assert 0.6 * 0.9 <= min(acq.spacing_mm) and max(acq.spacing_mm) <= 1.8 * 1.1
+        assert 3.0 <= acq.thickness_mm <= 7.0
+        assert 8.0 <= acq.snr <= 40.0

@@ -1,0 +1,69 @@
+"""Training smoke test (a few steps) and the shipped model's manifest."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("onnx")
+
+from models.export import sha256
+from models.train import main as train_main
+from worker.labels import label_table
+
+SHIPPED = Path(__file__).resolve().parents[1] / "models" / "scsnet"
+MANIFEST_KEYS = {"name", "version", "file", "sha256", "opset", "input", "output", "labels", "training", "parameters"}
+
+
+def _check_manifest(folder: Path) -> dict:
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert set(manifest) == MANIFEST_KEYS
+    assert manifest["name"] == "scsnet" and manifest["file"] == "scsnet.onnx" and manifest["opset"] == 17
+    assert manifest["input"]["name"] == "b0" and manifest["output"] == {"name": "logits", "kind": "logits"}
+    assert manifest["input"]["normalisation"] == "worker.segment.preprocess.normalise"
+    assert manifest["input"]["pad_multiple"] == 16
+    assert manifest["labels"] == label_table()
+    assert manifest["parameters"] <= 2_000_000
+    assert set(manifest["training"]) == {"data", "steps", "seed"}
+    assert manifest["sha256"] == sha256(folder / manifest["file"])
+    return manifest
+
+
+def test_training_smoke_exports_onnx(tmp_path: Path) -> None:
+    train_main([
+        "--out", str(tmp_path), "--steps", "3", "--batch", "2", "--patch", "48", "--warmup-samples", "2",
+        "--val-samples", "2", "--fresh", "1", "--workers", "0", "--log-every", "1",
+    ])
+    manifest = _check_manifest(tmp_path)
+    assert manifest["training"]["steps"] == 3
+    assert (tmp_path / "train_log.csv").read_text().count("\n") == 4
+
+
+@pytest.mark.skipif(not (SHIPPED / "manifest.json").exists(), reason="no shipped model yet")
+def test_shipped_manifest_matches_onnx() -> None:
+    manifest = _check_manifest(SHIPPED)
+    assert (SHIPPED / manifest["file"]).stat().st_size < 10_000_000
+
+
+@pytest.mark.skipif(not (SHIPPED / "manifest.json").exists(), reason="no shipped model yet")
+def test_shipped_model_segments_held_out_synthetic_slices() -> None:
+    """The shipped ONNX (two-pass recipe) finds the cord on held-out slices with the patient's
+    left at smaller world x."""
+    import numpy as np
+
+    from models.evaluate import TwoPassSegmenter
+    from models.generator import generate
+    from models.train import EVAL_SEED_BASE
+
+    seg = TwoPassSegmenter(SHIPPED)
+    for seed in range(EVAL_SEED_BASE, EVAL_SEED_BASE + 4):
+        s = generate(seed)
+        pred = seg.labels(s.b0, s.acquisition.spacing_mm)
+        cord_p, cord_t = pred > 0, s.labels > 0
+        assert 2 * (cord_p & cord_t).sum() / (cord_p.sum() + cord_t.sum()) > 0.7
+        left = np.argwhere(np.isin(pred, [1, 2, 3, 4])).mean(axis=0)
+        right = np.argwhere(np.isin(pred, [5, 6, 7, 8])).mean(axis=0)
+        assert left[0] < right[0]
