@@ -1,0 +1,1 @@
+"""scsnet benchmarks: numbers printed and written to benchmarks/RESULTS.md, never timed tests."""

@@ -1,0 +1,160 @@
+"""Benchmark 1 and 2: the analysis pipeline and the ONNX model.
+
+1. ``scsnet analyze`` as a separate process (wall time, peak RSS) on the real DWI and on a
+   128x128x20x33 full-field study; per-stage times from the report and per-stage peak RSS
+   measured in-process (Linux ``clear_refs`` resets the high-water mark between stages).
+   Baseline, measured in the same run: DIPY WLS fitted on the whole field (the SCT-style
+   approach), its tensor step alone; and the cord-mean FA both ways.
+2. ONNX model slices per second on the CPU, batch 1 and batched, at the model's crop size.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+
+from benchmarks.studies import full_field_study, real_study
+
+
+def _peak_rss_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _reset_peak() -> None:
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def run_cli(image: Path, bval: Path, bvec: Path, out: Path) -> dict[str, Any]:
+    """``scsnet analyze`` in its own process: wall time (s), peak RSS (MB), the report."""
+    scsnet = Path(sys.executable).parent / "scsnet"
+    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    start = time.perf_counter()
+    subprocess.run([str(scsnet), "analyze", str(image), "--bval", str(bval), "--bvec", str(bvec), "--out", str(out)], check=True, capture_output=True)
+    wall = time.perf_counter() - start
+    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    report = json.loads((out / "report.json").read_text())
+    return {"wall_s": wall, "peak_rss_mb": max(peak, before) / 1024, "report": report}
+
+
+def stage_memory(image: Path, bval: Path, bvec: Path, out: Path) -> dict[str, float]:
+    """Peak RSS (MB) reached during each stage, in this process."""
+    from worker import pipeline
+    from worker.segment.runtime import Segmenter, default_model_dir
+
+    peaks: dict[str, float] = {}
+
+    def progress(stage: str, fraction: float) -> None:
+        if fraction == 0.0:
+            _reset_peak()
+        else:
+            peaks[stage] = _peak_rss_mb()
+
+    pipeline.analyze([image], out_dir=out, segmenter=Segmenter(default_model_dir()), bval=bval, bvec=bvec, progress=progress)
+    return peaks
+
+
+def baseline_full_field(image: Path, bval: Path, bvec: Path, labels_path: Path) -> dict[str, float]:
+    """DIPY WLS on every voxel of the field (the tensor step alone), and the cord-mean FA."""
+    from dipy.core.gradients import gradient_table
+    from dipy.io.gradients import read_bvals_bvecs
+    from dipy.reconst.dti import TensorModel
+
+    img = nib.load(str(image))
+    data = np.asarray(img.dataobj, dtype=np.float32)
+    bvals, bvecs = read_bvals_bvecs(str(bval), str(bvec))
+    gtab = gradient_table(bvals, bvecs=bvecs, b0_threshold=50)
+    start = time.perf_counter()
+    fit = TensorModel(gtab, fit_method="WLS").fit(data)
+    fa = fit.fa
+    seconds = time.perf_counter() - start
+    cord = np.asarray(nib.load(str(labels_path)).dataobj) > 0
+    return {"tensor_s": seconds, "cord_fa": float(np.nanmean(fa[cord])), "voxels": int(np.prod(data.shape[:3]))}
+
+
+def inference(batch_sizes: tuple[int, ...] = (1, 8, 32), repeats: int = 3) -> dict[str, Any]:
+    """Slices per second of the shipped model at its crop size, CPU provider."""
+    from worker.segment.runtime import Segmenter, default_model_dir
+
+    seg = Segmenter(default_model_dir())
+    h, w = seg.manifest.input.crop_size_px
+    rng = np.random.default_rng(0)
+    out: dict[str, Any] = {"provider": seg.provider, "crop": [h, w], "slices_per_s": {}}
+    for n in batch_sizes:
+        batch = rng.normal(size=(n, h, w)).astype(np.float32)
+        seg.probabilities(batch)  # warm-up
+        best = min(_timed(lambda: seg.probabilities(batch)) for _ in range(repeats))
+        out["slices_per_s"][n] = n / best
+    return out
+
+
+def _timed(fn: Any) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def run() -> dict[str, Any]:
+    results: dict[str, Any] = {}
+    tmp = Path(tempfile.mkdtemp(prefix="scsnet-bench-"))
+    try:
+        studies = {"real 96x36x15x35": real_study(), "full-field 128x128x20x33": full_field_study(tmp / "ff")}
+        for name, (image, bval, bvec) in studies.items():
+            cli = run_cli(image, bval, bvec, tmp / f"out-{len(results)}")
+            mem = stage_memory(image, bval, bvec, tmp / f"mem-{len(results)}")
+            base = baseline_full_field(image, bval, bvec, tmp / f"out-{len(results)}" / "labels.nii.gz")
+            cord_fa = cli["report"]["cord"]["fa"]["mean"]
+            results[name] = {
+                "process_wall_s": cli["wall_s"],
+                "process_peak_rss_mb": cli["peak_rss_mb"],
+                "stages_s": cli["report"]["timings_s"],
+                "stage_peak_rss_mb": mem,
+                "baseline_tensor_s": base["tensor_s"],
+                "baseline_voxels": base["voxels"],
+                "fitted_voxels": cli["report"]["fit"]["voxels"],
+                "speedup_vs_baseline_tensor": base["tensor_s"] / cli["wall_s"],
+                "cord_fa": cord_fa,
+                "baseline_cord_fa": base["cord_fa"],
+                "cord_fa_difference_pct": 100 * abs(cord_fa - base["cord_fa"]) / base["cord_fa"],
+            }
+        results["inference"] = inference()
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return results
+
+
+def to_markdown(results: dict[str, Any]) -> str:
+    lines = ["## Pipeline (benchmark 1)", "", "| study | `scsnet analyze` process (s) | peak RSS (MB) | load | segment | fit | measure | write | fitted voxels | baseline: DIPY WLS whole field, tensor step (s) | speed-up | cord FA ours / baseline (diff %) |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for name, r in results.items():
+        if name == "inference":
+            continue
+        st = r["stages_s"]
+        lines.append(
+            f"| {name} | {r['process_wall_s']:.2f} | {r['process_peak_rss_mb']:.0f} | "
+            + " | ".join(f"{st[s]:.3f}" for s in ("load", "segment", "fit", "measure", "write"))
+            + f" | {r['fitted_voxels']} of {r['baseline_voxels']} | {r['baseline_tensor_s']:.2f} | {r['speedup_vs_baseline_tensor']:.1f}x | "
+            f"{r['cord_fa']:.4f} / {r['baseline_cord_fa']:.4f} ({r['cord_fa_difference_pct']:.3f}) |"
+        )
+    lines += ["", "Peak RSS per stage, in-process (MB):", ""]
+    for name, r in results.items():
+        if name != "inference":
+            lines.append(f"- {name}: " + ", ".join(f"{k} {v:.0f}" for k, v in r["stage_peak_rss_mb"].items()))
+    inf = results["inference"]
+    lines += ["", "## ONNX inference (benchmark 2)", "", f"Provider {inf['provider']}, crop {inf['crop'][0]}x{inf['crop'][1]} at the model spacing.", "", "| batch | slices/s |", "|---|---|"]
+    lines += [f"| {n} | {v:.1f} |" for n, v in inf["slices_per_s"].items()]
+    return "\n".join(lines) + "\n"
