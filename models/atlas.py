@@ -17,7 +17,7 @@ assertion checks that the "left" tracts do land at smaller world x.
 
 Build (needs the shared PAM50 copy; the output is committed)::
 
-    python -m models.atlas --pam50 /work/shared/data/atlas/PAM50 --out models/atlas
+    python -m models.atlas --pam50 PATH/TO/PAM50 --out models/atlas
 
 At run time (generator, tests) only :func:`load_atlas` is used, which reads the repo copy.
 """
@@ -166,7 +166,7 @@ def load_atlas(path: Path = ATLAS_FILE) -> Atlas:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--pam50", type=Path, default=Path("/work/shared/data/atlas/PAM50"))
+    parser.add_argument("--pam50", type=Path, required=True, help="the PAM50 folder (atlas/ and template/)")
     parser.add_argument("--out", type=Path, default=ATLAS_DIR)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO)

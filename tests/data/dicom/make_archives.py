@@ -2,7 +2,7 @@
 
 Usage::
 
-    .venv/bin/python tests/data/dicom/make_archives.py [/work/shared/data/dicom]
+    .venv/bin/python tests/data/dicom/make_archives.py SOURCE   # the dcm_qa_* folders (the shared data set)
 
 This is the only code in the project that reads the shared data folder, and only when run by
 hand; the tests read the ``<name>.tar.xz`` archives it writes. For each data set it packs
@@ -33,7 +33,6 @@ from pathlib import Path
 import pydicom
 
 HERE = Path(__file__).resolve().parent
-DEFAULT_SOURCE = Path("/work/shared/data/dicom")
 REAL_PIXELS = ("dcm_qa_ge", "dcm_qa_uih")
 ZEROED = ("dcm_qa_canon_61", "dcm_qa_decubitus", "dcm_qa_philips_dwi", "dcm_qa_sag", "dcm_qa_xa30")
 MAX_REF_NIFTI_BYTES = 100_000
@@ -106,7 +105,9 @@ def make_archive(source: Path, name: str) -> Path:
 
 
 def main(argv: list[str]) -> int:
-    source = Path(argv[1]) if len(argv) > 1 else DEFAULT_SOURCE
+    if len(argv) != 2:
+        raise SystemExit("usage: make_archives.py SOURCE (the folder holding the dcm_qa_* sets)")
+    source = Path(argv[1])
     for name in REAL_PIXELS + ZEROED:
         out = make_archive(source, name)
         print(f"{out.name}: {out.stat().st_size / 1024:.0f} KiB")
