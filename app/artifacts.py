@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import base64
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from worker.digest import sha256_of
 
 NIFTI_GZ = "application/gzip"
 
@@ -56,11 +57,7 @@ def describe_outputs(out_dir: Path) -> dict[str, dict[str, Any]]:
     for artifact in ARTIFACTS:
         path = out_dir / artifact.filename
         if path.is_file():
-            digest = hashlib.sha256()
-            with open(path, "rb") as handle:
-                while block := handle.read(1 << 20):
-                    digest.update(block)
-            found[artifact.key] = {"filename": artifact.filename, "size": path.stat().st_size, "sha256": digest.hexdigest()}
+            found[artifact.key] = {"filename": artifact.filename, "size": path.stat().st_size, "sha256": sha256_of(path)}
     return found
 
 

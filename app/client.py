@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import hashlib
 import shutil
 import tempfile
 import time
@@ -19,6 +18,7 @@ from typing import IO, Any
 
 import httpx
 
+from worker.digest import sha256_of
 from app.artifacts import BY_KEY
 
 Echo = Callable[[str], None]
@@ -66,14 +66,6 @@ def _opened(inputs: Sequence[Path], bval: Path | None, bvec: Path | None) -> Ite
         yield fields
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _download(client: httpx.Client, url: str, dest: Path) -> None:
     with client.stream("GET", url) as response:
         if response.status_code != 200:
@@ -84,7 +76,7 @@ def _download(client: httpx.Client, url: str, dest: Path) -> None:
         expected = response.headers.get("repr-digest", "")
     if expected.startswith("sha-256=:"):
         want = base64.b64decode(expected.removeprefix("sha-256=:").rstrip(":")).hex()
-        if _sha256(dest) != want:
+        if sha256_of(dest) != want:
             raise SubmitError(f"{dest.name} arrived corrupted (digest mismatch); submit again")
 
 

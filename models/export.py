@@ -10,7 +10,6 @@ normalisation and the label table (see ``models/README.md``).
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
 import warnings
@@ -20,6 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from worker.digest import sha256_of
 from models.generator import CROP_SIZE_PX, MODEL_SPACING_MM, PAD_MULTIPLE
 from models.net import SCSNet, count_parameters
 from worker.labels import label_table
@@ -28,14 +28,6 @@ log = logging.getLogger(__name__)
 
 OPSET = 17
 VERSION = "0.1.0"
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def export_onnx(model: SCSNet, path: Path) -> None:
@@ -68,7 +60,7 @@ def write_manifest(
         "name": "scsnet",
         "version": version,
         "file": onnx_path.name,
-        "sha256": sha256(onnx_path),
+        "sha256": sha256_of(onnx_path),
         "opset": OPSET,
         "input": {
             "name": "b0",

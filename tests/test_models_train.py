@@ -10,7 +10,7 @@ import pytest
 pytest.importorskip("torch")
 pytest.importorskip("onnx")
 
-from models.export import sha256
+from worker.digest import sha256_of as sha256
 from models.train import main as train_main
 from worker.labels import label_table
 

@@ -33,7 +33,8 @@ from pathlib import Path, PurePosixPath
 from typing import IO, BinaryIO
 
 from worker.errors import ArchiveError, UnreadableFileError
-from worker.ingest.dwi import FileDigest, sha256_of
+from worker.digest import sha256_of
+from worker.ingest.dwi import FileDigest
 
 GIB = 1024**3
 ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")

@@ -8,7 +8,6 @@ asks for them in the array frame with :meth:`DWI.voxel_bvecs`.
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
@@ -29,15 +28,6 @@ class FileDigest:
 
     name: str
     sha256: str
-
-
-def sha256_of(path: Path, *, chunk: int = 1 << 20) -> str:
-    """Hex SHA-256 of a file, read in chunks (constant memory)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,8 @@ import nibabel as nib
 import numpy as np
 
 from worker.errors import GradientError, ImageError, UnreadableFileError
-from worker.ingest.dwi import DWI, FileDigest, InputFormat, Provenance, sha256_of
+from worker.digest import sha256_of
+from worker.ingest.dwi import DWI, FileDigest, InputFormat, Provenance
 from worker.ingest.gradients import fsl_to_world, read_bvals, read_bvecs
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")

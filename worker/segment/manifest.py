@@ -7,13 +7,13 @@ normalisation, the crop the second pass uses, and the label table, which must eq
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from worker.digest import sha256_of
 from worker.errors import ModelError
 from worker.labels import label_table
 
@@ -52,14 +52,6 @@ class Manifest(BaseModel):
     labels: list[dict[str, object]]
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def load_manifest(model_dir: Path) -> tuple[Manifest, Path]:
     """Read and check ``model_dir/manifest.json``; return it with the verified ONNX path.
 
@@ -76,7 +68,7 @@ def load_manifest(model_dir: Path) -> tuple[Manifest, Path]:
     onnx_path = Path(model_dir) / manifest.file
     if not onnx_path.is_file():
         raise ModelError(f"the model file {onnx_path} named by the manifest is missing")
-    actual = _sha256(onnx_path)
+    actual = sha256_of(onnx_path)
     if actual != manifest.sha256:
         raise ModelError(
             f"the model file {onnx_path.name} has SHA-256 {actual[:12]}..., but the manifest "
