@@ -29,6 +29,7 @@ from numpy.typing import NDArray
 from models.generator import fit_fa, generate, simulate_dwi
 from models.train import EVAL_SEED_BASE
 from worker.labels import BY_CODE, N_CLASSES
+from worker.report.qc import write_qc_png
 from worker.segment.preprocess import normalise, resample_slice, resample_to_shape
 
 log = logging.getLogger(__name__)
@@ -183,40 +184,16 @@ def segment_real(seg: TwoPassSegmenter, path: Path) -> dict[str, Any]:
 
 
 def evaluate_real(seg: TwoPassSegmenter, path: Path, qc: Path) -> str:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     res = segment_real(seg, path)
     b0, labels, zooms = res["b0"], res["labels"], res["zooms"]
-    px_area = zooms[0] * zooms[1]
     lines = [f"Real DWI {path} (canonical RAS, voxel {zooms[0]:.3f} x {zooms[1]:.3f} mm)",
              f"{'slice':>5}{'cord mm2':>9}{'L<R x':>7}{'D<V y':>7}{'FA WM':>7}{'FA GM':>7}"]
     for r in res["rows"]:
         lines.append(f"{r['slice']:>5}{r['cord_mm2']:>9.1f}{r['left_at_smaller_x']!s:>7}{r['dorsal_posterior']!s:>7}"
                      f"{r['fa_wm']:>7.2f}{r['fa_gm']:>7.2f}")
-    # QC montage: each slice, b0 (anterior up, patient's right on the viewer's left as radiology),
-    # with the label outline colours of worker.labels.
-    n = labels.shape[2]
-    cols = 5
-    fig, axes = plt.subplots(int(np.ceil(n / cols)), cols, figsize=(cols * 4, np.ceil(n / cols) * 2.2))
-    lut = np.zeros((N_CLASSES, 4))
-    for c in range(1, N_CLASSES):
-        lut[c, :3] = np.asarray(BY_CODE[c].colour) / 255
-        lut[c, 3] = 0.55
-    for k, ax in enumerate(axes.flat):
-        ax.axis("off")
-        if k >= n:
-            continue
-        # Display with array i (world +x, patient's right) to the viewer's left = radiological.
-        ax.imshow(b0[::-1, :, k].T, origin="lower", cmap="gray")
-        ax.imshow(lut[labels[::-1, :, k].T], origin="lower")
-        ax.set_title(f"slice {k}: cord {(labels[:, :, k] > 0).sum() * px_area:.0f} mm2", fontsize=8)
-    fig.suptitle("SCS-Net on real b0 (radiological view: patient's right on the left, anterior up)")
-    fig.tight_layout()
-    fig.savefig(qc, dpi=80)
-    plt.close(fig)
+    # The same QC montage as every analysis writes (worker.report.qc).
+    write_qc_png(b0, res["fa"], labels, qc, zooms_mm=(zooms[0], zooms[1], 1.0),
+                 title="SCS-Net on the real b0 (radiological view: patient's left on the right, anterior up)")
     lines.append(f"QC montage: {qc}")
     return "\n".join(lines)
 

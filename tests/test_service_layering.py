@@ -7,7 +7,7 @@ import json
 import subprocess
 import sys
 
-HEAVY = ("onnxruntime", "dipy", "nibabel", "scipy", "torch", "pydicom", "highdicom", "numpy", "matplotlib")
+HEAVY = ("onnxruntime", "dipy", "nibabel", "scipy", "torch", "pydicom", "highdicom", "numpy", "matplotlib", "PIL")
 HEAVY_WORKER = ("worker.pipeline", "worker.tasks", "worker.celery_app", "worker.segment", "worker.ingest", "worker.tensor")
 
 
