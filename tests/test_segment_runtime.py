@@ -121,3 +121,40 @@ def test_swapped_sides_are_flagged(decoder_dir: Path) -> None:
     assert any("check the image orientation" in w and "slice(s) 0, 1" in w for w in seg.warnings)
     ok = Segmenter(decoder_dir).segment(labels.astype(np.float32) * phantoms.SCALE, zooms_mm=(1.0, 1.0, 4.0))
     assert not any("orientation" in w for w in ok.warnings)
+
+
+class _CountingSegmenter(Segmenter):
+    """Records the batch shape of every network call (pass 1 sees whole slices, pass 2 crops)."""
+
+    calls: list[tuple[int, ...]]
+
+    def probabilities(self, batch: np.ndarray) -> np.ndarray:
+        self.calls = [*getattr(self, "calls", []), batch.shape]
+        return super().probabilities(batch)
+
+
+def test_pass_one_runs_on_every_fourth_slice_and_a_moving_cord_is_followed(decoder_dir: Path) -> None:
+    """The cord drifts 1 voxel per slice over 10 slices; interpolated centres are exact enough."""
+    nz = 10
+    labels = np.concatenate(
+        [phantoms.region_labels((48, 40, 1), centre=(14.0 + z, 18.0 + 0.5 * z)) for z in range(nz)], axis=2
+    )
+    seg_model = _CountingSegmenter(decoder_dir)
+    seg = seg_model.segment(labels.astype(np.float32) * phantoms.SCALE, zooms_mm=(1.0, 1.0, 4.0))
+    assert np.array_equal(seg.labels, labels)
+    whole, crops = seg_model.calls
+    assert whole[0] == len(range(0, nz, 4)) + 1  # slices 0, 4, 8 and the last (9)
+    assert whole[1:] == (48, 40)
+    assert crops[0] == nz
+
+
+def test_a_cord_far_from_its_interpolated_centre_is_located_on_its_own(decoder_dir: Path) -> None:
+    """Slices 0 and 4 put the cord on the left of the field, slice 2 on the far right: the crop
+    around the interpolated centre misses it, so slice 2 is located by pass 1 after all."""
+    centres = {0: (10.0, 12.0), 1: (10.0, 12.0), 2: (50.0, 30.0), 3: (10.0, 12.0), 4: (10.0, 12.0)}
+    labels = np.concatenate([phantoms.region_labels((64, 44, 1), centre=centres[z], radius_vox=6.0) for z in range(5)], axis=2)
+    seg_model = _CountingSegmenter(decoder_dir)
+    seg = seg_model.segment(labels.astype(np.float32) * phantoms.SCALE, zooms_mm=(1.0, 1.0, 4.0))
+    assert np.array_equal(seg.labels, labels)
+    assert seg.slices_without_cord == ()
+    assert [c[0] for c in seg_model.calls] == [2, 5, 1, 1]  # pass 1 on 0 and 4; 5 crops; slice 2 again

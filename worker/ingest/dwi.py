@@ -73,7 +73,9 @@ class DWI:
             raise ImageError("the image's orientation (affine) is missing or not finite")
         if abs(np.linalg.det(self.affine[:3, :3])) < 1e-9:
             raise ImageError("the image's orientation (affine) is degenerate (zero voxel size)")
-        if not np.all(np.isfinite(self.data)):
+        # NaN and +-Inf survive a float64 sum (which cannot overflow for float32 input): one
+        # pass and no (X, Y, Z, N) boolean temporary; counted only when there is something.
+        if not np.isfinite(self.data.sum(dtype=np.float64)):
             n_bad = int(np.count_nonzero(~np.isfinite(self.data)))
             raise ImageError(f"the image contains {n_bad} NaN or infinite voxel values")
         bvals, bvecs = check_gradients(self.bvals, self.bvecs, n_volumes=self.data.shape[3])
@@ -116,9 +118,9 @@ class DWI:
         reo = Reorientation.for_affine(self.affine, self.shape)
         if reo.is_identity:
             return self, reo
-        data = reo.forward(self.data)
-        affine = reo.canonical_affine
-        return replace(self, data=np.ascontiguousarray(data), affine=affine), reo
+        # A view: flips and axis swaps of the input array, not a copy of the whole series (the
+        # pipeline reads only the b=0 volumes and the voxels it fits).
+        return replace(self, data=reo.forward(self.data), affine=reo.canonical_affine), reo
 
 
 @dataclass(frozen=True)

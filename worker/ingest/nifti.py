@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import gzip
 import math
 import zlib
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+from isal import igzip, isal_zlib
 
 from worker.errors import GradientError, ImageError, UnreadableFileError
 from worker.digest import sha256_of
@@ -105,8 +105,10 @@ def load_nifti_image(path: Path) -> tuple[np.ndarray, np.ndarray]:
     if not usable:
         raise ImageError(f"{path.name} has an orientation (affine) that is not finite")
     # the proxy's offset is the file's (the image's own header copy has it reset to 0)
-    _check_data_present(path, offset=int(getattr(img.dataobj, "offset", 0)), n_bytes=n_voxels * dtype.itemsize)
+    raw = _read_checked(path, offset=int(getattr(img.dataobj, "offset", 0)), n_bytes=n_voxels * dtype.itemsize)
     try:
+        if raw is not None:  # gzipped: parse the verified bytes instead of decompressing twice
+            img = type(img).from_bytes(raw)
         data = np.asarray(img.dataobj, dtype=np.float32).reshape(shape)
     except _UNREADABLE as exc:
         raise UnreadableFileError(
@@ -119,14 +121,17 @@ def _dtype_name(dtype: np.dtype) -> str:
     return "colour (RGB)" if dtype.fields else "complex" if dtype.kind == "c" else str(dtype)
 
 
-def _check_data_present(path: Path, *, offset: int, n_bytes: int) -> None:
-    """Raise :class:`UnreadableFileError` unless the file holds the ``n_bytes`` of voxels its
-    header declares after ``offset``.
+def _read_checked(path: Path, *, offset: int, n_bytes: int) -> bytes | None:
+    """Check that the file holds the ``n_bytes`` of voxels its header declares after ``offset``;
+    for a gzipped file, also return its decompressed bytes (None for a plain file).
 
     A plain file is checked by its size. A gzipped one is first bounded by deflate's largest
-    expansion (no buffer is allocated for a forged size), then decompressed once to its end and
-    discarded, so that a stream cut short or failing its CRC is refused here rather than read
-    as silently wrong voxels (nibabel stops reading where the image ends, before the checksum).
+    expansion (no buffer is allocated for a forged size), then decompressed once, to its end,
+    with a ceiling, so that a stream cut short or failing its CRC is refused here rather than
+    read as silently wrong voxels (nibabel stops reading where the image ends, before the
+    checksum). ISA-L (``isal``) decompresses about twice as fast as zlib; the result is the same.
+
+    Raises :class:`UnreadableFileError` with a specific sentence.
     """
     size = path.stat().st_size
     needed = max(offset, 0) + n_bytes
@@ -136,30 +141,30 @@ def _check_data_present(path: Path, *, offset: int, n_bytes: int) -> None:
             f"{path.name} is truncated: its header declares {needed} bytes of image but the file holds {size}"
         )
     if not name.endswith(".gz"):
-        return
+        return None
     if needed > size * DEFLATE_MAX_RATIO + (1 << 16):
         raise UnreadableFileError(
             f"{path.name} is truncated or corrupt: its header declares {needed} bytes of image, more "
             f"than a {size}-byte gzip file can hold"
         )
-    total, limit = 0, needed + GZIP_TRAILING_SLACK
+    limit = needed + GZIP_TRAILING_SLACK
     try:
-        with gzip.open(path, "rb") as stream:
-            while block := stream.read(1 << 20):
-                total += len(block)
-                if total > limit:
-                    raise UnreadableFileError(
-                        f"{path.name} decompresses to more than the {needed} bytes its header declares; "
-                        "it is corrupt or a compression bomb"
-                    )
-    except (OSError, EOFError, zlib.error) as exc:
+        with igzip.open(path, "rb") as stream:
+            raw = stream.read(limit + 1)  # reaching the end of the stream verifies its CRC and length
+    except (OSError, EOFError, zlib.error, isal_zlib.error) as exc:
         raise UnreadableFileError(
             f"{path.name} is truncated or corrupt: its gzip stream cannot be read to the end ({_reason(exc, path)})"
         ) from exc
-    if total < needed:
+    if len(raw) > limit:
         raise UnreadableFileError(
-            f"{path.name} is truncated: its header declares {needed} bytes of image but it holds {total}"
+            f"{path.name} decompresses to more than the {needed} bytes its header declares; "
+            "it is corrupt or a compression bomb"
         )
+    if len(raw) < needed:
+        raise UnreadableFileError(
+            f"{path.name} is truncated: its header declares {needed} bytes of image but it holds {len(raw)}"
+        )
+    return raw
 
 
 def _reason(exc: BaseException, path: Path | None = None) -> str:

@@ -37,9 +37,20 @@ def report_schema() -> dict[str, Any]:
     return json.loads(files("worker.report").joinpath("report.schema.json").read_text())
 
 
+@lru_cache(maxsize=1)
+def _report_validator() -> jsonschema.protocols.Validator:
+    """A validator for the report schema, built once (``jsonschema.validate`` re-checks the
+    schema itself on every call, which costs more than validating a report)."""
+    cls = jsonschema.validators.validator_for(report_schema())
+    cls.check_schema(report_schema())
+    return cls(report_schema(), format_checker=jsonschema.FormatChecker())
+
+
 def validate_report(report: dict[str, Any]) -> None:
     """Raise :class:`jsonschema.ValidationError` if ``report`` breaks the published schema."""
-    jsonschema.validate(report, report_schema(), format_checker=jsonschema.FormatChecker())
+    error = jsonschema.exceptions.best_match(_report_validator().iter_errors(report))
+    if error is not None:
+        raise error
 
 
 def software_versions() -> dict[str, str]:

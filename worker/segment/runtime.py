@@ -4,7 +4,9 @@ Per axial slice (the third axis of a closest-canonical RAS volume):
 
 1. resample to the model's in-plane spacing;
 2. pass 1: the whole normalised slice -> P(cord) = 1 - P(background); the largest connected
-   cord component gives the cord's centre (a slice without one gets no labels and a warning);
+   cord component gives the cord's centre (a slice without one gets no labels and a warning).
+   It runs on every ``LOCATE_STRIDE``-th slice; the slices in between take interpolated centres
+   that pass 2 must confirm, or are located on their own;
 3. pass 2: a crop of ``crop_size_px`` around that centre, normalised on its own -> class
    probabilities, pasted into a background canvas;
 4. the nine probability maps are resampled back to the input grid (linear) and the label is
@@ -33,6 +35,22 @@ from worker.segment.preprocess import normalise, resample_slice, resample_to_sha
 MIN_CORD_AREA_MM2 = 8.0
 """A cord component smaller than this on a slice (mm^2) is taken as no cord: a healthy adult
 cervical cord is 50-75 mm^2 and even a severely compressed one keeps more than 20."""
+
+
+LOCATE_STRIDE = 4
+"""Pass 1 (finding the cord on the whole slice) runs on every 4th slice; see Segmenter._locate."""
+
+MAX_CENTRE_SHIFT_MM = 8.0
+"""An interpolated crop centre is accepted when pass 2 finds the cord within this distance."""
+
+
+@dataclass(frozen=True)
+class _Centre:
+    """A cord centre on the model grid (row, column), and whether it was interpolated."""
+
+    i: int
+    j: int
+    interpolated: bool = False
 
 
 @dataclass(frozen=True)
@@ -94,6 +112,57 @@ class Segmenter:
             out /= out.sum(axis=1, keepdims=True)
         return out
 
+    def _locate(
+        self, slices: NDArray[np.float32], *, min_pixels: float, only: list[int] | None = None
+    ) -> list[_Centre | None]:
+        """Cord centre per slice on the model grid, or None where there is no cord (pass 1).
+
+        Pass 1 sees whole slices and is the costly pass on a full field of view, so it runs on
+        every ``LOCATE_STRIDE``-th slice (and the last); a slice in between takes the centre
+        interpolated from its two located neighbours when both hold a cord (the cord moves a
+        few mm at most over ``LOCATE_STRIDE`` slices, well inside the crop), and is located on
+        its own otherwise. ``only``: locate exactly these slices (no interpolation).
+        """
+        nz = len(slices)
+        if only is not None:
+            sampled = list(only)
+        else:
+            sampled = sorted(set(range(0, nz, LOCATE_STRIDE)) | {nz - 1})
+        centres: list[_Centre | None] = [None] * nz
+        done: set[int] = set()
+
+        def run(zs: list[int]) -> None:
+            probs = self.probabilities(np.stack([self._normalise(slices[z]) for z in zs]))
+            for z, p in zip(zs, probs):
+                centres[z] = _cord_centre(1.0 - p[BACKGROUND], min_pixels=min_pixels)
+                done.add(z)
+
+        run(sampled)
+        if only is not None:
+            return centres
+        alone = []
+        for a, b in zip(sampled[:-1], sampled[1:]):
+            ca, cb = centres[a], centres[b]
+            for z in range(a + 1, b):
+                if ca is None or cb is None:
+                    alone.append(z)
+                else:
+                    t = (z - a) / (b - a)
+                    centres[z] = _Centre(round(ca.i + t * (cb.i - ca.i)), round(ca.j + t * (cb.j - ca.j)), interpolated=True)
+        if alone:
+            run(alone)
+        return centres
+
+    def _fine_pass(
+        self, slices: NDArray[np.float32], centres: list[_Centre | None], zs: list[int]
+    ) -> dict[int, tuple[NDArray[np.float32], Box]]:
+        """Pass 2 on a crop around each slice's cord centre: ``{z: ((C, h, w) probabilities, box)}``."""
+        if not zs:
+            return {}
+        crops, boxes = zip(*(_crop(slices[z], (centres[z].i, centres[z].j), self._input.crop_size_px) for z in zs))  # type: ignore[union-attr]
+        probs = self.probabilities(np.stack([self._normalise(c) for c in crops]))
+        return {z: (p, box) for z, p, box in zip(zs, probs, boxes)}
+
     def segment(self, b0: NDArray[np.floating], *, zooms_mm: tuple[float, float, float]) -> Segmentation:
         """Segment a mean-b0 volume.
 
@@ -113,18 +182,22 @@ class Segmenter:
         slices = np.stack([resample_slice(b0[:, :, z], spacing_mm=spacing, target_mm=target) for z in range(nz)])
         pixel_area = target[0] * target[1]
 
-        coarse = self.probabilities(np.stack([self._normalise(s) for s in slices]))
-        centres: list[tuple[int, int] | None] = [
-            _cord_centre(1.0 - coarse[z, BACKGROUND], min_pixels=MIN_CORD_AREA_MM2 / pixel_area) for z in range(nz)
-        ]
         canvases = np.zeros((nz, N_CLASSES) + slices.shape[1:], dtype=np.float32)
         canvases[:, BACKGROUND] = 1.0
+        centres = self._locate(slices, min_pixels=MIN_CORD_AREA_MM2 / pixel_area)
         found = [z for z in range(nz) if centres[z] is not None]
-        if found:
-            crops, boxes = zip(*(_crop(slices[z], centres[z], self._input.crop_size_px) for z in found))  # type: ignore[arg-type]
-            fine = self.probabilities(np.stack([self._normalise(c) for c in crops]))
-            for z, probs, box in zip(found, fine, boxes):
-                _paste(canvases[z], probs, box)
+        fine = self._fine_pass(slices, centres, found)
+        # A slice whose centre was interpolated, where the crop shows no cord near its middle,
+        # is located on its own after all (pass 1), so it ends exactly as a fully located slice.
+        recheck = [z for z in found if centres[z].interpolated and not _cord_near_centre(fine[z][0], MAX_CENTRE_SHIFT_MM / target[0])]  # type: ignore[union-attr]
+        if recheck:
+            exact = self._locate(slices, min_pixels=MIN_CORD_AREA_MM2 / pixel_area, only=recheck)
+            for z in recheck:
+                centres[z] = exact[z]
+                fine.pop(z)
+            fine.update(self._fine_pass(slices, centres, [z for z in recheck if centres[z] is not None]))
+        for z, (probs, box) in fine.items():
+            _paste(canvases[z], probs, box)
 
         labels = np.zeros(b0.shape, dtype=np.uint8)
         cord_prob = np.zeros(b0.shape, dtype=np.float32)
@@ -154,7 +227,7 @@ class Segmenter:
         return Segmentation(labels=labels, cord_probability=cord_prob, slices_without_cord=tuple(missing), warnings=tuple(warnings))
 
 
-def _cord_centre(p_cord: NDArray[np.float32], *, min_pixels: float) -> tuple[int, int] | None:
+def _cord_centre(p_cord: NDArray[np.float32], *, min_pixels: float) -> _Centre | None:
     """Centre (row, col) of the most probable connected cord component, or None."""
     components, n = ndimage.label(p_cord > 0.5)
     if n == 0:
@@ -165,7 +238,19 @@ def _cord_centre(p_cord: NDArray[np.float32], *, min_pixels: float) -> tuple[int
     if size[best] < min_pixels:
         return None
     ci, cj = ndimage.center_of_mass(p_cord, components, best + 1)
-    return int(round(ci)), int(round(cj))
+    return _Centre(int(round(ci)), int(round(cj)))
+
+
+def _cord_near_centre(probs: NDArray[np.float32], max_shift_px: float) -> bool:
+    """Whether a pass-2 crop (C, h, w) holds a cord whose centre is within ``max_shift_px`` of
+    the crop's middle."""
+    p_cord = 1.0 - probs[BACKGROUND]
+    cord = p_cord > 0.5
+    if not cord.any():
+        return False
+    ci, cj = np.argwhere(cord).mean(axis=0)
+    h, w = p_cord.shape
+    return bool(np.hypot(ci - (h - 1) / 2, cj - (w - 1) / 2) <= max_shift_px)
 
 
 Box = tuple[int, int, int, int]  # i0, j0 in the slice (may be negative), height, width
