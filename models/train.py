@@ -147,10 +147,15 @@ def train(args: argparse.Namespace) -> None:
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-4)
     warm = min(200, args.steps // 10 + 1)
 
-    def lr_at(step: int) -> float:
+    def lr_at(step: int, elapsed_s: float = 0.0) -> float:
+        """Linear warm-up, then cosine decay to 0 over the steps or, with ``--max-minutes``, over
+        whichever of the two budgets runs out first (so a time-limited run still anneals)."""
         if step < warm:
             return args.lr * (step + 1) / warm
-        return args.lr * 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, args.steps - warm)))
+        progress = (step - warm) / max(1, args.steps - warm)
+        if args.max_minutes:
+            progress = max(progress, elapsed_s / (60 * args.max_minutes))
+        return args.lr * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
     site = load_site_data(args.data) if args.data else None
     synth_frac = args.synthetic_fraction if site is not None else 1.0
@@ -207,8 +212,9 @@ def train(args: argparse.Namespace) -> None:
         gain = torch.from_numpy(rng.uniform(0.85, 1.15, (args.batch, 1, 1, 1)).astype(np.float32))
         x = x * gain + torch.from_numpy(rng.normal(0, 0.05, (args.batch, 1, 1, 1)).astype(np.float32))
         x, y = x.to(device), y.to(device)
+        lr = lr_at(step, time.time() - t0)
         for g in opt.param_groups:
-            g["lr"] = lr_at(step)
+            g["lr"] = lr
         model.train()
         loss, ce, dl = dice_ce_loss(model(x), y)
         opt.zero_grad(set_to_none=True)
@@ -226,7 +232,7 @@ def train(args: argparse.Namespace) -> None:
                     pred = model(val_x).argmax(1).cpu().numpy()
                 vd = f"{np.nanmean(hard_dice(pred, val_y)):.4f}"
             r = running / n
-            log_row([step + 1, f"{time.time() - t0:.1f}", f"{lr_at(step):.2e}", f"{r[0]:.4f}", f"{r[1]:.4f}",
+            log_row([step + 1, f"{time.time() - t0:.1f}", f"{lr:.2e}", f"{r[0]:.4f}", f"{r[1]:.4f}",
                      f"{r[2]:.4f}", vd])
             log.info("step %d  %.0fs  loss %.4f ce %.4f dice_loss %.4f  val dice %s", step + 1, time.time() - t0, *r, vd)
             running[:] = 0
