@@ -3,8 +3,8 @@
     python -m models.evaluate [--model models/scsnet] [--n 300] [--real PATH] [--qc qc.png]
 
 Synthetic test: seeds ``EVAL_SEED_BASE + n`` (never used in training or validation), each with
-its own independently drawn acquisition. Inference follows the run-time recipe (two passes,
-see :func:`segment_slice`) and is scored on the acquisition grid against the exact labels:
+its own independently drawn acquisition. Inference is the run-time recipe itself
+(:class:`SliceSegmenter`) and is scored on the acquisition grid against the exact labels:
 per-region Dice, precision and recall (pooled over all slices and mean per slice), and the FA
 feature error |mean FA(pred) - mean FA(true)| / mean FA(true) from a tensor fit of the simulated
 DWI (30 directions, b = 800 s/mm^2), averaged over slices.
@@ -30,58 +30,31 @@ from models.generator import fit_fa, generate, simulate_dwi
 from models.train import EVAL_SEED_BASE
 from worker.labels import BY_CODE, N_CLASSES
 from worker.report.qc import write_qc_png
-from worker.segment.preprocess import normalise, resample_slice, resample_to_shape
+from worker.segment.runtime import Segmenter
 
 log = logging.getLogger(__name__)
 DEFAULT_REAL = Path("tests/data/sct_tutorial_dmri/dmri.nii.gz")
 
 
-class TwoPassSegmenter:
-    """The run-time recipe with ONNX Runtime: resample to the model grid, pass 1 on the whole
-    normalised slice, crop ``crop_size_px`` around the cord centroid (1 - P(background) > 0.5),
-    normalise the crop, pass 2, paste, map probabilities back to the input grid."""
+class SliceSegmenter:
+    """The run-time recipe itself (:class:`worker.segment.runtime.Segmenter`: two passes, one
+    connected cord, no labels below the minimum cord area) applied to one slice or a volume, so
+    that what is evaluated is what ``scsnet analyze`` does."""
 
     def __init__(self, model_dir: Path) -> None:
-        import onnxruntime as ort  # type: ignore[import-untyped]
-
-        self.manifest = json.loads((model_dir / "manifest.json").read_text())
-        self.spacing = tuple(self.manifest["input"]["spacing_mm"])
-        self.crop = int(self.manifest["input"]["crop_size_px"][0])
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = 1
-        self.sess = ort.InferenceSession(str(model_dir / self.manifest["file"]), opts,
-                                         providers=["CPUExecutionProvider"])
-
-    def _probs(self, x: NDArray[np.float32]) -> NDArray[np.float32]:
-        (logits,) = self.sess.run(["logits"], {"b0": x[None, None].astype(np.float32)})
-        e = np.exp(logits[0] - logits[0].max(axis=0, keepdims=True))
-        return (e / e.sum(axis=0, keepdims=True)).astype(np.float32)
-
-    def probabilities(self, image: NDArray, spacing_mm: tuple[float, float]) -> NDArray[np.float32]:
-        """(9, H, W) class probabilities on the input grid."""
-        img = resample_slice(image, spacing_mm=spacing_mm, target_mm=self.spacing)
-        p1 = self._probs(normalise(img))
-        cord = 1.0 - p1[0]
-        if (cord > 0.5).any():
-            ci, cj = np.argwhere(cord > 0.5).mean(axis=0)
-        else:
-            ci, cj = np.unravel_index(int(np.argmax(cord)), cord.shape)
-        c = self.crop
-        i0, j0 = round(ci) - c // 2, round(cj) - c // 2
-        pad = ((max(0, -i0), max(0, i0 + c - img.shape[0])), (max(0, -j0), max(0, j0 + c - img.shape[1])))
-        padded = np.pad(img, pad, mode="edge")
-        a, b = i0 + pad[0][0], j0 + pad[1][0]
-        p2 = self._probs(normalise(padded[a : a + c, b : b + c]))
-        full = np.pad(p1, ((0, 0),) + pad, mode="edge")
-        full[:, a : a + c, b : b + c] = p2
-        probs = full[:, pad[0][0] : pad[0][0] + img.shape[0], pad[1][0] : pad[1][0] + img.shape[1]]
-        return resample_to_shape(probs, image.shape)
+        self.segmenter = Segmenter(model_dir)
 
     def labels(self, image: NDArray, spacing_mm: tuple[float, float]) -> NDArray[np.uint8]:
-        return np.argmax(self.probabilities(image, spacing_mm), axis=0).astype(np.uint8)
+        """(H, W) labels of one slice with in-plane voxel ``spacing_mm``."""
+        seg = self.segmenter.segment(np.asarray(image, np.float32)[:, :, None], zooms_mm=(*spacing_mm, 1.0))
+        return seg.labels[:, :, 0]
+
+    def volume_labels(self, volume: NDArray, zooms_mm: tuple[float, float, float]) -> NDArray[np.uint8]:
+        """(X, Y, Z) labels of a canonical-RAS volume."""
+        return self.segmenter.segment(np.asarray(volume, np.float32), zooms_mm=zooms_mm).labels
 
 
-def evaluate_synthetic(seg: TwoPassSegmenter, n: int) -> dict[str, Any]:
+def evaluate_synthetic(seg: SliceSegmenter, n: int) -> dict[str, Any]:
     tp = np.zeros(N_CLASSES)
     fp = np.zeros(N_CLASSES)
     fn = np.zeros(N_CLASSES)
@@ -132,7 +105,7 @@ def print_table(res: dict[str, Any]) -> str:
     for key, r in res["regions"].items():
         lines.append(f"{key:<16}{r['dice_pooled']:>11.3f}{r['dice_mean']:>11.3f}{r['precision']:>10.3f}{r['recall']:>8.3f}"
                      f"{r['fa_error_pct']:>9.2f}{r['slices']:>7d}{r['missed_slices']:>7d}")
-    lines.append(f"median two-pass inference time per slice (CPU, 1 thread): {res['inference_s_median'] * 1000:.1f} ms")
+    lines.append(f"median inference time per slice, both passes and resampling (CPU, onnxruntime default threads): {res['inference_s_median'] * 1000:.1f} ms")
     return "\n".join(lines)
 
 
@@ -144,7 +117,7 @@ def _world_centroid(lab: NDArray, k: int, affine: NDArray, codes: list[int]) -> 
     return (affine @ np.r_[m.mean(axis=0), k, 1.0])[:3]
 
 
-def segment_real(seg: TwoPassSegmenter, path: Path) -> dict[str, Any]:
+def segment_real(seg: SliceSegmenter, path: Path) -> dict[str, Any]:
     """Segment every axial slice of a real DWI (b-values/vectors ``bval*``/``bvec*`` beside it).
 
     Returns the canonical-RAS mean b0 ``(X, Y, Z)``, labels, FA map, voxel size and per-slice rows
@@ -162,9 +135,9 @@ def segment_real(seg: TwoPassSegmenter, path: Path) -> dict[str, Any]:
     # need no reorientation for this check.
     b0 = data[..., bvals < 50].mean(axis=3)
     fa = np.stack([fit_fa(data[:, :, k], bvals, bvecs) for k in range(data.shape[2])], axis=2)
-    zx, zy = (float(z) for z in img.header.get_zooms()[:2])
+    zx, zy, zz = (float(z) for z in img.header.get_zooms()[:3])
     zooms = (zx, zy)
-    labels = np.stack([seg.labels(b0[:, :, k], zooms) for k in range(b0.shape[2])], axis=2)
+    labels = seg.volume_labels(b0, (zx, zy, zz))
     aff = img.affine
     rows = []
     for k in range(labels.shape[2]):
@@ -183,7 +156,7 @@ def segment_real(seg: TwoPassSegmenter, path: Path) -> dict[str, Any]:
     return {"b0": b0, "labels": labels, "fa": fa, "zooms": zooms, "rows": rows}
 
 
-def evaluate_real(seg: TwoPassSegmenter, path: Path, qc: Path) -> str:
+def evaluate_real(seg: SliceSegmenter, path: Path, qc: Path) -> str:
     res = segment_real(seg, path)
     b0, labels, zooms = res["b0"], res["labels"], res["zooms"]
     lines = [f"Real DWI {path} (canonical RAS, voxel {zooms[0]:.3f} x {zooms[1]:.3f} mm)",
@@ -207,7 +180,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--json", type=Path, default=None, help="also write the synthetic results here")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    seg = TwoPassSegmenter(args.model)
+    seg = SliceSegmenter(args.model)
     if args.n > 0:
         res = evaluate_synthetic(seg, args.n)
         print(print_table(res))

@@ -15,9 +15,9 @@ SHIPPED = ROOT / "models" / "scsnet"
 @pytest.mark.skipif(not REAL.exists(), reason=f"real DWI copy not present at {REAL}")
 @pytest.mark.skipif(not (SHIPPED / "manifest.json").exists(), reason="no shipped model yet")
 def test_shipped_model_on_real_dwi() -> None:
-    from models.evaluate import TwoPassSegmenter, segment_real
+    from models.evaluate import SliceSegmenter, segment_real
 
-    rows = segment_real(TwoPassSegmenter(SHIPPED), REAL)["rows"]
+    rows = segment_real(SliceSegmenter(SHIPPED), REAL)["rows"]
     assert len(rows) == 15
     for r in rows:
         assert 35.0 < r["cord_mm2"] < 130.0, r

@@ -54,11 +54,11 @@ def test_shipped_model_segments_held_out_synthetic_slices() -> None:
     left at smaller world x."""
     import numpy as np
 
-    from models.evaluate import TwoPassSegmenter
+    from models.evaluate import SliceSegmenter
     from models.generator import generate
     from models.train import EVAL_SEED_BASE
 
-    seg = TwoPassSegmenter(SHIPPED)
+    seg = SliceSegmenter(SHIPPED)
     for seed in range(EVAL_SEED_BASE, EVAL_SEED_BASE + 4):
         s = generate(seed)
         pred = seg.labels(s.b0, s.acquisition.spacing_mm)
