@@ -68,6 +68,7 @@ def write_manifest(
             "normalisation": "worker.segment.preprocess.normalise",
             "crop_size_px": [CROP_SIZE_PX, CROP_SIZE_PX],
             "pad_multiple": PAD_MULTIPLE,
+            "mirror_average": True,  # trained on mirrored slices with the side labels swapped
         },
         "output": {"name": "logits", "kind": "logits"},
         "labels": label_table(),

@@ -28,6 +28,11 @@ class ModelInput(BaseModel):
     normalisation: Normalisation = "worker.segment.preprocess.normalise"
     crop_size_px: tuple[int, int] = Field(description="second-pass crop around the cord, model voxels")
     pad_multiple: int = 16
+    mirror_average: bool = Field(
+        False,
+        description="trained with left-right mirroring and swapped side labels: pass 2 averages "
+        "the answer with that of the mirrored crop",
+    )
 
 
 class ModelOutput(BaseModel):

