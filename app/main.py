@@ -2,7 +2,7 @@
 
 It stores uploads, records jobs and enqueues them by task name; it never imports the worker's
 heavy modules and never waits on a task. At start and every ``requeue_interval_s`` it re-sends
-queued jobs the broker has lost. Run it with ``scsnet serve`` (or ``uvicorn --factory
+queued jobs the broker has lost and removes upload folders no job owns (``app.sweep``). Run it with ``scsnet serve`` (or ``uvicorn --factory
 app.main:app_from_env``).
 """
 
@@ -20,6 +20,7 @@ from app import problems
 from app.metrics import Metrics, MetricsMiddleware
 from app.queue import CeleryQueue, JobQueue
 from app.requeue import requeue_lost
+from app.sweep import sweep_orphans
 from app.routers import artifacts, jobs, system
 from app.settings import GatewaySettings
 from app.storage import Storage
@@ -29,7 +30,9 @@ log = logging.getLogger(__name__)
 VERSION = "0.1.0"
 
 
-async def _requeue_forever(app: FastAPI) -> None:
+async def _housekeeping_forever(app: FastAPI) -> None:
+    """Every ``requeue_interval_s``: re-send jobs the broker lost, remove folders of uploads cut
+    off mid-way (app.sweep). Each failure is logged and tried again next round."""
     settings: GatewaySettings = app.state.settings
     while True:
         try:
@@ -38,12 +41,18 @@ async def _requeue_forever(app: FastAPI) -> None:
             )
         except Exception as exc:  # noqa: BLE001 - broker or store down: try again next round
             log.warning("re-enqueue pass failed: %s", type(exc).__name__)
+        try:
+            await anyio.to_thread.run_sync(
+                lambda: sweep_orphans(app.state.store, app.state.storage, grace_s=settings.orphan_grace_s)
+            )
+        except Exception as exc:  # noqa: BLE001 - store or disk unavailable: try again next round
+            log.warning("orphan sweep failed: %s", type(exc).__name__)
         await asyncio.sleep(settings.requeue_interval_s)
 
 
 @contextlib.asynccontextmanager
 async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
-    task = asyncio.create_task(_requeue_forever(app))
+    task = asyncio.create_task(_housekeeping_forever(app))
     try:
         yield
     finally:

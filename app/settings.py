@@ -60,5 +60,10 @@ class GatewaySettings(ServiceSettings):
     retry_after_s: int = Field(default=5, gt=0, description="polling interval suggested to clients")
     requeue_interval_s: float = Field(default=60.0, gt=0, description="how often queued jobs lost by the broker are re-sent")
     requeue_grace_s: float = Field(default=30.0, ge=0, description="a queued job younger than this is never re-sent")
+    orphan_grace_s: float = Field(
+        default=3600.0,
+        ge=0,
+        description="a job folder with no job record, untouched this long (the upload of a gateway killed mid-request), is removed",
+    )
     worker_stale_after_s: float = Field(default=60.0, gt=0, description="/readyz wants a worker heartbeat this recent")
     allow_http_callbacks: bool = Field(default=True, description="accept http:// callback URLs (not only https://)")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import re
 import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -61,9 +62,31 @@ class Storage:
         """Remove the job's outputs (a cancelled job keeps none)."""
         shutil.rmtree(self.out_dir(job_id), ignore_errors=True)
 
+    def untouched(self, *, older_than_s: float, now: float | None = None) -> list[str]:
+        """Ids of job folders in which nothing has changed for ``older_than_s`` seconds (the
+        newest modification time of the folder and everything in it)."""
+        cutoff = (time.time() if now is None else now) - older_than_s
+        found = []
+        for folder in self.jobs.iterdir():
+            if _JOB_ID.match(folder.name) and folder.is_dir() and _newest_mtime(folder) < cutoff:
+                found.append(folder.name)
+        return found
+
     def check_writable(self) -> None:
         """Raise OSError unless a file can be created and written in the job area (an empty
         file can still be created on a full disk, so the probe writes a block)."""
         with tempfile.NamedTemporaryFile(dir=self.jobs, prefix=".probe-") as probe:
             probe.write(b"\0" * 4096)
             probe.flush()
+
+
+def _newest_mtime(folder: Path) -> float:
+    """The latest modification time (s since the epoch) of ``folder`` or anything below it; a
+    folder that vanishes meanwhile counts as just touched."""
+    try:
+        newest = folder.stat().st_mtime
+        for path in folder.rglob("*"):
+            newest = max(newest, path.lstat().st_mtime)
+    except OSError:
+        return time.time()
+    return newest

@@ -405,6 +405,14 @@ class Store:
                 job.version += 1
                 job.updated_at = utcnow()
 
+    def existing(self, job_ids: list[str]) -> set[str]:
+        """Those of ``job_ids`` the store holds a job for."""
+        found: set[str] = set()
+        with self.session() as s:
+            for start in range(0, len(job_ids), 500):
+                found.update(s.scalars(select(Job.id).where(Job.id.in_(job_ids[start : start + 500]))))
+        return found
+
     def stale_queued(self, *, older_than_s: float) -> list[str]:
         """Ids of queued jobs last sent to the broker (or created) longer ago than ``older_than_s``."""
         cutoff = utcnow() - timedelta(seconds=older_than_s)

@@ -292,6 +292,13 @@ def test_a_gateway_killed_and_restarted_still_has_every_job_its_state_and_output
         tenant = up.job_store().authenticate(key)
         assert tenant is not None
         assert len(listed) == len(up.job_store().list_jobs(tenant.id, state=None, before_seq=None, limit=1000))  # no half-uploaded job
+        # the half upload's folder, once untouched for the grace period (an hour), is removed
+        (cut_off,) = [p for p in (up.data / "jobs").iterdir() if len(p.name) == 32 and p.name not in known]
+        an_hour_and_more = time.time() - 3700
+        for path in [cut_off, *cut_off.rglob("*")]:
+            os.utime(path, (an_hour_and_more, an_hour_and_more))
+        h.wait_until(lambda: not cut_off.exists(), timeout_s=10, what="the gateway to remove the cut-off upload")
+        assert all((up.data / "jobs" / j).is_dir() for j in listed)
         # and a polite restart (SIGTERM) changes nothing either
         assert up.kill_gateway(signal.SIGTERM) == 0
         up.start_gateway()

@@ -149,3 +149,33 @@ def test_a_running_job_whose_message_is_lost_is_re_sent_and_its_old_run_fenced_o
     assert not store.set_progress(job_id, stage="fit", progress=0.5, token=old)
     assert not store.finish(job_id, JobState.succeeded, token=old)
     assert store.finish(job_id, JobState.succeeded, token=fresh)
+
+
+def test_only_old_job_folders_without_a_job_are_swept(tmp_path: Path) -> None:
+    """A folder left by an upload cut off mid-way goes once untouched for the grace period; a
+    job's folder, a fresh upload and anything that is not a job folder stay."""
+    import os
+    import time
+
+    from app.storage import Storage
+    from app.store import Job, Store
+    from app.sweep import sweep_orphans
+
+    store, storage = Store(f"sqlite:///{tmp_path / 'jobs.db'}"), Storage(tmp_path / "data")
+    tenant = store.authenticate(store.create_api_key("t").key)
+    assert tenant is not None
+    owned, orphan, uploading = "a" * 32, "b" * 32, "c" * 32
+    store.create_job(Job(id=owned, tenant_id=tenant.id, inputs={}))
+    for job_id in (owned, orphan, uploading):
+        storage.input_dir(job_id).mkdir(parents=True)
+        (storage.input_dir(job_id) / "part-000000").write_bytes(b"x" * 10)
+    (storage.jobs / "not-a-job").mkdir()
+    old = time.time() - 7200
+    for job_id in (owned, orphan, uploading):
+        for path in [storage.job_dir(job_id), *storage.job_dir(job_id).rglob("*")]:
+            os.utime(path, (old, old))
+    os.utime(storage.input_dir(uploading) / "part-000000")  # still being written
+    assert sweep_orphans(store, storage, grace_s=3600) == [orphan]
+    assert not storage.job_dir(orphan).exists()
+    assert storage.job_dir(owned).exists() and storage.job_dir(uploading).exists() and (storage.jobs / "not-a-job").exists()
+    assert sweep_orphans(store, storage, grace_s=3600) == []

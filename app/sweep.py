@@ -1,0 +1,30 @@
+"""Removing job folders that no job record owns.
+
+The gateway writes an upload into ``jobs/<id>/input`` before it stores the job, and removes the
+folder itself when the request fails; a gateway killed mid-upload (SIGKILL, power loss) cannot,
+and leaves a folder no one will ever read. One untouched for ``orphan_grace_s`` (far longer than
+any upload in progress, which keeps writing, even on another gateway sharing the data dir) and
+with no job in the store is removed.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from app.storage import Storage
+from app.store import Store
+
+log = logging.getLogger(__name__)
+
+
+def sweep_orphans(store: Store, storage: Storage, *, grace_s: float) -> list[str]:
+    """Remove and return the ids of job folders untouched for ``grace_s`` with no job record."""
+    candidates = storage.untouched(older_than_s=grace_s)
+    if not candidates:
+        return []
+    orphans = sorted(set(candidates) - store.existing(candidates))
+    for job_id in orphans:
+        storage.delete(job_id)
+    if orphans:
+        log.warning("removed %d job folder(s) without a job (uploads cut off mid-way): %s", len(orphans), ", ".join(orphans))
+    return orphans
