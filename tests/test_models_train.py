@@ -67,3 +67,36 @@ def test_shipped_model_segments_held_out_synthetic_slices() -> None:
         left = np.argwhere(np.isin(pred, [1, 2, 3, 4])).mean(axis=0)
         right = np.argwhere(np.isin(pred, [5, 6, 7, 8])).mean(axis=0)
         assert left[0] < right[0]
+
+
+class _Oracle:
+    """Answers each evaluation slice with its exact labels (the evaluation's seeds, in order)."""
+
+    def __init__(self, spoil: bool = False) -> None:
+        from models.train import EVAL_SEED_BASE
+
+        self.seed, self.spoil = EVAL_SEED_BASE, spoil
+
+    def labels(self, image: np.ndarray, spacing_mm: tuple[float, float]) -> np.ndarray:
+        from models.generator import generate
+
+        truth = generate(self.seed).labels.copy()
+        self.seed += 1
+        if self.spoil:  # every left ventral voxel called left lateral
+            truth[truth == 3] = 1
+        return truth
+
+
+def test_evaluation_scores_exact_labels_perfectly_and_notices_a_swapped_region() -> None:
+    from models.evaluate import evaluate_synthetic
+
+    perfect = evaluate_synthetic(_Oracle(), 3)["regions"]
+    for key, row in perfect.items():
+        assert row["dice_pooled"] == 1.0 and row["precision"] == 1.0 and row["recall"] == 1.0, key
+        assert row["fa_error_pct"] == 0.0 and row["missed_slices"] == 0, key
+    spoiled = evaluate_synthetic(_Oracle(spoil=True), 3)
+    assert spoiled["regions"]["left_ventral"]["dice_pooled"] == 0.0
+    assert spoiled["regions"]["left_ventral"]["missed_slices"] == spoiled["regions"]["left_ventral"]["slices"]
+    assert 0.0 < spoiled["regions"]["left_lateral"]["precision"] < 1.0
+    assert spoiled["regions"]["left_lateral"]["fa_error_pct"] > 0.0
+    assert sum(b["slices"] for b in spoiled["by_voxel_size"].values()) == 3
