@@ -143,13 +143,11 @@ class Segmenter:
         else:
             sampled = sorted(set(range(0, nz, LOCATE_STRIDE)) | {nz - 1})
         centres: list[_Centre | None] = [None] * nz
-        done: set[int] = set()
 
         def run(zs: list[int]) -> None:
             probs = self.probabilities(np.stack([self._normalise(slices[z]) for z in zs]))
             for z, p in zip(zs, probs):
                 centres[z] = _cord_centre(1.0 - p[BACKGROUND], min_pixels=min_pixels)
-                done.add(z)
 
         run(sampled)
         if only is not None:
