@@ -263,7 +263,7 @@ def train(args: argparse.Namespace) -> None:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=Path("models/scsnet"))
-    p.add_argument("--steps", type=int, default=6000)
+    p.add_argument("--steps", type=int, default=9000)
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--patch", type=int, default=CROP_SIZE_PX)
     p.add_argument("--lr", type=float, default=3e-3)
@@ -273,7 +273,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--init", type=Path, default=None, help="checkpoint (.pt) to fine-tune from")
     p.add_argument("--widths", type=int, nargs="+", default=list(DEFAULT_WIDTHS))
     p.add_argument("--buffer", type=int, default=4000, help="replay buffer size (samples)")
-    p.add_argument("--fresh", type=int, default=4, help="fresh samples added to the buffer per step")
+    p.add_argument("--fresh", type=int, default=6, help="fresh samples added to the buffer per step")
     p.add_argument("--warmup-samples", type=int, default=256)
     p.add_argument("--val-samples", type=int, default=64)
     p.add_argument("--workers", type=int, default=1, help="DataLoader worker processes (0 = main process)")
