@@ -177,3 +177,15 @@ def test_mirror_average_makes_pass_two_exactly_mirror_symmetric() -> None:
     assert box_m[0] == width - box[0] - box[2]
     np.testing.assert_allclose(p, q[np.asarray(MIRROR_LUT)][:, ::-1], atol=1e-5)
     assert not np.allclose(p[1], p[5], atol=1e-3)  # the sides do differ, so the check has teeth
+
+
+def test_onnx_threads_setting_reaches_the_session(decoder_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from worker.settings import CoreSettings
+
+    monkeypatch.setenv("SCSNET_ONNX_THREADS", "1")
+    threads = CoreSettings().onnx_threads
+    assert threads == 1
+    seg = Segmenter(decoder_dir, threads=threads)
+    assert seg._session.get_session_options().intra_op_num_threads == 1
+    labels = phantoms.region_labels((40, 36, 2))
+    assert np.array_equal(seg.segment(labels.astype(np.float32) * phantoms.SCALE, zooms_mm=(1.0, 1.0, 4.0)).labels, labels)

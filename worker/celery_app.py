@@ -140,6 +140,6 @@ def _warm_up(**_: Any) -> None:
     from worker.segment.runtime import load_segmenter
 
     try:
-        load_segmenter(model_dir())
+        load_segmenter(model_dir(), settings.onnx_threads)
     except ScsnetError as exc:  # jobs will fail with the same problem; the worker stays up
         log.error("model unavailable: %s", exc.detail)

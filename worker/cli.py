@@ -89,8 +89,9 @@ def _run(args: argparse.Namespace) -> int:
     from worker.segment.runtime import Segmenter, default_model_dir
     from worker.settings import CoreSettings
 
-    model_dir = args.model_dir or CoreSettings().model_dir or default_model_dir()
-    segmenter = Segmenter(model_dir)
+    settings = CoreSettings()
+    model_dir = args.model_dir or settings.model_dir or default_model_dir()
+    segmenter = Segmenter(model_dir, threads=settings.onnx_threads)
     with _progress_bar(args.progress) as progress:
         report = pipeline.analyze(
             args.inputs,

@@ -19,3 +19,8 @@ class CoreSettings(BaseSettings):
     model_dir: Path | None = Field(
         default=None, description="folder with manifest.json and the .onnx file; default: the shipped model"
     )
+    onnx_threads: int = Field(
+        default=0,
+        ge=0,
+        description="CPU threads of one ONNX Runtime session (0: ONNX Runtime's default, all cores)",
+    )

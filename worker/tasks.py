@@ -49,7 +49,7 @@ def analyze(job_id: str, token: str) -> None:
     try:
         out = storage.out_dir(job_id)
         pipeline.discard_staging(out)  # what an earlier run of this job, killed mid-way, left
-        pipeline.analyze(paths, out_dir=out, segmenter=load_segmenter(model_dir()), bval=bval, bvec=bvec, progress=progress)
+        pipeline.analyze(paths, out_dir=out, segmenter=load_segmenter(model_dir(), settings.onnx_threads), bval=bval, bvec=bvec, progress=progress)
         artifacts = describe_outputs(out)
     except JobCancelled:
         _drop_outputs_if_cancelled(store, storage, job_id)

@@ -78,13 +78,16 @@ class Segmentation:
 class Segmenter:
     """An ONNX SCS-Net model ready to segment b0 volumes; build once, apply many times."""
 
-    def __init__(self, model_dir: Path, *, providers: list[str] | None = None) -> None:
+    def __init__(self, model_dir: Path, *, providers: list[str] | None = None, threads: int = 0) -> None:
+        """Load and check the model in ``model_dir``; ``threads``: ONNX Runtime intra-op CPU
+        threads (0: its default, all cores)."""
         self.manifest, self.onnx_path = load_manifest(Path(model_dir))
         available = ort.get_available_providers()
         if providers is None:
             providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
         options = ort.SessionOptions()
         options.log_severity_level = 3
+        options.intra_op_num_threads = threads
         try:
             self._session = ort.InferenceSession(str(self.onnx_path), sess_options=options, providers=providers)
         except Exception as exc:  # onnxruntime raises its own untyped errors for corrupt models
@@ -324,9 +327,9 @@ def _keep_largest_cord(labels: NDArray[np.uint8]) -> NDArray[np.uint8]:
 
 
 @functools.lru_cache(maxsize=4)
-def load_segmenter(model_dir: str) -> Segmenter:
+def load_segmenter(model_dir: str, threads: int = 0) -> Segmenter:
     """The process-wide :class:`Segmenter` for ``model_dir`` (created once, then reused)."""
-    return Segmenter(Path(model_dir))
+    return Segmenter(Path(model_dir), threads=threads)
 
 
 def default_model_dir() -> Path:
