@@ -2,8 +2,8 @@
 
 It stores uploads, records jobs and enqueues them by task name; it never imports the worker's
 heavy modules and never waits on a task. At start and every ``requeue_interval_s`` it re-sends
-queued jobs the broker has lost and removes upload folders no job owns (``app.sweep``). Run it with ``scsnet serve`` (or ``uvicorn --factory
-app.main:app_from_env``).
+queued jobs the broker has lost and removes upload folders no job owns (``app.sweep``). Run it
+with ``scsnet serve`` (or ``uvicorn --factory app.main:app_from_env``).
 """
 
 from __future__ import annotations

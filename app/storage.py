@@ -62,15 +62,21 @@ class Storage:
         """Remove the job's outputs (a cancelled job keeps none)."""
         shutil.rmtree(self.out_dir(job_id), ignore_errors=True)
 
-    def untouched(self, *, older_than_s: float, now: float | None = None) -> list[str]:
-        """Ids of job folders in which nothing has changed for ``older_than_s`` seconds (the
-        newest modification time of the folder and everything in it)."""
-        cutoff = (time.time() if now is None else now) - older_than_s
-        found = []
-        for folder in self.jobs.iterdir():
-            if _JOB_ID.match(folder.name) and folder.is_dir() and _newest_mtime(folder) < cutoff:
-                found.append(folder.name)
-        return found
+    def job_ids(self) -> list[str]:
+        """Ids of every job folder present."""
+        return [p.name for p in self.jobs.iterdir() if _JOB_ID.match(p.name) and p.is_dir()]
+
+    def idle_s(self, job_id: str) -> float:
+        """Seconds since anything in the job's folder last changed (its newest modification time
+        and that of everything below it); 0 if the folder vanishes meanwhile."""
+        folder = self.job_dir(job_id)
+        try:
+            newest = folder.stat().st_mtime
+            for path in folder.rglob("*"):
+                newest = max(newest, path.lstat().st_mtime)
+        except OSError:
+            return 0.0
+        return time.time() - newest
 
     def check_writable(self) -> None:
         """Raise OSError unless a file can be created and written in the job area (an empty
@@ -79,14 +85,3 @@ class Storage:
             probe.write(b"\0" * 4096)
             probe.flush()
 
-
-def _newest_mtime(folder: Path) -> float:
-    """The latest modification time (s since the epoch) of ``folder`` or anything below it; a
-    folder that vanishes meanwhile counts as just touched."""
-    try:
-        newest = folder.stat().st_mtime
-        for path in folder.rglob("*"):
-            newest = max(newest, path.lstat().st_mtime)
-    except OSError:
-        return time.time()
-    return newest

@@ -18,11 +18,14 @@ log = logging.getLogger(__name__)
 
 
 def sweep_orphans(store: Store, storage: Storage, *, grace_s: float) -> list[str]:
-    """Remove and return the ids of job folders untouched for ``grace_s`` with no job record."""
-    candidates = storage.untouched(older_than_s=grace_s)
-    if not candidates:
-        return []
-    orphans = sorted(set(candidates) - store.existing(candidates))
+    """Remove and return the ids of job folders with no job record, untouched for ``grace_s``.
+
+    The store is asked first, so only folders without a job (a handful) are walked for their
+    modification times, never the many that belong to jobs.
+    """
+    present = storage.job_ids()
+    unowned = set(present) - store.existing(present) if present else set()
+    orphans = sorted(job_id for job_id in unowned if storage.idle_s(job_id) > grace_s)
     for job_id in orphans:
         storage.delete(job_id)
     if orphans:
