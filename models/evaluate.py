@@ -55,13 +55,11 @@ class SliceSegmenter:
 
 
 def evaluate_synthetic(seg: SliceSegmenter, n: int) -> dict[str, Any]:
-    tp = np.zeros(N_CLASSES)
-    fp = np.zeros(N_CLASSES)
-    fn = np.zeros(N_CLASSES)
     dice_per: list[list[float]] = [[] for _ in range(N_CLASSES)]
     fa_err: list[list[float]] = [[] for _ in range(N_CLASSES)]
     missing = np.zeros(N_CLASSES, int)
-    # by in-plane voxel size (larger side, mm): counts per bin for region and whole-cord Dice
+    # voxel counts per bin of in-plane voxel size (larger side, mm), index c for code c and
+    # N_CLASSES for the whole cord; the pooled scores are their sums over the bins
     bins = {name: {"slices": 0, "tp": np.zeros(N_CLASSES + 1), "fp": np.zeros(N_CLASSES + 1),
                    "fn": np.zeros(N_CLASSES + 1), "fa_err": []} for name in VOXEL_BINS}
     t_inf = []
@@ -80,12 +78,7 @@ def evaluate_synthetic(seg: SliceSegmenter, n: int) -> dict[str, Any]:
             b["tp"][c] += (p & g).sum()
             b["fp"][c] += (p & ~g).sum()
             b["fn"][c] += (~p & g).sum()
-            if c == N_CLASSES:
-                continue
-            tp[c] += (p & g).sum()
-            fp[c] += (p & ~g).sum()
-            fn[c] += (~p & g).sum()
-            if g.any():
+            if c < N_CLASSES and g.any():
                 dice_per[c].append(2 * (p & g).sum() / (p.sum() + g.sum()))
                 if p.any():
                     true_fa = float(fa[g].mean())
@@ -95,6 +88,7 @@ def evaluate_synthetic(seg: SliceSegmenter, n: int) -> dict[str, Any]:
                     missing[c] += 1
         if (k + 1) % 50 == 0:
             log.info("%d / %d slices", k + 1, n)
+    tp, fp, fn = (sum(b[k] for b in bins.values()) for k in ("tp", "fp", "fn"))
     rows = {}
     for c in range(1, N_CLASSES):
         rows[BY_CODE[c].key] = {
