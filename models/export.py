@@ -53,8 +53,10 @@ def export_onnx(model: SCSNet, path: Path) -> None:
 
 
 def write_manifest(
-    out_dir: Path, *, model: SCSNet, training: dict[str, Any], version: str = VERSION
+    out_dir: Path, *, model: SCSNet, training: dict[str, Any], crop_px: int = CROP_SIZE_PX, version: str = VERSION
 ) -> dict[str, Any]:
+    """``manifest.json`` for ``out_dir/scsnet.onnx``; ``crop_px``: the training crop, which the
+    run-time's pass 2 must use too."""
     onnx_path = out_dir / "scsnet.onnx"
     manifest = {
         "name": "scsnet",
@@ -66,7 +68,7 @@ def write_manifest(
             "name": "b0",
             "spacing_mm": [MODEL_SPACING_MM, MODEL_SPACING_MM],
             "normalisation": "worker.segment.preprocess.normalise",
-            "crop_size_px": [CROP_SIZE_PX, CROP_SIZE_PX],
+            "crop_size_px": [crop_px, crop_px],
             "pad_multiple": PAD_MULTIPLE,
             "mirror_average": True,  # trained on mirrored slices with the side labels swapped
         },
@@ -79,7 +81,7 @@ def write_manifest(
     return manifest
 
 
-def export(model: SCSNet, out_dir: Path, *, training: dict[str, Any]) -> dict[str, Any]:
+def export(model: SCSNet, out_dir: Path, *, training: dict[str, Any], crop_px: int = CROP_SIZE_PX) -> dict[str, Any]:
     """ONNX + manifest into ``out_dir``; checks ONNX Runtime against PyTorch on one input."""
     assert model.pad_multiple == PAD_MULTIPLE
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -87,7 +89,7 @@ def export(model: SCSNet, out_dir: Path, *, training: dict[str, Any]) -> dict[st
     export_onnx(model, path)
     max_diff = parity(model, path, np.random.default_rng(0).standard_normal((2, 1, 75, 61)).astype(np.float32))
     log.info("ONNX Runtime vs PyTorch: max |softmax difference| %.2e", max_diff)
-    return write_manifest(out_dir, model=model, training=training)
+    return write_manifest(out_dir, model=model, training=training, crop_px=crop_px)
 
 
 def parity(model: SCSNet, path: Path, x: np.ndarray) -> float:
@@ -103,11 +105,12 @@ def parity(model: SCSNet, path: Path, x: np.ndarray) -> float:
     return float(np.abs(ort_p - pt).max())
 
 
-def load_checkpoint(path: Path) -> tuple[SCSNet, dict[str, Any]]:
+def load_checkpoint(path: Path) -> tuple[SCSNet, dict[str, Any], int]:
+    """(network, its training record, its training crop in px) from a ``models.train`` checkpoint."""
     ck = torch.load(path, map_location="cpu", weights_only=False)
     model = SCSNet(widths=tuple(ck["widths"]))
     model.load_state_dict(ck["state_dict"])
-    return model.eval(), ck.get("training", {})
+    return model.eval(), ck.get("training", {}), int(ck.get("patch", CROP_SIZE_PX))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -116,8 +119,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=Path("models/scsnet"))
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    model, training = load_checkpoint(args.checkpoint)
-    manifest = export(model, args.out, training=training)
+    model, training, crop_px = load_checkpoint(args.checkpoint)
+    manifest = export(model, args.out, training=training, crop_px=crop_px)
     log.info("wrote %s (sha256 %s)", args.out / manifest["file"], manifest["sha256"])
 
 

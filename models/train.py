@@ -3,9 +3,13 @@ then export ONNX + manifest.
 
     python -m models.train --out models/scsnet [--steps N] [--data DIR] [--max-minutes M]
 
-Batches: one DataLoader worker process generates fresh samples (``--fresh`` per step) into a
-replay buffer; each step draws ``--batch`` samples from the buffer (with a left-right mirror that
-also swaps the label codes). Everything is seeded: the generator seeds are
+Batches: fresh samples (``--fresh`` per step, generated in the main process or ``--workers``
+DataLoader processes) go into a replay buffer; each step draws ``--batch`` samples from it (with a
+left-right mirror that also swaps the left and right classes). Targets are soft: each pixel's
+class fractions (partial volume, see :func:`models.generator.training_sample`); site labels are
+one-hot. Crops are ``--patch`` (default ``CROP_SIZE_PX``, 64 px = 32 mm: cord and sac with a
+margin), the pass-2 crop size the manifest then gives the run-time; 64 px steps are about four
+times cheaper than 96 px ones. Everything is seeded: the generator seeds are
 ``seed * 100_000_000 + n``; evaluation uses seeds >= ``EVAL_SEED_BASE`` (never trained on).
 
 ``--data DIR`` adds (or, with ``--synthetic-fraction 0``, uses only) a folder of
@@ -14,7 +18,7 @@ RAS, every axial slice that holds cord is resampled to the model grid (b0 linear
 nearest) and served in both inference modes (whole slice and cord crop). ``--init CKPT`` starts
 from an existing checkpoint (fine-tuning).
 
-Loss: cross-entropy + soft Dice (mean over the nine classes).
+Loss: cross-entropy against the class fractions + soft Dice (mean over the nine classes).
 """
 
 from __future__ import annotations
@@ -23,9 +27,11 @@ import argparse
 import csv
 import logging
 import math
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -57,31 +63,63 @@ class SyntheticStream(IterableDataset):
         worker, n_workers = (info.id, info.num_workers) if info else (0, 1)
         n = worker
         while True:
-            yield training_sample(self.seed * SEED_STRIDE + n, patch=self.patch)
+            x, fr = training_sample(self.seed * SEED_STRIDE + n, patch=self.patch, soft=True)
+            yield x, quantise(fr)
             n += n_workers
+
+
+def quantise(fractions: np.ndarray) -> np.ndarray:
+    """(9, H, W) class fractions in [0, 1] -> uint8 (1/255 steps): a quarter of the memory of
+    float32 in the replay buffer."""
+    return np.rint(np.clip(fractions, 0.0, 1.0) * 255).astype(np.uint8)
+
+
+def one_hot(labels: np.ndarray) -> np.ndarray:
+    """(H, W) label codes -> (9, H, W) uint8 fractions (255 for the pixel's class)."""
+    return (np.arange(N_CLASSES, dtype=np.uint8)[:, None, None] == labels[None]).astype(np.uint8) * 255
+
+
+class SiteDataError(ValueError):
+    """A site-data folder that cannot be used as it is (the message says why, naming the case)."""
+
+
+def _load_nifti(path: Path) -> Any:
+    import nibabel as nib
+
+    try:
+        img = nib.as_closest_canonical(nib.load(path))
+        img.get_fdata(dtype=np.float32)  # read now: a truncated file fails here, not mid-training
+        return img
+    except Exception as exc:  # nibabel raises several unrelated types for unreadable files
+        raise SiteDataError(f"{path.name} is not a readable NIfTI image: {exc}") from exc
 
 
 def load_site_data(folder: Path, spacing_mm: float = MODEL_SPACING_MM) -> list[tuple[np.ndarray, np.ndarray]]:
     """Axial slices (model grid, RAS [i, j]) holding cord from ``<case>_b0`` / ``<case>_labels``
-    NIfTI pairs. Returns raw (not normalised) b0 slices and uint8 label slices."""
-    import nibabel as nib
+    NIfTI pairs. Returns raw (not normalised) b0 slices and uint8 label slices.
 
+    Raises :class:`SiteDataError` for a folder without pairs, a b0 without labels, images that
+    cannot be read, grids that differ, or labels that are not whole codes 0-8."""
+    if not folder.is_dir():
+        raise SiteDataError(f"site data folder {folder} does not exist")
     out = []
     for b0_path in sorted(folder.glob("*_b0.nii*")):
         case = b0_path.name.split("_b0.nii")[0]
         lab_path = next(iter(sorted(folder.glob(f"{case}_labels.nii*"))), None)
         if lab_path is None:
-            raise FileNotFoundError(f"{b0_path} has no matching {case}_labels.nii.gz in {folder}")
-        b0 = nib.as_closest_canonical(nib.load(b0_path))
-        lab = nib.as_closest_canonical(nib.load(lab_path))
+            raise SiteDataError(f"{b0_path.name} has no matching {case}_labels.nii.gz in {folder}")
+        b0, lab = _load_nifti(b0_path), _load_nifti(lab_path)
+        if lab.ndim != 3 or b0.ndim not in (3, 4):
+            raise SiteDataError(f"{case}: the b0 must be 3D (or 4D, averaged) and the labels 3D")
         if b0.shape[:3] != lab.shape[:3] or not np.allclose(b0.affine, lab.affine, atol=1e-3):
-            raise ValueError(f"{case}: b0 and labels are not on the same voxel grid")
+            raise SiteDataError(f"{case}: b0 and labels are not on the same voxel grid")
         data = np.asarray(b0.dataobj, dtype=np.float32)
         if data.ndim == 4:
             data = data.mean(axis=3)
-        labels = np.asarray(lab.dataobj).astype(np.int16)
-        if labels.min() < 0 or labels.max() >= N_CLASSES:
-            raise ValueError(f"{case}: label codes must be 0-{N_CLASSES - 1}")
+        values = np.asarray(lab.dataobj, dtype=np.float64)
+        if not np.isfinite(values).all() or (values != np.round(values)).any() or values.min() < 0 or values.max() >= N_CLASSES:
+            raise SiteDataError(f"{case}: labels must be whole codes 0-{N_CLASSES - 1} (worker.labels)")
+        labels = values.astype(np.int16)
         zx, zy = (float(z) for z in b0.header.get_zooms()[:2])
         zooms = (zx, zy)
         for k in range(data.shape[2]):
@@ -93,7 +131,7 @@ def load_site_data(folder: Path, spacing_mm: float = MODEL_SPACING_MM) -> list[t
             out.append((img, lab2.astype(np.uint8)))
         log.info("site data %s: %d slices so far", case, len(out))
     if not out:
-        raise ValueError(f"no labelled cord slices found in {folder}")
+        raise SiteDataError(f"no labelled cord slices (<case>_b0.nii.gz + <case>_labels.nii.gz) found in {folder}")
     return out
 
 
@@ -110,13 +148,28 @@ def site_sample(slices: list[tuple[np.ndarray, np.ndarray]], rng: np.random.Gene
     return normalise(_crop(img, c, patch, 0.0 if rng.random() < 0.5 else None)), _crop(lab, c, patch, 0)
 
 
+_MIRROR = torch.tensor(MIRROR_LUT, dtype=torch.long)
+
+
+def mirror_batch(x: torch.Tensor, y: torch.Tensor, flip: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mirror the samples where ``flip`` (N,) is true left-right (along i, world x): images
+    (N, 1, H, W) and class fractions (N, 9, H, W), whose channel c becomes class
+    ``MIRROR_LUT[c]`` (left and right regions swap, as in :func:`models.generator.mirror`)."""
+    x, y = x.clone(), y.clone()
+    x[flip] = x[flip].flip(2)
+    y[flip] = y[flip][:, _MIRROR].flip(2)
+    return x, y
+
+
 def dice_ce_loss(logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Cross-entropy + (1 - soft Dice averaged over the nine classes, batch-pooled, smoothed by 1)."""
+    """Cross-entropy + (1 - soft Dice averaged over the nine classes, batch-pooled, smoothed by 1).
+
+    ``target``: (N, H, W) integer labels or (N, 9, H, W) float class fractions summing to 1."""
     ce = F.cross_entropy(logits, target)
     p = torch.softmax(logits, dim=1)
-    onehot = F.one_hot(target, N_CLASSES).permute(0, 3, 1, 2).float()
-    inter = (p * onehot).sum(dim=(0, 2, 3))
-    denom = p.sum(dim=(0, 2, 3)) + onehot.sum(dim=(0, 2, 3))
+    share = target if target.is_floating_point() else F.one_hot(target, N_CLASSES).permute(0, 3, 1, 2).float()
+    inter = (p * share).sum(dim=(0, 2, 3))
+    denom = p.sum(dim=(0, 2, 3)) + share.sum(dim=(0, 2, 3))
     dice = (2 * inter + 1.0) / (denom + 1.0)
     dice_loss = 1.0 - dice.mean()
     return ce + dice_loss, ce, dice_loss
@@ -134,13 +187,16 @@ def hard_dice(pred: np.ndarray, truth: np.ndarray) -> np.ndarray:
 
 
 def train(args: argparse.Namespace) -> None:
+    site = load_site_data(args.data) if args.data else None  # refuse unusable data before anything else
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
     rng = np.random.default_rng(args.seed)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    ck = torch.load(args.init, map_location=device, weights_only=False) if args.init else None
+    if ck is not None:
+        args.widths = list(ck.get("widths", args.widths))  # fine-tuning keeps the checkpoint's network
     model = SCSNet(widths=tuple(args.widths)).to(device)
-    if args.init:
-        ck = torch.load(args.init, map_location=device, weights_only=False)
+    if ck is not None:
         model.load_state_dict(ck["state_dict"])
         log.info("initialised from %s", args.init)
     log.info("SCS-Net %d parameters on %s", count_parameters(model), device)
@@ -157,14 +213,13 @@ def train(args: argparse.Namespace) -> None:
             progress = max(progress, elapsed_s / (60 * args.max_minutes))
         return args.lr * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
-    site = load_site_data(args.data) if args.data else None
     synth_frac = args.synthetic_fraction if site is not None else 1.0
     patch = args.patch
     stream = DataLoader(SyntheticStream(args.seed, patch), batch_size=None, num_workers=args.workers,
                         prefetch_factor=8 if args.workers else None, persistent_workers=bool(args.workers))
     it = iter(stream)
     buf_x = np.zeros((args.buffer, patch, patch), np.float32)
-    buf_y = np.zeros((args.buffer, patch, patch), np.uint8)
+    buf_y = np.zeros((args.buffer, N_CLASSES, patch, patch), np.uint8)  # class fractions x 255
     filled = 0
     pos = 0
 
@@ -179,7 +234,8 @@ def train(args: argparse.Namespace) -> None:
             if rng.random() < synth_frac:
                 x, y = next(it)
             else:
-                x, y = site_sample(site, rng, patch)  # type: ignore[arg-type]
+                x, lab = site_sample(site, rng, patch)  # type: ignore[arg-type]
+                y = one_hot(lab)
             push(x, y)
 
     t0 = time.time()
@@ -188,7 +244,6 @@ def train(args: argparse.Namespace) -> None:
     val = [training_sample(VALIDATION_SEED_BASE + n, patch=patch) for n in range(args.val_samples)]
     val_x = torch.from_numpy(np.stack([v[0] for v in val])[:, None]).to(device)
     val_y = np.stack([v[1] for v in val])
-    lut = torch.tensor(MIRROR_LUT, dtype=torch.long)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     log_path = out / "train_log.csv"
@@ -205,10 +260,9 @@ def train(args: argparse.Namespace) -> None:
         fresh(args.fresh)
         idx = rng.integers(0, filled, args.batch)
         x = torch.from_numpy(buf_x[idx][:, None].copy())
-        y = torch.from_numpy(buf_y[idx].astype(np.int64))
-        flip = torch.from_numpy(rng.random(args.batch) < 0.5)
-        x[flip] = x[flip].flip(2)
-        y[flip] = lut[y[flip].flip(1)]
+        y = torch.from_numpy(buf_y[idx].astype(np.float32))
+        y /= y.sum(dim=1, keepdim=True).clamp_min(1.0)
+        x, y = mirror_batch(x, y, torch.from_numpy(rng.random(args.batch) < 0.5))
         gain = torch.from_numpy(rng.uniform(0.85, 1.15, (args.batch, 1, 1, 1)).astype(np.float32))
         x = x * gain + torch.from_numpy(rng.normal(0, 0.05, (args.batch, 1, 1, 1)).astype(np.float32))
         x, y = x.to(device), y.to(device)
@@ -236,7 +290,7 @@ def train(args: argparse.Namespace) -> None:
                      f"{r[2]:.4f}", vd])
             log.info("step %d  %.0fs  loss %.4f ce %.4f dice_loss %.4f  val dice %s", step + 1, time.time() - t0, *r, vd)
             running[:] = 0
-            torch.save({"widths": list(args.widths), "state_dict": model.state_dict()}, out / "scsnet.pt")
+            torch.save({"widths": list(args.widths), "patch": patch, "state_dict": model.state_dict()}, out / "scsnet.pt")
         if over_time:
             log.info("time limit reached at step %d", step + 1)
             break
@@ -255,17 +309,18 @@ def train(args: argparse.Namespace) -> None:
         "seed": args.seed,
     }
     model = model.cpu().eval()
-    torch.save({"widths": list(args.widths), "state_dict": model.state_dict(), "training": training}, out / "scsnet.pt")
-    manifest = export(model, out, training=training)
+    torch.save({"widths": list(args.widths), "patch": patch, "state_dict": model.state_dict(), "training": training},
+               out / "scsnet.pt")
+    manifest = export(model, out, training=training, crop_px=patch)
     log.info("exported %s (sha256 %s) after %d steps, %.1f min", out / "scsnet.onnx", manifest["sha256"], steps_done, minutes)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=Path("models/scsnet"))
-    p.add_argument("--steps", type=int, default=9000)
+    p.add_argument("--steps", type=int, default=40000)
     p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--patch", type=int, default=CROP_SIZE_PX)
+    p.add_argument("--patch", type=int, default=CROP_SIZE_PX, help="training and run-time pass-2 crop (px at the model spacing)")
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data", type=Path, default=None, help="folder of <case>_b0.nii.gz + <case>_labels.nii.gz")
@@ -273,11 +328,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--init", type=Path, default=None, help="checkpoint (.pt) to fine-tune from")
     p.add_argument("--widths", type=int, nargs="+", default=list(DEFAULT_WIDTHS))
     p.add_argument("--buffer", type=int, default=4000, help="replay buffer size (samples)")
-    p.add_argument("--fresh", type=int, default=6, help="fresh samples added to the buffer per step")
+    p.add_argument("--fresh", type=int, default=3, help="fresh samples added to the buffer per step")
     p.add_argument("--warmup-samples", type=int, default=256)
     p.add_argument("--val-samples", type=int, default=64)
-    p.add_argument("--workers", type=int, default=1, help="DataLoader worker processes (0 = main process)")
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes (0 = main process: on 2 cores a worker beside 2 torch threads halves the speed)")
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     p.add_argument("--log-every", type=int, default=50)
     p.add_argument("--max-minutes", type=float, default=0.0, help="stop early after this long (0 = no limit)")
     return p.parse_args(argv)
@@ -285,7 +340,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    train(parse_args(argv))
+    args = parse_args(argv)
+    if args.init and not args.init.is_file():
+        print(f"error: checkpoint {args.init} not found", file=sys.stderr)
+        raise SystemExit(2)
+    try:
+        train(args)
+    except SiteDataError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ import pytest
 
 from models.atlas import load_atlas
 from models.generator import (
+    CROP_SIZE_PX,
     draw_acquisition,
     generate,
     mirror,
@@ -63,8 +64,19 @@ def test_seeded_and_model_grid() -> None:
     a, b = generate(42), generate(42)
     assert np.array_equal(a.b0, b.b0) and np.array_equal(a.labels, b.labels)
     x, y = training_sample(42)
-    assert x.shape == y.shape == (96, 96) and x.dtype == np.float32 and y.dtype == np.uint8
+    assert x.shape == y.shape == (CROP_SIZE_PX, CROP_SIZE_PX) and x.dtype == np.float32 and y.dtype == np.uint8
     assert np.isfinite(x).all() and np.abs(x).max() <= 3.0
+
+
+def test_soft_training_target_is_the_class_fractions_behind_the_labels() -> None:
+    x_hard, labels = training_sample(42)
+    x, fractions = training_sample(42, soft=True)
+    assert np.array_equal(x, x_hard)
+    assert fractions.shape == (9, CROP_SIZE_PX, CROP_SIZE_PX) and fractions.dtype == np.float32
+    assert fractions.min() >= 0.0 and np.allclose(fractions.sum(axis=0), 1.0, atol=1e-5)
+    assert np.array_equal(np.argmax(fractions, axis=0), labels)
+    cord = fractions[1:].sum(axis=0)
+    assert ((cord > 0.05) & (cord < 0.95)).any()  # partial-volume pixels at the cord's edge
 
 
 def test_acquisition_ranges() -> None:

@@ -42,6 +42,41 @@ def test_training_smoke_exports_onnx(tmp_path: Path) -> None:
     assert (tmp_path / "train_log.csv").read_text().count("\n") == 4
 
 
+def test_mirrored_soft_targets_match_the_mirrored_labels() -> None:
+    import numpy as np
+    import torch
+
+    from models.generator import mirror, training_sample
+    from models.train import mirror_batch, one_hot
+
+    x, labels = training_sample(7, patch=48)
+    m_x, m_labels = mirror(x, labels)
+    xs = torch.from_numpy(np.stack([x, x])[:, None])
+    ys = torch.from_numpy(np.stack([one_hot(labels), one_hot(labels)]).astype(np.float32) / 255)
+    fx, fy = mirror_batch(xs, ys, torch.tensor([True, False]))
+    assert np.array_equal(fx[0, 0].numpy(), m_x) and np.array_equal(fx[1, 0].numpy(), x)
+    assert np.array_equal(fy[0].argmax(0).numpy(), m_labels)
+    assert np.array_equal(fy[1].argmax(0).numpy(), labels)
+    assert not np.array_equal(m_labels, labels)
+
+
+def test_loss_takes_labels_or_class_fractions_alike() -> None:
+    import numpy as np
+    import torch
+
+    from models.train import dice_ce_loss, one_hot, quantise
+
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 9, (2, 16, 16))
+    logits = torch.from_numpy(rng.normal(0, 1, (2, 9, 16, 16)).astype(np.float32))
+    hard = dice_ce_loss(logits, torch.from_numpy(labels))
+    soft = dice_ce_loss(logits, torch.from_numpy(np.stack([one_hot(lab) for lab in labels]).astype(np.float32) / 255))
+    for a, b in zip(hard, soft):
+        assert abs(a.item() - b.item()) < 1e-5
+    half = np.full((9, 4, 4), 0.5)
+    assert np.array_equal(quantise(half), np.full((9, 4, 4), 128, np.uint8))
+
+
 @pytest.mark.skipif(not (SHIPPED / "manifest.json").exists(), reason="no shipped model yet")
 def test_shipped_manifest_matches_onnx() -> None:
     manifest = _check_manifest(SHIPPED)
