@@ -42,6 +42,19 @@ def test_training_smoke_exports_onnx(tmp_path: Path) -> None:
     assert (tmp_path / "train_log.csv").read_text().count("\n") == 4
 
 
+def test_training_is_reproducible_from_its_seed(tmp_path: Path) -> None:
+    import torch
+
+    def run(out: Path, seed: int) -> dict:
+        train_main(["--out", str(out), "--steps", "3", "--batch", "2", "--patch", "48", "--warmup-samples", "4",
+                    "--val-samples", "2", "--fresh", "1", "--log-every", "3", "--seed", str(seed)])
+        return torch.load(out / "scsnet.pt", weights_only=False)["state_dict"]
+
+    a, b, c = run(tmp_path / "a", 0), run(tmp_path / "b", 0), run(tmp_path / "c", 1)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], c[k]) for k in a)
+
+
 def test_mirrored_soft_targets_match_the_mirrored_labels() -> None:
     import numpy as np
     import torch
