@@ -83,13 +83,14 @@ class SiteDataError(ValueError):
     """A site-data folder that cannot be used as it is (the message says why, naming the case)."""
 
 
-def _load_nifti(path: Path) -> Any:
+def _load_nifti(path: Path) -> tuple[Any, np.ndarray]:
+    """(closest-canonical image, its float32 voxel values); read whole now, so that a truncated
+    file fails here and not mid-training."""
     import nibabel as nib
 
     try:
         img = nib.as_closest_canonical(nib.load(path))
-        img.get_fdata(dtype=np.float32)  # read now: a truncated file fails here, not mid-training
-        return img
+        return img, img.get_fdata(dtype=np.float32)
     except Exception as exc:  # nibabel raises several unrelated types for unreadable files
         raise SiteDataError(f"{path.name} is not a readable NIfTI image: {exc}") from exc
 
@@ -108,15 +109,13 @@ def load_site_data(folder: Path, spacing_mm: float = MODEL_SPACING_MM) -> list[t
         lab_path = next(iter(sorted(folder.glob(f"{case}_labels.nii*"))), None)
         if lab_path is None:
             raise SiteDataError(f"{b0_path.name} has no matching {case}_labels.nii.gz in {folder}")
-        b0, lab = _load_nifti(b0_path), _load_nifti(lab_path)
+        (b0, data), (lab, values) = _load_nifti(b0_path), _load_nifti(lab_path)
         if lab.ndim != 3 or b0.ndim not in (3, 4):
             raise SiteDataError(f"{case}: the b0 must be 3D (or 4D, averaged) and the labels 3D")
         if b0.shape[:3] != lab.shape[:3] or not np.allclose(b0.affine, lab.affine, atol=1e-3):
             raise SiteDataError(f"{case}: b0 and labels are not on the same voxel grid")
-        data = np.asarray(b0.dataobj, dtype=np.float32)
         if data.ndim == 4:
             data = data.mean(axis=3)
-        values = np.asarray(lab.dataobj, dtype=np.float64)
         if not np.isfinite(values).all() or (values != np.round(values)).any() or values.min() < 0 or values.max() >= N_CLASSES:
             raise SiteDataError(f"{case}: labels must be whole codes 0-{N_CLASSES - 1} (worker.labels)")
         labels = values.astype(np.int16)
