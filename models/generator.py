@@ -15,11 +15,13 @@ How a slice is made
    volume through the slice; size is scaled 0.8-1.2 and CSM-like compression flattens the cord
    front-to-back down to ~half its depth (widening it slightly). A left-right mirror is applied
    to the geometry *and* swaps the left/right region channels (the MIRROR_LUT rule).
-   Around it: a thecal sac of variable width (sometimes almost no CSF), epidural fat/veins, the
+   Around it: a thecal sac of variable width (sometimes almost no CSF), in 45 % of slices with
+   CSF-filled root sleeves that widen it into the "V" of the real b0, epidural fat/veins, the
    vertebral body or a disc (with a bright nucleus), a dark posterior ligament layer, pedicles and
    lamina, nerve-root sleeves running antero-laterally, vertebral arteries, muscles with fat
    planes, the neck outline and air.
-3. **Contrast** (b0, long-TE EPI): CSF bright (1.1-2.8 x cord; 15 %: 0.9-1.3), gray matter equal to or slightly
+3. **Contrast** (b0, long-TE EPI): CSF bright (1.1-2.8 x cord; about 28 %: 0.85-1.3,
+   as bright as the cord), gray matter equal to or slightly
    brighter than white matter, bone/ligament dark, muscle intermediate-dark, texture fields.
 4. **Acquisition grid**: block-average the fine grid (voxel partial volume), EPI blur and a
    smooth geometric distortion along the phase-encode axis (applied to labels too, since a rater
@@ -267,6 +269,27 @@ def _surroundings(rng: np.random.Generator, u: F32, v: F32, p: dict[str, float],
     return img.astype(np.float32), indent
 
 
+def _root_sleeves(rng: np.random.Generator, u: F32, v: F32, cu: float, cv: float, sac_lr: float) -> F32:
+    """CSF fraction (Hf, Wf) of the two dural root sleeves: CSF-filled wedges leaving the sac
+    antero-laterally towards the foramina, wide at the sac (1.2-3.5 mm half-width) and tapering
+    over 6-20 mm. On the real b0 they turn the sac into the bright "V" around the cord; the CSF
+    in them can be as bright as the cord. A partial fill (0.5-1) gives fainter sleeves."""
+    out = np.zeros(u.shape, np.float32)
+    ang0, w0, length = rng.uniform(20, 60), rng.uniform(1.2, 3.5), rng.uniform(6, 20)
+    w1 = rng.uniform(0.3, 1.0)
+    fill = rng.uniform(0.5, 1.0)
+    for sgn in (-1.0, 1.0):
+        ang = np.deg2rad(ang0 + rng.uniform(-8, 8))
+        du = sgn * (u - cu) - sac_lr * rng.uniform(0.5, 0.9)
+        dv = v - cv - rng.uniform(-1.5, 1.5)
+        along = du * np.cos(ang) + dv * np.sin(ang)
+        across = -du * np.sin(ang) + dv * np.cos(ang)
+        half = w0 + (w1 - w0) * np.clip(along / length, 0, 1)
+        wedge = _soft(np.abs(across) - half, 0.3) * _soft(-along, 0.5) * _soft(along - length, 1.0)
+        out = np.maximum(out, wedge)
+    return (out * fill).astype(np.float32)
+
+
 def _downsample(x: F32, k: int) -> F32:
     h, w = x.shape[-2] // k, x.shape[-1] // k
     x = x[..., : h * k, : w * k]
@@ -332,18 +355,24 @@ def generate(seed: int, *, acquisition: Acquisition | None = None) -> SyntheticS
     sac = _soft(_ellipse(u, v, cu, sac_cv, sac_lr, (sac_ant - sac_post) / 2)
                 + 0.6 * _smooth_noise(rng, u.shape, 4) * (not thin), 0.25)
     sac = np.maximum(sac, cord)
-    csf = np.clip(sac - cord, 0.0, 1.0)
 
     other, _ = _surroundings(rng, u, v, p, (sac_post, sac_ant), sac_lr)
     wm_int = 1.0
     gm_int = float(rng.uniform(1.0, 1.15))
     csf_int = float(rng.uniform(1.1, 2.8)) if rng.random() < 0.85 else float(rng.uniform(0.9, 1.3))
+    # Later additions draw from their own stream, so every earlier draw (and every slice that
+    # gets none of them) is unchanged: CSF-filled root sleeves and more cord-bright CSF.
+    extra = np.random.default_rng([seed, 2])
+    fluid = np.maximum(sac, _root_sleeves(extra, u, v, cu, sac_cv, sac_lr)) if extra.random() < 0.45 else sac
+    if extra.random() < 0.15:
+        csf_int = float(extra.uniform(0.85, 1.25))
+    csf = np.clip(fluid - cord, 0.0, 1.0)
     gm = regions[3] + regions[7]
     wm = cord - gm
     cord_tex = 1.0 + 0.04 * _smooth_noise(rng, u.shape, 6)
-    fine = other * (1.0 - sac) + csf * csf_int + (wm * wm_int + gm * gm_int) * cord_tex
+    fine = other * (1.0 - fluid) + csf * csf_int + (wm * wm_int + gm * gm_int) * cord_tex
     # Epidural ring (fat / veins) directly around the sac.
-    ring = np.clip(_soft(_ellipse(u, v, cu, sac_cv, sac_lr + 1.2, (sac_ant - sac_post) / 2 + 1.2), 0.4) - sac, 0, 1)
+    ring = np.clip(_soft(_ellipse(u, v, cu, sac_cv, sac_lr + 1.2, (sac_ant - sac_post) / 2 + 1.2), 0.4) - fluid, 0, 1)
     fine = fine * (1 - ring) + ring * rng.uniform(0.1, 0.9) * (1 + 0.3 * _smooth_noise(rng, u.shape, 20))
 
     # Acquisition grid: voxel partial volume.

@@ -8,6 +8,7 @@ import pytest
 from models.atlas import load_atlas
 from models.generator import (
     CROP_SIZE_PX,
+    _root_sleeves,
     draw_acquisition,
     generate,
     mirror,
@@ -86,3 +87,26 @@ def test_acquisition_ranges() -> None:
         assert 0.6 * 0.9 <= min(acq.spacing_mm) and max(acq.spacing_mm) <= 1.8 * 1.1
         assert 3.0 <= acq.thickness_mm <= 7.0
         assert 8.0 <= acq.snr <= 40.0
+
+
+def test_root_sleeves_are_csf_wedges_leaving_the_sac_antero_laterally() -> None:
+    """Both sleeves reach out of the sac (half-width 6 mm here), anterior (v > 0) rather than
+    posterior, and wider where they leave the sac than further out."""
+    v_mm, u_mm = np.meshgrid(np.arange(-20, 20, 0.25), np.arange(-30, 30, 0.25))
+    u, v = u_mm.astype(np.float32), v_mm.astype(np.float32)
+    for seed in range(10):
+        w = _root_sleeves(np.random.default_rng(seed), u, v, 0.0, 0.0, 6.0)
+        assert 0.0 <= w.min() and w.max() <= 1.0
+        assert w[np.abs(u) > 8.0].max() > 0.45
+        left, right = w[u < 0].sum(), w[u > 0].sum()
+        assert min(left, right) > 0.3 * max(left, right) > 0
+        assert w[v > 0].sum() > 3 * w[v < 0].sum()
+        side = w * (u > 0)
+        near, far = (side * (np.abs(u - 7) < 1)).sum(), (side * (np.abs(u - 12) < 1)).sum()
+        assert near > far
+
+
+def test_some_slices_have_csf_as_bright_as_the_cord() -> None:
+    """The real b0 often shows CSF no brighter than the cord; about 28 % of slices do here."""
+    low = np.mean([generate(seed).params["csf_int"] < 1.3 for seed in range(120)])
+    assert 0.15 < low < 0.45
