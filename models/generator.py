@@ -186,9 +186,8 @@ def _sample_cord(
 
 
 def _surroundings(rng: np.random.Generator, u: F32, v: F32, p: dict[str, float], sac_ap: tuple[float, float],
-                  sac_lr: float) -> tuple[F32, F32]:
-    """Intensity of non-neural tissue (relative to cord WM = 1) on the fine grid, and a
-    placeholder (zeros) for structures indenting the sac (not modelled yet)."""
+                  sac_lr: float) -> F32:
+    """Intensity (Hf, Wf) of non-neural tissue on the fine grid, relative to cord WM = 1."""
     shape = u.shape
     tex = _smooth_noise(rng, shape, int(rng.integers(6, 16)))
     tex2 = _smooth_noise(rng, shape, int(rng.integers(20, 40)))
@@ -264,9 +263,8 @@ def _surroundings(rng: np.random.Generator, u: F32, v: F32, p: dict[str, float],
     for sgn in (-1.0, 1.0):
         va = _soft(_ellipse(u, v, sgn * rng.uniform(11, 16), rng.uniform(1, 7), 2.0, 2.0) + rng.uniform(-0.7, 0.5), 0.3)
         img = img * (1 - va) + va * (rng.uniform(0.0, 0.2) if rng.random() < 0.6 else rng.uniform(0.8, 1.5))
-    indent = np.zeros(shape, np.float32)
     p["disc"] = float(is_disc)
-    return img.astype(np.float32), indent
+    return img.astype(np.float32)
 
 
 def _root_sleeves(rng: np.random.Generator, u: F32, v: F32, cu: float, cv: float, sac_lr: float) -> F32:
@@ -356,7 +354,7 @@ def generate(seed: int, *, acquisition: Acquisition | None = None) -> SyntheticS
                 + 0.6 * _smooth_noise(rng, u.shape, 4) * (not thin), 0.25)
     sac = np.maximum(sac, cord)
 
-    other, _ = _surroundings(rng, u, v, p, (sac_post, sac_ant), sac_lr)
+    other = _surroundings(rng, u, v, p, (sac_post, sac_ant), sac_lr)
     wm_int = 1.0
     gm_int = float(rng.uniform(1.0, 1.15))
     csf_int = float(rng.uniform(1.1, 2.8)) if rng.random() < 0.85 else float(rng.uniform(0.9, 1.3))
