@@ -21,8 +21,8 @@ How a slice is made
    lamina, nerve-root sleeves running antero-laterally, vertebral arteries, muscles with fat
    planes, the neck outline and air.
 3. **Contrast** (b0, long-TE EPI): CSF bright (1.1-2.8 x cord; about 28 %: 0.85-1.3,
-   as bright as the cord), gray matter equal to or slightly
-   brighter than white matter, bone/ligament dark, muscle intermediate-dark, texture fields.
+   as bright as the cord), gray matter 1.0-1.15 x white matter (25 %: 1.15-1.35, a clear
+   contrast), bone/ligament dark, muscle intermediate-dark, texture fields.
 4. **Acquisition grid**: block-average the fine grid (voxel partial volume), EPI blur and a
    smooth geometric distortion along the phase-encode axis (applied to labels too, since a rater
    labels the distorted image), multiplicative bias field, Rician noise.
@@ -359,11 +359,14 @@ def generate(seed: int, *, acquisition: Acquisition | None = None) -> SyntheticS
     gm_int = float(rng.uniform(1.0, 1.15))
     csf_int = float(rng.uniform(1.1, 2.8)) if rng.random() < 0.85 else float(rng.uniform(0.9, 1.3))
     # Later additions draw from their own stream, so every earlier draw (and every slice that
-    # gets none of them) is unchanged: CSF-filled root sleeves and more cord-bright CSF.
+    # gets none of them) is unchanged: CSF-filled root sleeves, more cord-bright CSF and
+    # clearer gray/white contrast.
     extra = np.random.default_rng([seed, 2])
     fluid = np.maximum(sac, _root_sleeves(extra, u, v, cu, sac_cv, sac_lr)) if extra.random() < 0.45 else sac
     if extra.random() < 0.15:
         csf_int = float(extra.uniform(0.85, 1.25))
+    if extra.random() < 0.25:  # clear gray/white contrast (manual GM on the real T2*: 1.12-1.26)
+        gm_int = float(extra.uniform(1.15, 1.35))
     csf = np.clip(fluid - cord, 0.0, 1.0)
     gm = regions[3] + regions[7]
     wm = cord - gm
