@@ -6,8 +6,9 @@ the slice, its labels and its simulated DWI.
 How a slice is made
 -------------------
 1. **Acquisition** draw: in-plane voxel 0.6-1.8 mm (slightly anisotropic at times), slice
-   thickness 3-7 mm, a reduced (25-100 mm) or full (100-170 mm) field of view, cord centre
-   anywhere at least ~7 mm inside the field, phase-encode axis, SNR 8-40.
+   thickness 3-7 mm, a reduced (25-100 mm; 10 %: 20-40 mm per side) or full (100-170 mm)
+   field of view, cord centre anywhere at least ~7 mm inside the field, phase-encode axis,
+   SNR 8-40.
 2. **Scene** on a fine grid (acquisition voxel / k, about 0.2-0.3 mm), coordinates in mm in an
    anatomical frame (u to the patient's right, v anterior) rotated by up to +-20 degrees about the
    cord centre. The cord comes from the compact PAM50 atlas (``models/atlas``): the sub-slices
@@ -41,7 +42,7 @@ All arrays are ``[i, j]``: ``i`` along world +x (patient's right larger), ``j`` 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
 
 import numpy as np
@@ -153,6 +154,14 @@ def draw_acquisition(rng: np.random.Generator) -> Acquisition:
         snr=float(np.exp(rng.uniform(np.log(8), np.log(40)))),
         pe_axis=int(rng.random() < 0.7),  # AP phase encoding is the most common for the cord
     )
+
+
+def _tight_field(rng: np.random.Generator, acq: Acquisition) -> Acquisition:
+    """The same acquisition with a field of view of 20-40 mm per side (at most the drawn one):
+    little more than the cord and its CSF, as in a tightly cropped reduced-FOV series."""
+    (sx, sy), (h, w) = acq.spacing_mm, acq.shape
+    shape = (min(h, max(10, int(rng.uniform(20, 40) / sx))), min(w, max(10, int(rng.uniform(20, 40) / sy))))
+    return replace(acq, shape=shape)
 
 
 def _sample_cord(
@@ -297,7 +306,13 @@ def _downsample(x: F32, k: int) -> F32:
 def generate(seed: int, *, acquisition: Acquisition | None = None) -> SyntheticSlice:
     """Render one synthetic slice (see module docstring) on its acquisition grid."""
     rng = np.random.default_rng(seed)
+    # Later additions draw from their own stream, so every earlier draw (and every slice that
+    # gets none of them) is unchanged: a tight field of view, CSF-filled root sleeves, more
+    # cord-bright CSF and clearer gray/white contrast.
+    extra = np.random.default_rng([seed, 2])
     acq = acquisition or draw_acquisition(rng)
+    if extra.random() < 0.1 and acquisition is None:
+        acq = _tight_field(extra, acq)
     sx, sy = acq.spacing_mm
     k = max(2, math.ceil(max(sx, sy) / 0.3))
     H, W = acq.shape
@@ -358,10 +373,6 @@ def generate(seed: int, *, acquisition: Acquisition | None = None) -> SyntheticS
     wm_int = 1.0
     gm_int = float(rng.uniform(1.0, 1.15))
     csf_int = float(rng.uniform(1.1, 2.8)) if rng.random() < 0.85 else float(rng.uniform(0.9, 1.3))
-    # Later additions draw from their own stream, so every earlier draw (and every slice that
-    # gets none of them) is unchanged: CSF-filled root sleeves, more cord-bright CSF and
-    # clearer gray/white contrast.
-    extra = np.random.default_rng([seed, 2])
     fluid = np.maximum(sac, _root_sleeves(extra, u, v, cu, sac_cv, sac_lr)) if extra.random() < 0.45 else sac
     if extra.random() < 0.15:
         csf_int = float(extra.uniform(0.85, 1.25))

@@ -110,3 +110,16 @@ def test_some_slices_have_csf_as_bright_as_the_cord() -> None:
     """The real b0 often shows CSF no brighter than the cord; about 28 % of slices do here."""
     low = np.mean([generate(seed).params["csf_int"] < 1.3 for seed in range(120)])
     assert 0.15 < low < 0.45
+
+
+def test_some_fields_of_view_hold_little_more_than_the_cord() -> None:
+    """About 10 % of slices have a tight 20-40 mm field of view, and still a cord in it."""
+    tight = []
+    for seed in range(100):
+        s = generate(seed)
+        extent = [n * d for n, d in zip(s.acquisition.shape, s.acquisition.spacing_mm)]
+        if max(extent) <= 40.0:
+            tight.append(s)
+    assert 3 <= len(tight) <= 25
+    assert all(min(n * d for n, d in zip(s.acquisition.shape, s.acquisition.spacing_mm)) >= 10.0 for s in tight)
+    assert all((s.labels > 0).sum() >= 5 for s in tight)
