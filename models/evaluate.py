@@ -1,6 +1,7 @@
 """Evaluate a shipped SCS-Net (ONNX) on held-out synthetic slices and on the real DWI.
 
     python -m models.evaluate [--model models/scsnet] [--n 300] [--real PATH] [--qc qc.png]
+                              [--anatomy DIR]
 
 Synthetic test: seeds ``EVAL_SEED_BASE + n`` (never used in training or validation), each with
 its own independently drawn acquisition. Inference is the run-time recipe itself
@@ -12,6 +13,9 @@ DWI (30 directions, b = 800 s/mm^2), averaged over slices.
 Real DWI: b=0 volumes (b < 50 s/mm^2) averaged, closest-canonical RAS, every axial slice
 segmented; prints cord area, left/right and dorsal/ventral sanity checks and FA per region,
 and writes a QC montage.
+
+Real anatomy of other contrasts (T2*, MT) with reference cord and manual gray-matter masks: an
+out-of-distribution check, see :mod:`models.anatomy_check`.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
+from models import anatomy_check
 from models.generator import fit_fa, generate, simulate_dwi
 from models.train import EVAL_SEED_BASE
 from worker.labels import BY_CODE, N_CLASSES
@@ -202,6 +207,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--real", type=Path, default=DEFAULT_REAL)
     p.add_argument("--qc", type=Path, default=Path("scsnet_real_qc.png"))
     p.add_argument("--json", type=Path, default=None, help="also write the synthetic results here")
+    p.add_argument("--anatomy", type=Path, default=anatomy_check.DEFAULT_DIR,
+                   help="sct_testing_data copy for the check on real T2*/MT images")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     seg = SliceSegmenter(args.model)
@@ -214,6 +221,10 @@ def main(argv: list[str] | None = None) -> None:
         print(evaluate_real(seg, args.real, args.qc))
     else:
         print(f"real DWI not found at {args.real}: pass --real PATH")
+    if args.anatomy.exists():
+        print(anatomy_check.print_check(anatomy_check.check(seg.volume_labels, args.anatomy)))
+    else:
+        print(f"sct_testing_data not found at {args.anatomy}: pass --anatomy DIR")
 
 
 if __name__ == "__main__":
