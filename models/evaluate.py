@@ -31,7 +31,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from models import anatomy_check
-from models.generator import fit_fa, generate, simulate_dwi
+from models.generator import fit_fa, fit_fa_md, generate, simulate_dwi
 from models.train import EVAL_SEED_BASE
 from worker.labels import BY_CODE, N_CLASSES
 from worker.report.qc import write_qc_png
@@ -39,6 +39,9 @@ from worker.segment.runtime import Segmenter
 
 log = logging.getLogger(__name__)
 DEFAULT_REAL = Path("tests/data/sct_tutorial_dmri/dmri.nii.gz")
+CSF_LIKE_MD = 1.6e-3
+"""mm^2/s: the apparent MD at b = 800 s/mm^2 of a voxel half cord (MD 1e-3) and half CSF (3e-3);
+cord voxels above it are mostly CSF, the measure of a mask spilling into the CSF ring."""
 
 
 class SliceSegmenter:
@@ -150,7 +153,8 @@ def segment_real(seg: SliceSegmenter, path: Path) -> dict[str, Any]:
     """Segment every axial slice of a real DWI (b-values/vectors ``bval*``/``bvec*`` beside it).
 
     Returns the canonical-RAS mean b0 ``(X, Y, Z)``, labels, FA map, voxel size and per-slice rows
-    (cord area mm^2, left-at-smaller-world-x, dorsal-posterior-to-ventral, mean FA WM/GM).
+    (cord area mm^2, left-at-smaller-world-x, dorsal-posterior-to-ventral, mean FA WM/GM, and the
+    share of cord voxels whose MD says they are mostly CSF: ``CSF_LIKE_MD``).
     """
     import nibabel as nib
 
@@ -160,10 +164,10 @@ def segment_real(seg: SliceSegmenter, path: Path) -> dict[str, Any]:
     bvals = np.loadtxt(next(folder.glob("bval*")))
     bvecs = np.loadtxt(next(folder.glob("bvec*")))
     bvecs = bvecs.T if bvecs.shape[0] == 3 else bvecs
-    # FA is invariant to the reflection between the stored and RAS frames, so the b-vectors
-    # need no reorientation for this check.
+    # FA and MD are invariant to the reflection between the stored and RAS frames, so the
+    # b-vectors need no reorientation for this check.
     b0 = data[..., bvals < 50].mean(axis=3)
-    fa = np.stack([fit_fa(data[:, :, k], bvals, bvecs) for k in range(data.shape[2])], axis=2)
+    fa, md = (np.stack(m, axis=2) for m in zip(*(fit_fa_md(data[:, :, k], bvals, bvecs) for k in range(data.shape[2]))))
     zx, zy, zz = (float(z) for z in img.header.get_zooms()[:3])
     zooms = (zx, zy)
     labels = seg.volume_labels(b0, (zx, zy, zz))
@@ -181,18 +185,21 @@ def segment_real(seg: SliceSegmenter, path: Path) -> dict[str, Any]:
             "dorsal_posterior": bool(_world_centroid(lab, k, aff, [2, 6])[1] < _world_centroid(lab, k, aff, [3, 7])[1]),
             "fa_wm": float(wm.mean()) if wm.size else float("nan"),
             "fa_gm": float(gm.mean()) if gm.size else float("nan"),
+            "csf_like_pct": float(100 * (md[:, :, k][lab > 0] > CSF_LIKE_MD).mean()) if (lab > 0).any() else float("nan"),
         })
-    return {"b0": b0, "labels": labels, "fa": fa, "zooms": zooms, "rows": rows}
+    return {"b0": b0, "labels": labels, "fa": fa, "md": md, "zooms": zooms, "rows": rows}
 
 
 def evaluate_real(seg: SliceSegmenter, path: Path, qc: Path) -> str:
     res = segment_real(seg, path)
     b0, labels, zooms = res["b0"], res["labels"], res["zooms"]
     lines = [f"Real DWI {path} (canonical RAS, voxel {zooms[0]:.3f} x {zooms[1]:.3f} mm)",
-             f"{'slice':>5}{'cord mm2':>9}{'L<R x':>7}{'D<V y':>7}{'FA WM':>7}{'FA GM':>7}"]
+             f"{'slice':>5}{'cord mm2':>9}{'L<R x':>7}{'D<V y':>7}{'FA WM':>7}{'FA GM':>7}{'CSF-like %':>11}"]
     for r in res["rows"]:
         lines.append(f"{r['slice']:>5}{r['cord_mm2']:>9.1f}{r['left_at_smaller_x']!s:>7}{r['dorsal_posterior']!s:>7}"
-                     f"{r['fa_wm']:>7.2f}{r['fa_gm']:>7.2f}")
+                     f"{r['fa_wm']:>7.2f}{r['fa_gm']:>7.2f}{r['csf_like_pct']:>11.1f}")
+    lines.append(f"CSF-like %: cord voxels with MD > {CSF_LIKE_MD:.1e} mm^2/s (mostly CSF); all slices "
+                 f"{np.mean([r['csf_like_pct'] for r in res['rows']]):.1f} % on average")
     # The same QC montage as every analysis writes (worker.report.qc).
     write_qc_png(b0, res["fa"], labels, qc, zooms_mm=(zooms[0], zooms[1], 1.0),
                  title="SCS-Net on the real b0 (radiological view: patient's left on the right, anterior up)")
