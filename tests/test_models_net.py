@@ -7,8 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
-pytest.importorskip("onnx")
+import torch
 
 from models.export import export, parity
 from models.generator import generate, to_model_grid

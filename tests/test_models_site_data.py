@@ -8,8 +8,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-pytest.importorskip("torch")
-
 import nibabel as nib
 
 from models.generator import Acquisition, generate
