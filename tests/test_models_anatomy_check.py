@@ -44,13 +44,17 @@ def test_scores_a_perfect_and_a_side_swapped_answer(cases: dict[str, Case]) -> N
 
 
 def test_shipped_model_on_real_t2star_and_mt() -> None:
-    """The shipped model on images it was never trained on (not b0, not EPI): the cord is found
-    on every slice of the whole-neck T2* and the MT series, on the right side and the right way
-    up, and the MT cord outline agrees with its reference."""
+    """The shipped model on images it was never trained on (not b0, not EPI), at DTI-like voxel
+    sizes (0.84-1.0 mm; 0.5 mm is below the 0.6-1.8 mm it is trained for): the cord is found
+    on every slice of the whole-neck T2* and the MT series and on most of the tightly cropped
+    T2*, on the right side and the right way up, and the cord outlines agree with their
+    references."""
     seg = SliceSegmenter(default_model_dir())
     rows = {r["case"]: r for r in check(seg.volume_labels)}
-    for name in ("t2s neck 0.5", "t2s neck 1.0", "mt1 0.84"):
+    for name in ("t2s neck 1.0", "mt1 0.84"):
         r = rows[name]
         assert r["cord_found"] == r["left_at_smaller_x"] == r["dorsal_posterior"] == r["slices"], r
-        assert r["gray_dice"] > 0.5, r
-    assert rows["mt1 0.84"]["cord_dice"] > 0.85
+        assert r["gray_dice"] > 0.6, r
+    crop = rows["t2s crop 1.0"]
+    assert crop["cord_found"] == crop["left_at_smaller_x"] == crop["dorsal_posterior"] >= 7, crop
+    assert crop["cord_dice"] > 0.75 and rows["mt1 0.84"]["cord_dice"] > 0.9
