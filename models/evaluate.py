@@ -31,11 +31,13 @@ import numpy as np
 from numpy.typing import NDArray
 
 from models import anatomy_check
-from models.generator import fit_fa, fit_fa_md, generate, simulate_dwi
+from models.generator import fit_fa, generate, simulate_dwi
 from models.train import EVAL_SEED_BASE
+from worker.ingest.nifti import load_nifti_dwi
 from worker.labels import BY_CODE, N_CLASSES
 from worker.report.qc import write_qc_png
 from worker.segment.runtime import Segmenter
+from worker.tensor.fit import TensorFitter
 
 log = logging.getLogger(__name__)
 DEFAULT_REAL = Path("tests/data/sct_tutorial_dmri/dmri.nii.gz")
@@ -156,22 +158,17 @@ def segment_real(seg: SliceSegmenter, path: Path) -> dict[str, Any]:
     (cord area mm^2, left-at-smaller-world-x, dorsal-posterior-to-ventral, mean FA WM/GM, and the
     share of cord voxels whose MD says they are mostly CSF: ``CSF_LIKE_MD``).
     """
-    import nibabel as nib
-
-    img: Any = nib.as_closest_canonical(nib.load(path))
-    data = np.asarray(img.dataobj, dtype=np.float32)
     folder = path.parent
-    bvals = np.loadtxt(next(folder.glob("bval*")))
-    bvecs = np.loadtxt(next(folder.glob("bvec*")))
-    bvecs = bvecs.T if bvecs.shape[0] == 3 else bvecs
-    # FA and MD are invariant to the reflection between the stored and RAS frames, so the
-    # b-vectors need no reorientation for this check.
-    b0 = data[..., bvals < 50].mean(axis=3)
-    fa, md = (np.stack(m, axis=2) for m in zip(*(fit_fa_md(data[:, :, k], bvals, bvecs) for k in range(data.shape[2]))))
-    zx, zy, zz = (float(z) for z in img.header.get_zooms()[:3])
+    # The service's own reading and tensor fit (DIPY WLS), so these are the FA and MD that
+    # `scsnet analyze` reports.
+    dwi, _ = load_nifti_dwi(path, bval=next(folder.glob("bval*")), bvec=next(folder.glob("bvec*"))).to_canonical()
+    b0 = dwi.mean_b0()
+    maps = TensorFitter(dwi).fit(dwi.data)
+    fa, md = maps.fa, maps.md
+    zx, zy, zz = dwi.zooms
     zooms = (zx, zy)
     labels = seg.volume_labels(b0, (zx, zy, zz))
-    aff = img.affine
+    aff = dwi.affine
     rows = []
     for k in range(labels.shape[2]):
         lab = labels[:, :, k]

@@ -564,12 +564,6 @@ def simulate_dwi(s: SyntheticSlice, seed: int, *, bval: float = 800.0, n_dirs: i
 
 def fit_fa(dwi: F32, bvals: NDArray, bvecs: NDArray) -> F32:
     """Log-linear least-squares tensor fit, FA map (H, W)."""
-    return fit_fa_md(dwi, bvals, bvecs)[0]
-
-
-def fit_fa_md(dwi: F32, bvals: NDArray, bvecs: NDArray) -> tuple[F32, F32]:
-    """Log-linear least-squares tensor fit of (H, W, N) signal with ``bvals`` (N,) in s/mm^2
-    and unit ``bvecs`` (N, 3): FA (H, W) and MD (H, W) in mm^2/s."""
     g = bvecs
     B = np.c_[np.ones(len(bvals)), -bvals[:, None] * np.c_[g[:, 0] ** 2, g[:, 1] ** 2, g[:, 2] ** 2,
                                                         2 * g[:, 0] * g[:, 1], 2 * g[:, 0] * g[:, 2], 2 * g[:, 1] * g[:, 2]]]
@@ -580,5 +574,4 @@ def fit_fa_md(dwi: F32, bvals: NDArray, bvecs: NDArray) -> tuple[F32, F32]:
     ev = np.linalg.eigvalsh(D)
     md = ev.mean(axis=1, keepdims=True)
     fa = np.sqrt(1.5 * ((ev - md) ** 2).sum(axis=1) / np.maximum((ev**2).sum(axis=1), 1e-12))
-    return (np.clip(fa, 0, 1).reshape(dwi.shape[:2]).astype(np.float32),
-            md.reshape(dwi.shape[:2]).astype(np.float32))
+    return np.clip(fa, 0, 1).reshape(dwi.shape[:2]).astype(np.float32)
