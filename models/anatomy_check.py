@@ -35,6 +35,7 @@ from nibabel.processing import resample_from_to
 from numpy.typing import NDArray
 
 from models.atlas import GROUPS
+from models.generator import block_average
 from worker.labels import BY_CODE
 
 DEFAULT_DIR = Path("tests/data/sct_testing_data")
@@ -104,9 +105,7 @@ def load_cases(folder: Path = DEFAULT_DIR) -> list[Case]:
 
 def _block(x: NDArray) -> NDArray[np.float32]:
     """2 x 2 in-plane block average of an (X, Y, Z) volume (odd edges dropped)."""
-    h, w = x.shape[0] // 2 * 2, x.shape[1] // 2 * 2
-    x = np.asarray(x[:h, :w], np.float32)
-    return x.reshape(h // 2, 2, w // 2, 2, -1).mean(axis=(1, 3))
+    return np.moveaxis(block_average(np.moveaxis(np.asarray(x, np.float32), 2, 0), 2), 0, 2)
 
 
 def _dice(p: NDArray[np.bool_], g: NDArray[np.bool_]) -> float:

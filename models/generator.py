@@ -297,7 +297,9 @@ def _root_sleeves(rng: np.random.Generator, u: F32, v: F32, cu: float, cv: float
     return (out * fill).astype(np.float32)
 
 
-def _downsample(x: F32, k: int) -> F32:
+def block_average(x: NDArray, k: int) -> F32:
+    """``k`` x ``k`` block average over the last two axes of ``(..., H, W)`` (ragged edges
+    dropped): voxel partial volume on a grid ``k`` times coarser."""
     h, w = x.shape[-2] // k, x.shape[-1] // k
     x = x[..., : h * k, : w * k]
     return x.reshape(x.shape[:-2] + (h, k, w, k)).mean(axis=(-3, -1)).astype(np.float32)
@@ -388,10 +390,10 @@ def generate(seed: int, *, acquisition: Acquisition | None = None) -> SyntheticS
     fine = fine * (1 - ring) + ring * rng.uniform(0.1, 0.9) * (1 + 0.3 * _smooth_noise(rng, u.shape, 20))
 
     # Acquisition grid: voxel partial volume.
-    img = _downsample(fine, k)
+    img = block_average(fine, k)
     fr = np.concatenate([(1.0 - cord)[None], regions], axis=0)
-    fr = _downsample(fr, k)
-    csf_a = _downsample(csf, k)
+    fr = block_average(fr, k)
+    csf_a = block_average(csf, k)
     img = img[:H, :W]
     # EPI: blur and smooth displacement along the phase-encode axis (labels follow the image).
     sig = float(rng.uniform(0.2, 0.9))
