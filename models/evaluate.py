@@ -25,13 +25,14 @@ import json
 import logging
 import time
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
 
 from models import anatomy_check
-from models.generator import fit_fa, generate, simulate_dwi
+from models.generator import SyntheticSlice, fit_fa, generate, simulate_dwi
 from models.train import EVAL_SEED_BASE
 from worker.ingest.nifti import load_nifti_dwi
 from worker.labels import BY_CODE, N_CLASSES
@@ -68,10 +69,11 @@ def evaluate_synthetic(seg: SliceSegmenter, n: int) -> dict[str, Any]:
     dice_per: list[list[float]] = [[] for _ in range(N_CLASSES)]
     fa_err: list[list[float]] = [[] for _ in range(N_CLASSES)]
     missing = np.zeros(N_CLASSES, int)
-    # voxel counts per bin of in-plane voxel size (larger side, mm), index c for code c and
-    # N_CLASSES for the whole cord; the pooled scores are their sums over the bins
-    bins = {name: {"slices": 0, "tp": np.zeros(N_CLASSES + 1), "fp": np.zeros(N_CLASSES + 1),
-                   "fn": np.zeros(N_CLASSES + 1), "fa_err": []} for name in VOXEL_BINS}
+    # voxel counts per stratum (see STRATA), index c for code c and N_CLASSES for the whole cord;
+    # the pooled scores are the sums over the bins of any one stratification
+    strata = {group: {name: {"slices": 0, "tp": np.zeros(N_CLASSES + 1), "fp": np.zeros(N_CLASSES + 1),
+                             "fn": np.zeros(N_CLASSES + 1), "fa_err": []} for name in bins}
+              for group, (bins, _) in STRATA.items()}
     t_inf = []
     for k in range(n):
         seed = EVAL_SEED_BASE + k
@@ -81,24 +83,28 @@ def evaluate_synthetic(seg: SliceSegmenter, n: int) -> dict[str, Any]:
         t_inf.append(time.perf_counter() - t)
         dwi, bvals, bvecs = simulate_dwi(s, seed)
         fa = fit_fa(dwi, bvals, bvecs)
-        b = bins[_voxel_bin(max(s.acquisition.spacing_mm))]
-        b["slices"] += 1
+        tallies = [strata[group][which(s)] for group, (_, which) in STRATA.items()]
+        for b in tallies:
+            b["slices"] += 1
         for c in range(1, N_CLASSES + 1):  # N_CLASSES stands for the whole cord
             p, g = (pred > 0, s.labels > 0) if c == N_CLASSES else (pred == c, s.labels == c)
-            b["tp"][c] += (p & g).sum()
-            b["fp"][c] += (p & ~g).sum()
-            b["fn"][c] += (~p & g).sum()
+            for b in tallies:
+                b["tp"][c] += (p & g).sum()
+                b["fp"][c] += (p & ~g).sum()
+                b["fn"][c] += (~p & g).sum()
             if c < N_CLASSES and g.any():
                 dice_per[c].append(2 * (p & g).sum() / (p.sum() + g.sum()))
                 if p.any():
                     true_fa = float(fa[g].mean())
                     fa_err[c].append(abs(float(fa[p].mean()) - true_fa) / true_fa * 100)
-                    b["fa_err"].append(fa_err[c][-1])
+                    for b in tallies:
+                        b["fa_err"].append(fa_err[c][-1])
                 else:
                     missing[c] += 1
         if (k + 1) % 50 == 0:
             log.info("%d / %d slices", k + 1, n)
-    tp, fp, fn = (sum(b[k] for b in bins.values()) for k in ("tp", "fp", "fn"))
+    first = next(iter(strata.values()))
+    tp, fp, fn = (sum(b[k] for b in first.values()) for k in ("tp", "fp", "fn"))
     rows = {}
     for c in range(1, N_CLASSES):
         rows[BY_CODE[c].key] = {
@@ -110,21 +116,34 @@ def evaluate_synthetic(seg: SliceSegmenter, n: int) -> dict[str, Any]:
             "slices": len(dice_per[c]),
             "missed_slices": int(missing[c]),
         }
-    by_voxel = {}
-    for name, b in bins.items():
-        dice = 2 * b["tp"] / np.maximum(2 * b["tp"] + b["fp"] + b["fn"], 1)
-        by_voxel[name] = {"slices": b["slices"], "cord_dice": float(dice[N_CLASSES]),
-                          "region_dice_mean": float(dice[1:N_CLASSES].mean()),
-                          "fa_error_pct_mean": float(np.mean(b["fa_err"])) if b["fa_err"] else float("nan")}
-    return {"regions": rows, "by_voxel_size": by_voxel, "n": n, "inference_s_median": float(np.median(t_inf)),
+    summary: dict[str, dict[str, Any]] = {}
+    for group, bins in strata.items():
+        summary[group] = {}
+        for name, b in bins.items():
+            dice = 2 * b["tp"] / np.maximum(2 * b["tp"] + b["fp"] + b["fn"], 1)
+            summary[group][name] = {"slices": b["slices"], "cord_dice": float(dice[N_CLASSES]),
+                                    "region_dice_mean": float(dice[1:N_CLASSES].mean()),
+                                    "fa_error_pct_mean": float(np.mean(b["fa_err"])) if b["fa_err"] else float("nan")}
+    return {"regions": rows, "strata": summary, "n": n, "inference_s_median": float(np.median(t_inf)),
             "seeds": [EVAL_SEED_BASE, EVAL_SEED_BASE + n - 1]}
 
 
+def _bin(value: float, edges: tuple[float, ...], names: tuple[str, ...]) -> str:
+    """``names[i]`` for ``edges[i - 1] <= value < edges[i]`` (``len(names) == len(edges) + 1``)."""
+    return names[int(np.searchsorted(edges, value, side="right"))]
+
+
 VOXEL_BINS = ("0.6-1.0 mm", "1.0-1.4 mm", "1.4-1.8 mm")
-
-
-def _voxel_bin(size_mm: float) -> str:
-    return VOXEL_BINS[0] if size_mm < 1.0 else VOXEL_BINS[1] if size_mm < 1.4 else VOXEL_BINS[2]
+CSF_BINS = ("< 1.3 (cord-bright CSF)", "1.3-2.0", ">= 2.0")
+DEPTH_BINS = ("50-70 %", "70-95 %", "not compressed")
+STRATA: dict[str, tuple[tuple[str, ...], Callable[[SyntheticSlice], str]]] = {
+    "in-plane voxel size (larger side)": (
+        VOXEL_BINS, lambda s: _bin(max(s.acquisition.spacing_mm), (1.0, 1.4), VOXEL_BINS)),
+    "CSF brightness / cord": (CSF_BINS, lambda s: _bin(s.params["csf_int"], (1.3, 2.0), CSF_BINS)),
+    "cord depth (CSM-like compression)": (
+        DEPTH_BINS, lambda s: _bin(s.params["compression"], (0.7, 0.95), DEPTH_BINS)),
+}
+"""How the synthetic scores split by what makes a slice hard: name -> (bin names, slice -> bin)."""
 
 
 def print_table(res: dict[str, Any]) -> str:
@@ -136,9 +155,12 @@ def print_table(res: dict[str, Any]) -> str:
     pooled = [r["dice_pooled"] for r in res["regions"].values()]
     lines.append(f"{'mean of 8':<16}{np.mean(pooled):>11.3f}{np.mean([r['dice_mean'] for r in res['regions'].values()]):>11.3f}"
                  f"{'':>18}{np.mean([r['fa_error_pct'] for r in res['regions'].values()]):>9.2f}")
-    lines.append("by in-plane voxel size (larger side): slices, whole-cord Dice, mean of the 8 pooled region Dice, mean FA error %")
-    for name, b in res["by_voxel_size"].items():
-        lines.append(f"  {name:<12}{b['slices']:>5d}{b['cord_dice']:>8.3f}{b['region_dice_mean']:>8.3f}{b['fa_error_pct_mean']:>8.2f}")
+    lines.append("by stratum: slices, whole-cord Dice, mean of the 8 pooled region Dice, mean FA error %")
+    for group, bins in res["strata"].items():
+        lines.append(f"  {group}")
+        for name, b in bins.items():
+            lines.append(f"    {name:<24}{b['slices']:>5d}{b['cord_dice']:>8.3f}{b['region_dice_mean']:>8.3f}"
+                         f"{b['fa_error_pct_mean']:>8.2f}")
     lines.append(f"median inference time per slice, both passes and resampling (CPU, onnxruntime default threads): {res['inference_s_median'] * 1000:.1f} ms")
     return "\n".join(lines)
 

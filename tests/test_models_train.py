@@ -142,4 +142,12 @@ def test_evaluation_scores_exact_labels_perfectly_and_notices_a_swapped_region()
     assert spoiled["regions"]["left_ventral"]["missed_slices"] == spoiled["regions"]["left_ventral"]["slices"]
     assert 0.0 < spoiled["regions"]["left_lateral"]["precision"] < 1.0
     assert spoiled["regions"]["left_lateral"]["fa_error_pct"] > 0.0
-    assert sum(b["slices"] for b in spoiled["by_voxel_size"].values()) == 3
+    for group in spoiled["strata"].values():
+        assert sum(b["slices"] for b in group.values()) == 3
+
+
+def test_evaluation_strata_bins_include_their_lower_edge() -> None:
+    from models.evaluate import VOXEL_BINS, _bin
+
+    assert [_bin(v, (1.0, 1.4), VOXEL_BINS) for v in (0.6, 0.99, 1.0, 1.4, 1.8)] == [
+        VOXEL_BINS[0], VOXEL_BINS[0], VOXEL_BINS[1], VOXEL_BINS[2], VOXEL_BINS[2]]
