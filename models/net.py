@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from worker.labels import N_CLASSES
 
-DEFAULT_WIDTHS: tuple[int, ...] = (24, 48, 72, 96, 128)
+DEFAULT_WIDTHS: tuple[int, ...] = (16, 32, 64, 128, 256)
 
 
 class SqueezeExcite(nn.Module):
