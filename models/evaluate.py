@@ -88,12 +88,13 @@ def evaluate_synthetic(seg: SliceSegmenter, n: int) -> dict[str, Any]:
             b["slices"] += 1
         for c in range(1, N_CLASSES + 1):  # N_CLASSES stands for the whole cord
             p, g = (pred > 0, s.labels > 0) if c == N_CLASSES else (pred == c, s.labels == c)
+            tp_c, n_p, n_g = int((p & g).sum()), int(p.sum()), int(g.sum())
             for b in tallies:
-                b["tp"][c] += (p & g).sum()
-                b["fp"][c] += (p & ~g).sum()
-                b["fn"][c] += (~p & g).sum()
-            if c < N_CLASSES and g.any():
-                dice_per[c].append(2 * (p & g).sum() / (p.sum() + g.sum()))
+                b["tp"][c] += tp_c
+                b["fp"][c] += n_p - tp_c
+                b["fn"][c] += n_g - tp_c
+            if c < N_CLASSES and n_g:
+                dice_per[c].append(2 * tp_c / (n_p + n_g))
                 if p.any():
                     true_fa = float(fa[g].mean())
                     fa_err[c].append(abs(float(fa[p].mean()) - true_fa) / true_fa * 100)
