@@ -137,12 +137,16 @@ def _bin(value: float, edges: tuple[float, ...], names: tuple[str, ...]) -> str:
 VOXEL_BINS = ("0.6-1.0 mm", "1.0-1.4 mm", "1.4-1.8 mm")
 CSF_BINS = ("< 1.3 (cord-bright CSF)", "1.3-2.0", ">= 2.0")
 DEPTH_BINS = ("50-70 %", "70-95 %", "not compressed")
+CONTRAST_BINS = ("< 1.05 (none)", "1.05-1.15 (faint)", ">= 1.15 (clear)")
+SNR_BINS = ("8-14", "14-24", "24-40")
 STRATA: dict[str, tuple[tuple[str, ...], Callable[[SyntheticSlice], str]]] = {
     "in-plane voxel size (larger side)": (
         VOXEL_BINS, lambda s: _bin(max(s.acquisition.spacing_mm), (1.0, 1.4), VOXEL_BINS)),
     "CSF brightness / cord": (CSF_BINS, lambda s: _bin(s.params["csf_int"], (1.3, 2.0), CSF_BINS)),
     "cord depth (CSM-like compression)": (
         DEPTH_BINS, lambda s: _bin(s.params["compression"], (0.7, 0.95), DEPTH_BINS)),
+    "gray / white matter signal": (CONTRAST_BINS, lambda s: _bin(s.params["gm_int"], (1.05, 1.15), CONTRAST_BINS)),
+    "SNR of the b0": (SNR_BINS, lambda s: _bin(s.acquisition.snr, (14.0, 24.0), SNR_BINS)),
 }
 """How the synthetic scores split by what makes a slice hard: name -> (bin names, slice -> bin)."""
 
