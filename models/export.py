@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from worker.digest import sha256_of
-from models.generator import CROP_SIZE_PX, MODEL_SPACING_MM, PAD_MULTIPLE
+from models.generator import CROP_SIZE_PX, MODEL_SPACING_MM
 from models.net import SCSNet, count_parameters
 from worker.labels import label_table
 
@@ -69,7 +69,7 @@ def write_manifest(
             "spacing_mm": [MODEL_SPACING_MM, MODEL_SPACING_MM],
             "normalisation": "worker.segment.preprocess.normalise",
             "crop_size_px": [crop_px, crop_px],
-            "pad_multiple": PAD_MULTIPLE,
+            "pad_multiple": model.pad_multiple,
             "mirror_average": True,  # trained on mirrored slices with the side labels swapped
         },
         "output": {"name": "logits", "kind": "logits"},
@@ -83,7 +83,6 @@ def write_manifest(
 
 def export(model: SCSNet, out_dir: Path, *, training: dict[str, Any], crop_px: int = CROP_SIZE_PX) -> dict[str, Any]:
     """ONNX + manifest into ``out_dir``; checks ONNX Runtime against PyTorch on one input."""
-    assert model.pad_multiple == PAD_MULTIPLE
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "scsnet.onnx"
     export_onnx(model, path)

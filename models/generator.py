@@ -62,7 +62,6 @@ the whole input, so a network trained on 64 px crops scored lower on 96 px ones 
 Dice on 100 held-out slices 0.786 at 96 px against 0.796 at 64 px, same checkpoint). A run
 trained on 64 px crops (four times cheaper per step) was still far behind the 96 px model after
 65 of its 100 minutes (validation Dice 0.754 against 0.821) and was stopped."""
-PAD_MULTIPLE = 16
 
 
 @dataclass(frozen=True)

@@ -47,3 +47,11 @@ def test_onnx_matches_pytorch(tmp_path: Path) -> None:
     img, _ = to_model_grid(generate(123))
     x = normalise(img)[None, None]
     assert parity(model, onnx_path, x) < 1e-4
+
+
+def test_manifest_pads_to_the_networks_own_multiple(tmp_path: Path) -> None:
+    import json
+
+    model = SCSNet(widths=(4, 8, 8, 8, 8, 8)).eval()  # five down-samplings: 32 px
+    export(model, tmp_path, training={"data": "none", "steps": 0, "seed": 0})
+    assert json.loads((tmp_path / "manifest.json").read_text())["input"]["pad_multiple"] == 32 == model.pad_multiple
