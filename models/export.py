@@ -27,7 +27,7 @@ from worker.labels import label_table
 log = logging.getLogger(__name__)
 
 OPSET = 17
-VERSION = "0.4.0"  # the shipped weights; bump when they change
+VERSION = "0.5.0"  # the shipped weights; bump when they change
 
 
 def export_onnx(model: SCSNet, path: Path) -> None:
