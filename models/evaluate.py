@@ -73,7 +73,7 @@ def evaluate_synthetic(seg: SliceSegmenter, n: int) -> dict[str, Any]:
     # the pooled scores are the sums over the bins of any one stratification
     strata = {group: {name: {"slices": 0, "tp": np.zeros(N_CLASSES + 1), "fp": np.zeros(N_CLASSES + 1),
                              "fn": np.zeros(N_CLASSES + 1), "fa_err": []} for name in bins}
-              for group, (bins, _) in STRATA.items()}
+              for group, (bins, _, _) in STRATA.items()}
     t_inf = []
     for k in range(n):
         seed = EVAL_SEED_BASE + k
@@ -83,7 +83,7 @@ def evaluate_synthetic(seg: SliceSegmenter, n: int) -> dict[str, Any]:
         t_inf.append(time.perf_counter() - t)
         dwi, bvals, bvecs = simulate_dwi(s, seed)
         fa = fit_fa(dwi, bvals, bvecs)
-        tallies = [strata[group][which(s)] for group, (_, which) in STRATA.items()]
+        tallies = [strata[group][_bin(value(s), edges, bins)] for group, (bins, edges, value) in STRATA.items()]
         for b in tallies:
             b["slices"] += 1
         for c in range(1, N_CLASSES + 1):  # N_CLASSES stands for the whole cord
@@ -135,20 +135,18 @@ def _bin(value: float, edges: tuple[float, ...], names: tuple[str, ...]) -> str:
 
 
 VOXEL_BINS = ("0.6-1.0 mm", "1.0-1.4 mm", "1.4-1.8 mm")
-CSF_BINS = ("< 1.3 (cord-bright CSF)", "1.3-2.0", ">= 2.0")
-DEPTH_BINS = ("50-70 %", "70-95 %", "not compressed")
-CONTRAST_BINS = ("< 1.05 (none)", "1.05-1.15 (faint)", ">= 1.15 (clear)")
-SNR_BINS = ("8-14", "14-24", "24-40")
-STRATA: dict[str, tuple[tuple[str, ...], Callable[[SyntheticSlice], str]]] = {
-    "in-plane voxel size (larger side)": (
-        VOXEL_BINS, lambda s: _bin(max(s.acquisition.spacing_mm), (1.0, 1.4), VOXEL_BINS)),
-    "CSF brightness / cord": (CSF_BINS, lambda s: _bin(s.params["csf_int"], (1.3, 2.0), CSF_BINS)),
-    "cord depth (CSM-like compression)": (
-        DEPTH_BINS, lambda s: _bin(s.params["compression"], (0.7, 0.95), DEPTH_BINS)),
-    "gray / white matter signal": (CONTRAST_BINS, lambda s: _bin(s.params["gm_int"], (1.05, 1.15), CONTRAST_BINS)),
-    "SNR of the b0": (SNR_BINS, lambda s: _bin(s.acquisition.snr, (14.0, 24.0), SNR_BINS)),
+STRATA: dict[str, tuple[tuple[str, ...], tuple[float, ...], Callable[[SyntheticSlice], float]]] = {
+    "in-plane voxel size (larger side)": (VOXEL_BINS, (1.0, 1.4), lambda s: max(s.acquisition.spacing_mm)),
+    "CSF brightness / cord": (("< 1.3 (cord-bright CSF)", "1.3-2.0", ">= 2.0"), (1.3, 2.0),
+                              lambda s: s.params["csf_int"]),
+    "cord depth (CSM-like compression)": (("50-70 %", "70-95 %", "not compressed"), (0.7, 0.95),
+                                          lambda s: s.params["compression"]),
+    "gray / white matter signal": (("< 1.05 (none)", "1.05-1.15 (faint)", ">= 1.15 (clear)"), (1.05, 1.15),
+                                   lambda s: s.params["gm_int"]),
+    "SNR of the b0": (("8-14", "14-24", "24-40"), (14.0, 24.0), lambda s: s.acquisition.snr),
 }
-"""How the synthetic scores split by what makes a slice hard: name -> (bin names, slice -> bin)."""
+"""How the synthetic scores split by what makes a slice hard: name -> (bin names, the edges
+between them, the slice's value); see :func:`_bin`."""
 
 
 def print_table(res: dict[str, Any]) -> str:

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from worker.digest import sha256_of as sha256
-from models.net import DEFAULT_WIDTHS
+from models.net import SCSNet
 from models.train import main as train_main
 from worker.labels import label_table
 
@@ -22,7 +22,7 @@ def _check_manifest(folder: Path) -> dict:
     assert manifest["name"] == "scsnet" and manifest["file"] == "scsnet.onnx" and manifest["opset"] == 17
     assert manifest["input"]["name"] == "b0" and manifest["output"] == {"name": "logits", "kind": "logits"}
     assert manifest["input"]["normalisation"] == "worker.segment.preprocess.normalise"
-    assert manifest["input"]["pad_multiple"] == 2 ** (len(DEFAULT_WIDTHS) - 1)
+    assert manifest["input"]["pad_multiple"] == SCSNet().pad_multiple
     assert manifest["labels"] == label_table()
     assert manifest["parameters"] <= 2_000_000
     assert set(manifest["training"]) == {"data", "steps", "seed"}
