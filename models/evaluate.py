@@ -1,7 +1,7 @@
 """Evaluate a shipped SCS-Net (ONNX) on held-out synthetic slices and on the real DWI.
 
-    python -m models.evaluate [--model models/scsnet] [--n 300] [--real PATH] [--qc qc.png]
-                              [--anatomy DIR]
+    python -m models.evaluate [--model models/scsnet] [--n 300] [--cases 100] [--case-slices 12]
+                              [--real PATH] [--qc qc.png] [--anatomy DIR]
 
 Synthetic test: seeds ``EVAL_SEED_BASE + n`` (never used in training or validation), each with
 its own independently drawn acquisition. Inference is the run-time recipe itself
@@ -9,6 +9,10 @@ its own independently drawn acquisition. Inference is the run-time recipe itself
 per-region Dice, precision and recall (pooled over all slices and mean per slice), and the FA
 feature error |mean FA(pred) - mean FA(true)| / mean FA(true) from a tensor fit of the simulated
 DWI (30 directions, b = 800 s/mm^2), averaged over slices.
+
+Study-level test (:mod:`models.cases`): simulated studies of ``--case-slices`` slices with one
+acquisition and one patient, scored as the paper defines its feature error (the region's mean
+FA over the whole case, averaged over cases) and as the report gives per-region FA.
 
 Real DWI: b=0 volumes (b < 50 s/mm^2) averaged, closest-canonical RAS, every axial slice
 segmented; prints cord area, left/right and dorsal/ventral sanity checks and FA per region,
@@ -32,7 +36,9 @@ import numpy as np
 from numpy.typing import NDArray
 
 from models import anatomy_check
+from models.cases import evaluate_cases, print_cases
 from models.generator import SyntheticSlice, fit_fa, generate, simulate_dwi
+from models.strata import VOXEL_BINS, VOXEL_EDGES_MM, bin_of
 from models.train import EVAL_SEED_BASE
 from worker.ingest.nifti import load_nifti_dwi
 from worker.labels import BY_CODE, N_CLASSES
@@ -83,7 +89,7 @@ def evaluate_synthetic(seg: SliceSegmenter, n: int) -> dict[str, Any]:
         t_inf.append(time.perf_counter() - t)
         dwi, bvals, bvecs = simulate_dwi(s, seed)
         fa = fit_fa(dwi, bvals, bvecs)
-        tallies = [strata[group][_bin(value(s), edges, bins)] for group, (bins, edges, value) in STRATA.items()]
+        tallies = [strata[group][bin_of(value(s), edges, bins)] for group, (bins, edges, value) in STRATA.items()]
         for b in tallies:
             b["slices"] += 1
         for c in range(1, N_CLASSES + 1):  # N_CLASSES stands for the whole cord
@@ -129,14 +135,8 @@ def evaluate_synthetic(seg: SliceSegmenter, n: int) -> dict[str, Any]:
             "seeds": [EVAL_SEED_BASE, EVAL_SEED_BASE + n - 1]}
 
 
-def _bin(value: float, edges: tuple[float, ...], names: tuple[str, ...]) -> str:
-    """``names[i]`` for ``edges[i - 1] <= value < edges[i]`` (``len(names) == len(edges) + 1``)."""
-    return names[int(np.searchsorted(edges, value, side="right"))]
-
-
-VOXEL_BINS = ("0.6-1.0 mm", "1.0-1.4 mm", "1.4-1.8 mm")
 STRATA: dict[str, tuple[tuple[str, ...], tuple[float, ...], Callable[[SyntheticSlice], float]]] = {
-    "in-plane voxel size (larger side)": (VOXEL_BINS, (1.0, 1.4), lambda s: max(s.acquisition.spacing_mm)),
+    "in-plane voxel size (larger side)": (VOXEL_BINS, VOXEL_EDGES_MM, lambda s: max(s.acquisition.spacing_mm)),
     "CSF brightness / cord": (("< 1.3 (cord-bright CSF)", "1.3-2.0", ">= 2.0"), (1.3, 2.0),
                               lambda s: s.params["csf_int"]),
     "cord depth (CSM-like compression)": (("50-70 %", "70-95 %", "not compressed"), (0.7, 0.95),
@@ -146,7 +146,7 @@ STRATA: dict[str, tuple[tuple[str, ...], tuple[float, ...], Callable[[SyntheticS
     "SNR of the b0": (("8-14", "14-24", "24-40"), (14.0, 24.0), lambda s: s.acquisition.snr),
 }
 """How the synthetic scores split by what makes a slice hard: name -> (bin names, the edges
-between them, the slice's value); see :func:`_bin`."""
+between them, the slice's value); see :func:`models.strata.bin_of`."""
 
 
 def print_table(res: dict[str, Any]) -> str:
@@ -233,19 +233,25 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", type=Path, default=Path("models/scsnet"))
     p.add_argument("--n", type=int, default=300)
+    p.add_argument("--cases", type=int, default=100, help="simulated studies for the study-level test (0: skip)")
+    p.add_argument("--case-slices", type=int, default=12, help="slices per simulated study")
     p.add_argument("--real", type=Path, default=DEFAULT_REAL)
     p.add_argument("--qc", type=Path, default=Path("scsnet_real_qc.png"))
-    p.add_argument("--json", type=Path, default=None, help="also write the synthetic results here")
+    p.add_argument("--json", type=Path, default=None, help="also write the synthetic results (slices, cases) here")
     p.add_argument("--anatomy", type=Path, default=anatomy_check.DEFAULT_DIR,
                    help="sct_testing_data copy for the check on real T2*/MT images")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     seg = SliceSegmenter(args.model)
+    results: dict[str, Any] = {}
     if args.n > 0:
-        res = evaluate_synthetic(seg, args.n)
-        print(print_table(res))
-        if args.json:
-            args.json.write_text(json.dumps(res, indent=2, default=float))
+        results["slices"] = evaluate_synthetic(seg, args.n)
+        print(print_table(results["slices"]))
+    if args.cases > 0:
+        results["cases"] = evaluate_cases(seg, args.cases, args.case_slices)
+        print(print_cases(results["cases"]))
+    if args.json and results:
+        args.json.write_text(json.dumps(results, indent=2, default=float))
     if args.real.exists():
         print(evaluate_real(seg, args.real, args.qc))
     else:

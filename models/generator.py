@@ -42,6 +42,7 @@ All arrays are ``[i, j]``: ``i`` along world +x (patient's right larger), ``j`` 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
 
@@ -304,8 +305,19 @@ def block_average(x: NDArray, k: int) -> F32:
     return x.reshape(x.shape[:-2] + (h, k, w, k)).mean(axis=(-3, -1)).astype(np.float32)
 
 
-def generate(seed: int, *, acquisition: Acquisition | None = None) -> SyntheticSlice:
-    """Render one synthetic slice (see module docstring) on its acquisition grid."""
+PATIENT_KEYS = ("size", "thin_csf", "csf_int", "gm_int")
+"""The ``params`` of a slice that describe the patient rather than the slice: cord size, a thin
+CSF ring, CSF and gray-matter signal relative to white matter."""
+
+
+def generate(seed: int, *, acquisition: Acquisition | None = None,
+             patient: Mapping[str, float] | None = None) -> SyntheticSlice:
+    """Render one synthetic slice (see module docstring) on its acquisition grid.
+
+    ``patient``: values for :data:`PATIENT_KEYS` (another slice's ``params``) that replace this
+    slice's own draws, for slices of one simulated study; every random draw is still made, so
+    the rest of the slice is the same as without it."""
+    pat = {k: patient[k] for k in PATIENT_KEYS} if patient is not None else {}
     rng = np.random.default_rng(seed)
     # Later additions draw from their own stream, so every earlier draw (and every slice that
     # gets none of them) is unchanged: a tight field of view, CSF-filled root sleeves, more
@@ -329,7 +341,7 @@ def generate(seed: int, *, acquisition: Acquisition | None = None) -> SyntheticS
     u = (np.cos(theta) * X + np.sin(theta) * Y).astype(np.float32)
     v = (-np.sin(theta) * X + np.cos(theta) * Y).astype(np.float32)
 
-    size = rng.uniform(0.8, 1.2)
+    size = pat.get("size", rng.uniform(0.8, 1.2))
     compress = 1.0 if rng.random() < 0.6 else rng.uniform(0.5, 0.95)
     p: dict[str, float] = {
         "theta_deg": float(np.rad2deg(theta)),
@@ -358,7 +370,7 @@ def generate(seed: int, *, acquisition: Acquisition | None = None) -> SyntheticS
     cv = float((cord * v).sum() / max(cord.sum(), 1e-6))
     half_lr = 5.5 * p["scale_u"]
     half_ap = 4.0 * p["scale_v"]
-    thin = rng.random() < 0.2
+    thin = bool(pat.get("thin_csf", rng.random() < 0.2))
     m_ant = rng.uniform(0.1, 0.8) if (thin or compress < 0.8) else rng.uniform(0.4, 3.0)
     m_post = rng.uniform(0.2, 1.0) if thin else rng.uniform(0.8, 4.5)
     m_lat = rng.uniform(0.3, 1.0) if thin else rng.uniform(0.8, 4.0)
@@ -379,6 +391,7 @@ def generate(seed: int, *, acquisition: Acquisition | None = None) -> SyntheticS
         csf_int = float(extra.uniform(0.85, 1.25))
     if extra.random() < 0.25:  # clear gray/white contrast (manual GM on the real T2*: 1.12-1.26)
         gm_int = float(extra.uniform(1.15, 1.35))
+    csf_int, gm_int = pat.get("csf_int", csf_int), pat.get("gm_int", gm_int)
     csf = np.clip(fluid - cord, 0.0, 1.0)
     gm = regions[3] + regions[7]
     wm = cord - gm
@@ -418,7 +431,7 @@ def generate(seed: int, *, acquisition: Acquisition | None = None) -> SyntheticS
     scale = float(np.exp(rng.uniform(np.log(50), np.log(3000))))
     b0 = (np.sqrt((clean * bias + n1) ** 2 + n2**2) * scale).astype(np.float32)
     labels = np.argmax(fr, axis=0).astype(np.uint8)
-    p.update(csf_int=csf_int, gm_int=gm_int, scale=scale, k=float(k))
+    p.update(csf_int=csf_int, gm_int=gm_int, thin_csf=float(thin), scale=scale, k=float(k))
     return SyntheticSlice(b0=b0, labels=labels, fractions=fr.astype(np.float32), csf=csf_a.astype(np.float32),
                           clean=clean, bias=bias, acquisition=acq, params=p)
 
@@ -532,18 +545,26 @@ def region_tensors(rng: np.random.Generator, compression: float) -> tuple[dict[i
     return out, fas
 
 
-def simulate_dwi(s: SyntheticSlice, seed: int, *, bval: float = 800.0, n_dirs: int = 30) -> tuple[F32, NDArray, NDArray]:
+def simulate_dwi(s: SyntheticSlice, seed: int, *, bval: float = 800.0, n_dirs: int = 30,
+                 patient_seed: int | None = None) -> tuple[F32, NDArray, NDArray]:
     """Simulated DWI on the acquisition grid: (H, W, 1 + n_dirs) signal, bvals, bvecs (n, 3).
 
     Compartments mix linearly within a voxel: each cord region (its fraction from
     ``s.fractions``) with its tensor and S0 = its share of the clean b0; CSF isotropic with
     MD 3e-3 mm^2/s; all other tissue isotropic 1.5e-3 mm^2/s. Same bias and Rician noise level
     as the b0.
+
+    ``patient_seed``: slices of one simulated study pass the same value, so that they share
+    the gradient directions and the healthy region tensors (each slice's own compression
+    still lowers its FA) while their noise stays independent. Without it all of them come
+    from ``seed``.
     """
-    rng = np.random.default_rng(seed + 104_729)
+    rng = np.random.default_rng((seed if patient_seed is None else patient_seed) + 104_729)
     tensors, _ = region_tensors(rng, s.params.get("compression", 1.0))
     g = rng.standard_normal((n_dirs, 3))
     g /= np.linalg.norm(g, axis=1, keepdims=True)
+    if patient_seed is not None:
+        rng = np.random.default_rng([seed, 104_729])
     bvecs = np.vstack([[0, 0, 0], g])
     bvals = np.r_[0.0, np.full(n_dirs, bval)]
     gm_int = s.params["gm_int"]

@@ -148,7 +148,7 @@ def test_evaluation_scores_exact_labels_perfectly_and_notices_a_swapped_region()
 
 
 def test_evaluation_strata_bins_include_their_lower_edge() -> None:
-    from models.evaluate import VOXEL_BINS, _bin
+    from models.strata import VOXEL_BINS, VOXEL_EDGES_MM, bin_of
 
-    assert [_bin(v, (1.0, 1.4), VOXEL_BINS) for v in (0.6, 0.99, 1.0, 1.4, 1.8)] == [
+    assert [bin_of(v, VOXEL_EDGES_MM, VOXEL_BINS) for v in (0.6, 0.99, 1.0, 1.4, 1.8)] == [
         VOXEL_BINS[0], VOXEL_BINS[0], VOXEL_BINS[1], VOXEL_BINS[2], VOXEL_BINS[2]]
