@@ -47,6 +47,8 @@ from dataclasses import dataclass, field, replace
 from functools import lru_cache
 
 import numpy as np
+from dipy.core.gradients import gradient_table
+from dipy.reconst.dti import TensorModel
 from numpy.typing import NDArray
 from scipy import ndimage
 
@@ -521,8 +523,9 @@ def training_sample(
 
 def _tensor(fa: float, md: float, direction: NDArray[np.float64]) -> NDArray[np.float64]:
     """Cylindrically symmetric tensor with given FA and MD, principal axis ``direction``."""
-    # l1 = md (1 + 2a), l2 = l3 = md (1 - a); FA = 3a / sqrt(3 + 6a^2) -> solve for a.
-    a = fa / np.sqrt(max(9 - 6 * fa**2, 1e-9))
+    # l1 = md (1 + 2a), l2 = l3 = md (1 - a); FA = 3a / sqrt(3 + 6a^2), so a = FA / sqrt(3 - 2 FA^2)
+    # (a < 1, all eigenvalues positive, for FA < 1).
+    a = fa / np.sqrt(max(3 - 2 * fa**2, 1e-9))
     l1, l2 = md * (1 + 2 * a), md * (1 - a)
     d = direction / np.linalg.norm(direction)
     return l2 * np.eye(3) + (l1 - l2) * np.outer(d, d)
@@ -585,15 +588,7 @@ def simulate_dwi(s: SyntheticSlice, seed: int, *, bval: float = 800.0, n_dirs: i
 
 
 def fit_fa(dwi: F32, bvals: NDArray, bvecs: NDArray) -> F32:
-    """Log-linear least-squares tensor fit, FA map (H, W)."""
-    g = bvecs
-    B = np.c_[np.ones(len(bvals)), -bvals[:, None] * np.c_[g[:, 0] ** 2, g[:, 1] ** 2, g[:, 2] ** 2,
-                                                        2 * g[:, 0] * g[:, 1], 2 * g[:, 0] * g[:, 2], 2 * g[:, 1] * g[:, 2]]]
-    y = np.log(np.maximum(dwi.reshape(-1, dwi.shape[-1]), 1e-6)).T
-    coef, *_ = np.linalg.lstsq(B, y, rcond=None)
-    d = coef[1:].T
-    D = np.stack([d[:, [0, 3, 4]], d[:, [3, 1, 5]], d[:, [4, 5, 2]]], axis=1)
-    ev = np.linalg.eigvalsh(D)
-    md = ev.mean(axis=1, keepdims=True)
-    fa = np.sqrt(1.5 * ((ev - md) ** 2).sum(axis=1) / np.maximum((ev**2).sum(axis=1), 1e-12))
-    return np.clip(fa, 0, 1).reshape(dwi.shape[:2]).astype(np.float32)
+    """FA map (H, W) of a (H, W, N) DWI: DIPY's weighted least-squares tensor fit, the
+    service's own (:mod:`worker.tensor.fit`)."""
+    fit = TensorModel(gradient_table(bvals, bvecs=bvecs), fit_method="WLS").fit(np.asarray(dwi, np.float64))
+    return np.clip(np.nan_to_num(fit.fa), 0, 1).astype(np.float32)

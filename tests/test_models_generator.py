@@ -10,6 +10,7 @@ from models.generator import (
     CROP_SIZE_PX,
     PATIENT_KEYS,
     _root_sleeves,
+    _tensor,
     draw_acquisition,
     generate,
     mirror,
@@ -151,3 +152,15 @@ def test_slices_of_one_patient_share_tensors_and_gradients_but_not_noise() -> No
     outside = s.fractions[1:].sum(axis=0) == 0
     assert np.array_equal(d1[outside], d3[outside]) and not np.array_equal(d1[outside], d2[outside])
     assert not np.array_equal(d1[~outside], d3[~outside])
+
+
+@pytest.mark.parametrize("fa", [0.2, 0.4, 0.72, 0.9])
+def test_simulated_tensors_have_the_fa_and_md_asked_for(fa: float) -> None:
+    """Checked with DIPY's own FA and MD of the eigenvalues."""
+    from dipy.reconst.dti import fractional_anisotropy, mean_diffusivity
+
+    d = _tensor(fa, 0.8e-3, np.array([0.1, -0.2, 1.0]))
+    ev = np.linalg.eigvalsh(d)
+    assert fractional_anisotropy(ev) == pytest.approx(fa, abs=1e-9)
+    assert mean_diffusivity(ev) == pytest.approx(0.8e-3, rel=1e-9)
+    assert ev.min() > 0
