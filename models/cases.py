@@ -37,11 +37,17 @@ class Labeller(Protocol):
     def labels(self, image: NDArray, spacing_mm: tuple[float, float]) -> NDArray[np.uint8]: ...
 
 
+def case_seed(case: int) -> int:
+    """The seed of case ``case``: it draws the shared acquisition and is the DWI's
+    ``patient_seed``; its slices are the seeds after it."""
+    return CASE_SEED_BASE + case * CASE_STRIDE
+
+
 def case_slices(case: int, slices: int) -> Iterator[tuple[int, SyntheticSlice]]:
     """(seed, slice) for the ``slices`` slices of case ``case``. The case's own seed draws the
     shared acquisition (and is the DWI's ``patient_seed``); the first slice draws the patient
     (:data:`models.generator.PATIENT_KEYS`) for all of them."""
-    base = CASE_SEED_BASE + case * CASE_STRIDE
+    base = case_seed(case)
     acq = draw_acquisition(np.random.default_rng(base))
     first = generate(base + 1, acquisition=acq)
     yield base + 1, first
@@ -67,7 +73,7 @@ def evaluate_cases(seg: Labeller, n_cases: int, slices: int) -> dict[str, Any]:
         tally = np.zeros((N_CLASSES, 5))
         for seed, s in case_slices(case, slices):
             pred = seg.labels(s.b0, s.acquisition.spacing_mm)
-            fa = fit_fa(*simulate_dwi(s, seed, patient_seed=CASE_SEED_BASE + case * CASE_STRIDE))
+            fa = fit_fa(*simulate_dwi(s, seed, patient_seed=case_seed(case)))
             for c in range(1, N_CLASSES):
                 p, g = pred == c, s.labels == c
                 tally[c] += ((p & g).sum(), p.sum(), g.sum(), fa[p].sum(), fa[g].sum())
@@ -107,7 +113,7 @@ def evaluate_cases(seg: Labeller, n_cases: int, slices: int) -> dict[str, Any]:
               for name, b in by_voxel.items()}
     return {"regions": rows, "by_voxel_size": strata, "cases": n_cases, "slices_per_case": slices,
             "voxel_mm_range": [float(min(spacing)), float(max(spacing))] if spacing else [],
-            "seeds": [CASE_SEED_BASE, CASE_SEED_BASE + (n_cases - 1) * CASE_STRIDE + slices]}
+            "seeds": [case_seed(0), case_seed(n_cases - 1) + slices]}
 
 
 def print_cases(res: dict[str, Any]) -> str:
