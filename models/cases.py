@@ -25,7 +25,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from models.generator import SyntheticSlice, draw_acquisition, fit_fa, generate, simulate_dwi
-from models.strata import VOXEL_BINS, VOXEL_EDGES_MM, bin_of
+from models.strata import VOXEL_BINS, VOXEL_EDGES_MM, bin_of, fa_error_pct
 from models.train import EVAL_SEED_BASE
 from worker.labels import BY_CODE, N_CLASSES
 
@@ -79,7 +79,7 @@ def evaluate_cases(seg: Labeller, n_cases: int, slices: int) -> dict[str, Any]:
                 tally[c] += ((p & g).sum(), p.sum(), g.sum(), fa[p].sum(), fa[g].sum())
                 if p.any() and g.any():
                     true_fa = float(fa[g].mean())
-                    slice_err[c].append(abs(float(fa[p].mean()) - true_fa) / true_fa * 100)
+                    slice_err[c].append(abs(fa_error_pct(float(fa[p].mean()), true_fa)))
         spacing.append(max(s.acquisition.spacing_mm))
         stratum = by_voxel[bin_of(spacing[-1], VOXEL_EDGES_MM, VOXEL_BINS)]
         stratum["cases"] += 1
@@ -93,7 +93,7 @@ def evaluate_cases(seg: Labeller, n_cases: int, slices: int) -> dict[str, Any]:
                 missed[c] += 1
                 continue
             true_fa = fa_g / n_g
-            err[c].append((fa_p / n_p - true_fa) / true_fa * 100)
+            err[c].append(fa_error_pct(fa_p / n_p, true_fa))
             stratum["err"].append(abs(err[c][-1]))
     rows = {}
     for c in range(1, N_CLASSES):

@@ -38,7 +38,7 @@ from numpy.typing import NDArray
 from models import anatomy_check
 from models.cases import evaluate_cases, print_cases
 from models.generator import SyntheticSlice, fit_fa, generate, simulate_dwi
-from models.strata import VOXEL_BINS, VOXEL_EDGES_MM, bin_of
+from models.strata import VOXEL_BINS, VOXEL_EDGES_MM, bin_of, fa_error_pct
 from models.train import EVAL_SEED_BASE
 from worker.ingest.nifti import load_nifti_dwi
 from worker.labels import BY_CODE, N_CLASSES
@@ -103,7 +103,7 @@ def evaluate_synthetic(seg: SliceSegmenter, n: int) -> dict[str, Any]:
                 dice_per[c].append(2 * tp_c / (n_p + n_g))
                 if p.any():
                     true_fa = float(fa[g].mean())
-                    fa_err[c].append(abs(float(fa[p].mean()) - true_fa) / true_fa * 100)
+                    fa_err[c].append(abs(fa_error_pct(float(fa[p].mean()), true_fa)))
                     for b in tallies:
                         b["fa_err"].append(fa_err[c][-1])
                 else:

@@ -5,9 +5,11 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import numpy as np
+import pytest
 
 from models.cases import case_slices, evaluate_cases
 from models.generator import PATIENT_KEYS
+from models.strata import fa_error_pct
 
 
 def test_slices_of_a_case_share_the_acquisition_and_the_patient_but_not_the_anatomy() -> None:
@@ -46,3 +48,9 @@ def test_case_scores_are_perfect_for_exact_labels_and_notice_a_swapped_region() 
     assert 0.0 < lateral["dice_case_mean"] < 1.0
     assert lateral["fa_error_pct"] > 0.0 and abs(lateral["fa_bias_pct"]) <= lateral["fa_error_pct"]
     assert spoiled["right_lateral"]["fa_error_pct"] == 0.0
+
+
+def test_fa_error_is_signed_relative_to_the_true_mean_in_percent() -> None:
+    assert fa_error_pct(0.55, 0.5) == pytest.approx(10.0)
+    assert fa_error_pct(0.45, 0.5) == pytest.approx(-10.0)
+    assert fa_error_pct(0.5, 0.5) == 0.0
