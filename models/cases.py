@@ -24,7 +24,7 @@ from typing import Any, Protocol
 import numpy as np
 from numpy.typing import NDArray
 
-from models.generator import SyntheticSlice, draw_acquisition, fit_fa, generate, simulate_dwi
+from models.generator import SyntheticSlice, draw_acquisition, fit_fa_md, generate, simulate_dwi
 from models.strata import VOXEL_BINS, VOXEL_EDGES_MM, bin_of, fa_error_pct
 from models.train import EVAL_SEED_BASE
 from worker.labels import BY_CODE, N_CLASSES
@@ -35,6 +35,8 @@ CASE_STRIDE = 1_000
 
 class Labeller(Protocol):
     def labels(self, image: NDArray, spacing_mm: tuple[float, float]) -> NDArray[np.uint8]: ...
+
+    def trimmed(self, labels: NDArray[np.uint8], md: NDArray, spacing_mm: tuple[float, float]) -> NDArray[np.uint8]: ...
 
 
 def case_seed(case: int) -> int:
@@ -72,8 +74,8 @@ def evaluate_cases(seg: Labeller, n_cases: int, slices: int) -> dict[str, Any]:
         # per code: tp, n_pred, n_true, sum of FA over predicted voxels, over true voxels
         tally = np.zeros((N_CLASSES, 5))
         for seed, s in case_slices(case, slices):
-            pred = seg.labels(s.b0, s.acquisition.spacing_mm)
-            fa = fit_fa(*simulate_dwi(s, seed, patient_seed=case_seed(case)))
+            fa, md = fit_fa_md(*simulate_dwi(s, seed, patient_seed=case_seed(case)))
+            pred = seg.trimmed(seg.labels(s.b0, s.acquisition.spacing_mm), md, s.acquisition.spacing_mm)
             for c in range(1, N_CLASSES):
                 p, g = pred == c, s.labels == c
                 tally[c] += ((p & g).sum(), p.sum(), g.sum(), fa[p].sum(), fa[g].sum())

@@ -587,8 +587,9 @@ def simulate_dwi(s: SyntheticSlice, seed: int, *, bval: float = 800.0, n_dirs: i
     return (noisy * s.params["scale"]).astype(np.float32), bvals, bvecs
 
 
-def fit_fa(dwi: F32, bvals: NDArray, bvecs: NDArray) -> F32:
-    """FA map (H, W) of a (H, W, N) DWI: DIPY's weighted least-squares tensor fit, the
-    service's own (:mod:`worker.tensor.fit`)."""
+def fit_fa_md(dwi: F32, bvals: NDArray, bvecs: NDArray) -> tuple[F32, F32]:
+    """FA and MD (mm^2/s) maps (H, W) of a (H, W, N) DWI: DIPY's weighted least-squares tensor
+    fit, the service's own (:mod:`worker.tensor.fit`)."""
     fit = TensorModel(gradient_table(bvals, bvecs=bvecs), fit_method="WLS").fit(np.asarray(dwi, np.float64))
-    return np.clip(np.nan_to_num(fit.fa), 0, 1).astype(np.float32)
+    fa = np.clip(np.nan_to_num(fit.fa), 0, 1).astype(np.float32)
+    return fa, np.nan_to_num(fit.md).astype(np.float32)

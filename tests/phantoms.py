@@ -17,6 +17,7 @@ import nibabel as nib
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
+from scipy import ndimage
 
 from worker.labels import label_table
 
@@ -64,6 +65,7 @@ def decoder_model(out_dir: Path, *, spacing_mm: float = 1.0, crop_px: int = 32) 
 # Known tensors (eigenvalues in mm^2/s, principal axis along the cord = world z).
 WM_EVALS = (1.7e-3, 0.3e-3, 0.3e-3)  # FA 0.80, MD 0.767e-3
 GM_EVALS = (1.0e-3, 0.5e-3, 0.5e-3)  # FA 0.41, MD 0.667e-3
+CSF_MD = 3.0e-3
 
 
 def fa_md(evals: tuple[float, float, float]) -> tuple[float, float]:
@@ -118,13 +120,25 @@ def region_phantom(
     bval: float = 800.0,
     snr: float | None = None,
     seed: int = 0,
+    csf_rim: bool = False,
 ) -> dict[str, object]:
     """Write ``phantom.nii.gz`` (+ .bval/.bvec) in canonical RAS with known tensors.
 
-    Returns a dict with paths and the truth: ``labels`` (X, Y, Z), ``fa``/``md`` per code.
+    ``csf_rim``: the outline voxels of each slice's cord keep their region's b0 (so a decoder
+    model still labels them) but diffuse like CSF (isotropic, ``CSF_MD``): a mask spilling
+    into the CSF. They are not in the returned ``labels``.
+
+    Returns a dict with paths and the truth: ``labels`` (X, Y, Z), ``fa``/``md`` per code, and
+    ``rim`` (X, Y, Z) bool.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     labels = region_labels(shape)
+    rim = np.zeros(shape, bool)
+    if csf_rim:
+        cross = ndimage.generate_binary_structure(2, 1)
+        for z in range(shape[2]):
+            cord = labels[:, :, z] > 0
+            rim[:, :, z] = cord & ~ndimage.binary_erosion(cord, cross)
     dirs = gradient_scheme(n_dirs)
     bvals = np.concatenate([[0.0], np.full(n_dirs, bval), [0.0]])
     bvecs = np.concatenate([[[0, 0, 0]], dirs, [[0, 0, 0]]])
@@ -136,6 +150,8 @@ def region_phantom(
         s0 = np.full(int(inside.sum()), SCALE * code)
         data[inside] = tensor_signal(s0, evals, np.array([0.0, 0.0, 1.0]), bvals, bvecs)
         truth_fa[code], truth_md[code] = fa_md(evals)
+    data[rim] = tensor_signal(SCALE * labels[rim].astype(np.float64), (CSF_MD,) * 3, np.array([0.0, 0.0, 1.0]), bvals, bvecs)
+    labels[rim] = 0
     if snr is not None:
         rng = np.random.default_rng(seed)
         sigma = SCALE * 4 / snr  # SNR defined on a mid-cord b0 intensity (code 4)
@@ -149,4 +165,4 @@ def region_phantom(
     fsl[:, 0] *= -1
     (out_dir / "phantom.bval").write_text(" ".join(f"{b:g}" for b in bvals) + "\n")
     (out_dir / "phantom.bvec").write_text("\n".join(" ".join(f"{v:.8f}" for v in row) for row in fsl.T) + "\n")
-    return {"image": image, "labels": labels, "fa": truth_fa, "md": truth_md, "affine": affine}
+    return {"image": image, "labels": labels, "fa": truth_fa, "md": truth_md, "affine": affine, "rim": rim}

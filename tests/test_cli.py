@@ -30,6 +30,19 @@ def test_full_maps_fit_the_whole_field(tmp_path: Path, decoder_dir: Path) -> Non
     assert report["fit"]["voxels"] == 40 * 36 * 4
 
 
+def test_no_csf_trim_keeps_the_networks_masks(tmp_path: Path, decoder_dir: Path) -> None:
+    import json
+
+    info = phantoms.region_phantom(tmp_path / "study", csf_rim=True)
+    rims = {}
+    for name, flag in (("trimmed", []), ("kept", ["--no-csf-trim"])):
+        assert main(["analyze", str(info["image"]), "--out", str(tmp_path / name), "--model-dir", str(decoder_dir), *flag]) == 0
+        rims[name] = json.loads((tmp_path / name / "report.json").read_text())["qc"]["csf_rim"]
+    assert rims["trimmed"]["voxels_removed"] == int(info["rim"].sum()) > 0
+    assert rims["kept"] == {"md_threshold_mm2_s": None, "voxels_removed": 0,
+                            "cord_voxels": rims["trimmed"]["cord_voxels"] + rims["trimmed"]["voxels_removed"]}
+
+
 def test_model_dir_from_the_environment(tmp_path: Path, decoder_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import json
 

@@ -16,6 +16,7 @@ from worker import pipeline
 from worker.errors import ModelError
 from worker.ingest.nifti import load_nifti_dwi
 from worker.report.build import validate_report
+from worker.segment.csf_rim import CSF_MD_MM2_S
 from worker.segment.runtime import Segmenter
 
 
@@ -142,3 +143,26 @@ def test_convert_writes_a_consistent_fsl_study(phantom, tmp_path) -> None:
     np.testing.assert_allclose(again.bvecs, original.bvecs, atol=1e-6)
     np.testing.assert_allclose(again.data, original.data)
     assert json.loads((tmp_path / "conv" / "dwi.json").read_text())["input"]["format"] == "nifti"
+
+
+def test_outline_voxels_with_csf_diffusion_are_trimmed_before_measuring(tmp_path, decoder_dir) -> None:
+    """A mask that spills one voxel into the CSF all round: the trim gives exactly those voxels
+    back, and the regions then measure their own tensors; without it CSF drags FA down."""
+    ph = phantoms.region_phantom(tmp_path / "phantom", csf_rim=True)
+    segmenter = Segmenter(decoder_dir)
+    n_rim, n_cord = int(ph["rim"].sum()), int((ph["labels"] > 0).sum())
+    report = pipeline.analyze([ph["image"]], out_dir=tmp_path / "trimmed", segmenter=segmenter)
+    assert report["qc"]["csf_rim"] == {"md_threshold_mm2_s": CSF_MD_MM2_S, "voxels_removed": n_rim, "cord_voxels": n_cord}
+    assert np.array_equal(np.asarray(nib.load(str(tmp_path / "trimmed" / "labels.nii.gz")).dataobj), ph["labels"])
+    for region in report["regions"]:
+        assert region["fa"]["mean"] == pytest.approx(ph["fa"][region["code"]], abs=1e-3)
+        assert region["md"]["mean"] == pytest.approx(ph["md"][region["code"]], rel=1e-3)
+
+    kept = pipeline.analyze([ph["image"]], out_dir=tmp_path / "kept", segmenter=segmenter,
+                            options=pipeline.Options(csf_trim=False))
+    assert kept["qc"]["csf_rim"] == {"md_threshold_mm2_s": None, "voxels_removed": 0, "cord_voxels": n_cord + n_rim}
+    on_rim = {int(c) for c in np.unique(np.asarray(nib.load(str(ph["image"])).dataobj)[..., 0][ph["rim"]] / phantoms.SCALE)}
+    assert on_rim  # the rim lies on some regions: their FA is lower without the trim
+    for region in kept["regions"]:
+        if region["code"] in on_rim:
+            assert region["fa"]["mean"] < ph["fa"][region["code"]] - 0.05

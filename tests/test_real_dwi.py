@@ -16,6 +16,7 @@ import pytest
 
 from worker.labels import BY_CODE
 from worker.report.build import validate_report
+from worker.segment.csf_rim import CSF_MD_MM2_S
 from worker.segment.runtime import default_model_dir
 
 
@@ -84,3 +85,18 @@ def test_cord_diffusion_is_healthy_cord_like(run) -> None:
     for region in wm:
         assert 0.45 < region["fa"]["mean"] < 0.95, region["name"]
         assert 0.4e-3 < region["md"]["mean"] < 1.3e-3, region["name"]
+
+
+def test_the_csf_rim_trim_takes_a_thin_csf_like_rim_and_no_more(run) -> None:
+    """On the real cord the trim gives back a few outline voxels, each with CSF-like MD and low
+    FA, and leaves every region (ventral funiculi included) with white-matter-like MD."""
+    report, out = run
+    rim = report["qc"]["csf_rim"]
+    assert rim["md_threshold_mm2_s"] == CSF_MD_MM2_S
+    assert 0 < rim["voxels_removed"] < 0.15 * (rim["cord_voxels"] + rim["voxels_removed"])
+    labels = np.asarray(nib.load(str(out / "labels.nii.gz")).dataobj)
+    md = np.asarray(nib.load(str(out / "md.nii.gz")).dataobj)
+    assert rim["cord_voxels"] == int((labels > 0).sum())
+    assert np.median(md[labels > 0]) < 1.0e-3
+    for region in report["regions"]:
+        assert 0.4e-3 < region["md"]["mean"] < 1.2e-3, region["name"]

@@ -34,6 +34,8 @@ def _parser() -> argparse.ArgumentParser:
     analyze.add_argument("--bvec", type=Path, help="b-vector file for a NIfTI input (3xN or Nx3)")
     analyze.add_argument("--progress", action="store_true", help="show a progress bar by stage")
     analyze.add_argument("--full-maps", action="store_true", help="fit the tensor on the whole field, not just the cord")
+    analyze.add_argument("--no-csf-trim", action="store_true",
+                         help="keep the network's masks as they are: do not give outline voxels with CSF-like MD back to the background")
     analyze.add_argument("--model-dir", type=Path, help="model folder (default: $SCSNET_MODEL_DIR or the shipped model)")
 
     convert = sub.add_parser("convert", help="only convert and check the study: dwi.nii.gz, .bval, .bvec, .json")
@@ -99,7 +101,7 @@ def _run(args: argparse.Namespace) -> int:
             segmenter=segmenter,
             bval=args.bval,
             bvec=args.bvec,
-            options=pipeline.Options(full_maps=args.full_maps),
+            options=pipeline.Options(full_maps=args.full_maps, csf_trim=not args.no_csf_trim),
             progress=progress,  # type: ignore[arg-type]
         )
     cord = report["cord"]

@@ -1,4 +1,4 @@
-"""The analysis pipeline: load -> segment -> fit -> measure -> write.
+"""The analysis pipeline: load -> segment -> fit (and trim the CSF rim) -> measure -> write.
 
 Each stage is a function with its own test; :func:`analyze` strings them together, times them
 and reports progress through a small callable, so the CLI shows a bar and the Celery task writes
@@ -11,6 +11,7 @@ import json
 import shutil
 import tempfile
 import time
+from dataclasses import replace
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -36,7 +37,8 @@ from worker.report.build import (
     validate_report,
 )
 from worker.report.qc import write_qc_png
-from worker.segment.runtime import Segmentation, Segmenter
+from worker.segment.csf_rim import CSF_MD_MM2_S, RimTrim, trim_csf_rim
+from worker.segment.runtime import MIN_CORD_AREA_MM2, Segmentation, Segmenter
 from worker.tensor.fit import FitMethod, TensorFitter, TensorMaps, fit_mask
 
 STAGES = ("load", "segment", "fit", "measure", "write")
@@ -63,6 +65,8 @@ class Options:
     full_maps: bool = False
     fit_method: FitMethod = "WLS"
     margin_mm: float = 3.0
+    csf_trim: bool = True
+    """Give CSF-like outline voxels (MD above the threshold) back to the background."""
 
 
 @dataclass
@@ -101,6 +105,29 @@ def fit_stage(canonical: DWI, labels: NDArray[np.uint8], options: Options) -> Te
     """Tensor maps on the cord plus margin (or the whole field with ``full_maps``)."""
     mask = None if options.full_maps else fit_mask(labels, zooms_mm=canonical.zooms, margin_mm=options.margin_mm)
     return TensorFitter(canonical, method=options.fit_method).fit(canonical.data, mask=mask)
+
+
+def trim_stage(canonical: DWI, segmentation: Segmentation, maps: TensorMaps) -> tuple[Segmentation, RimTrim]:
+    """The segmentation with its CSF rim trimmed by MD (:mod:`worker.segment.csf_rim`); a
+    slice the trim would leave below the minimum cord area keeps its labels, with a warning."""
+    zx, zy, _ = canonical.zooms
+    trim = trim_csf_rim(segmentation.labels, maps.md, min_voxels=MIN_CORD_AREA_MM2 / (zx * zy))
+    warnings = segmentation.warnings
+    if trim.kept_slices:
+        warnings += (
+            f"the cord outline on slice(s) {', '.join(map(str, trim.kept_slices))} has CSF-like "
+            "diffusivity almost all round; left as segmented, check the b-values and the masks",
+        )
+    return replace(segmentation, labels=trim.labels, warnings=warnings), trim
+
+
+def csf_rim_section(trim: RimTrim | None, labels: NDArray[np.uint8]) -> dict[str, Any]:
+    """The report's account of the CSF-rim trim (``trim`` None: switched off)."""
+    return {
+        "md_threshold_mm2_s": None if trim is None else CSF_MD_MM2_S,
+        "voxels_removed": 0 if trim is None else trim.voxels_removed,
+        "cord_voxels": int(np.count_nonzero(labels)),
+    }
 
 
 def measure_stage(analysis: Analysis, *, warnings: list[str]) -> dict[str, Any]:
@@ -216,10 +243,14 @@ def analyze(
             b0, segmentation = segment_stage(canonical, segmenter)
         with clock.stage("fit"):
             maps = fit_stage(canonical, segmentation.labels, options)
+            trim = None
+            if options.csf_trim:
+                segmentation, trim = trim_stage(canonical, segmentation, maps)
         analysis = Analysis(study, canonical, reo, b0, segmentation, maps)
         with clock.stage("measure"):
             extra_warnings: list[str] = []
             sections = measure_stage(analysis, warnings=extra_warnings)
+            sections["qc"]["csf_rim"] = csf_rim_section(trim, segmentation.labels)
         report: dict[str, Any] = {
             "schema_version": SCHEMA_VERSION,
             "created": now_iso(),

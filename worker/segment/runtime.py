@@ -30,6 +30,7 @@ from scipy import ndimage
 
 from worker.errors import ModelError
 from worker.labels import BACKGROUND, MIRROR_LUT, N_CLASSES
+from worker.segment.cord import keep_largest_cord
 from worker.segment.manifest import Manifest, load_manifest
 from worker.segment.preprocess import normalise, resample_slice, resample_to_shape
 
@@ -234,7 +235,7 @@ class Segmenter:
         for z in range(nz):
             back = resample_to_shape(canvases[z], b0.shape[:2])
             slice_labels = np.argmax(back, axis=0).astype(np.uint8)
-            slice_labels = _keep_largest_cord(slice_labels)
+            slice_labels = keep_largest_cord(slice_labels)
             if np.count_nonzero(slice_labels) < min_voxels:
                 slice_labels[:] = BACKGROUND
                 missing.append(z)
@@ -314,16 +315,6 @@ def _sides_swapped(labels: NDArray[np.uint8]) -> list[int]:
         if len(left) and len(right) and left[:, 0].mean() > right[:, 0].mean():
             swapped.append(z)
     return swapped
-
-
-def _keep_largest_cord(labels: NDArray[np.uint8]) -> NDArray[np.uint8]:
-    """Zero every labelled component but the largest (one connected cord per slice)."""
-    components, n = ndimage.label(labels > 0)
-    if n <= 1:
-        return labels
-    sizes = ndimage.sum_labels(np.ones_like(labels), components, index=np.arange(1, n + 1))
-    keep = components == (int(np.argmax(sizes)) + 1)
-    return np.where(keep, labels, 0).astype(np.uint8)
 
 
 @functools.lru_cache(maxsize=4)

@@ -1,0 +1,96 @@
+"""The CSF-rim trim (worker.segment.csf_rim): outline voxels with CSF-like MD go back to the
+background, never the inside of the cord, at most two layers deep, never below the minimum."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from worker.segment.csf_rim import CSF_MD_MM2_S, MAX_LAYERS, trim_csf_rim
+
+CORD_MD = 0.9e-3
+CSF_MD = 3.0e-3
+
+
+def _disc(radius: float, shape: tuple[int, int] = (40, 40)) -> np.ndarray:
+    i, j = np.indices(shape)
+    return (i - 20) ** 2 + (j - 20) ** 2 <= radius**2
+
+
+def _slice(cord_radius: float = 6.0, label_radius: float = 6.0) -> tuple[np.ndarray, np.ndarray]:
+    """Labels over a disc of ``label_radius`` (left half code 1, right half code 5); MD of cord
+    tissue inside ``cord_radius`` and of CSF outside it."""
+    disc = _disc(label_radius)
+    labels = np.zeros(disc.shape, np.uint8)
+    labels[disc] = 1
+    labels[disc & (np.indices(disc.shape)[0] >= 20)] = 5
+    md = np.where(_disc(cord_radius), CORD_MD, CSF_MD)
+    return labels, md
+
+
+def test_an_outline_spilling_one_voxel_into_csf_is_trimmed_back_to_the_cord() -> None:
+    labels, md = _slice(cord_radius=6.0, label_radius=7.0)
+    trim = trim_csf_rim(labels, md)
+    cord = _disc(6.0)
+    assert np.array_equal(trim.labels > 0, cord)
+    assert np.array_equal(trim.labels[cord], labels[cord])  # the codes inside are untouched
+    assert trim.voxels_removed == int((labels > 0).sum() - cord.sum()) > 0
+    assert trim.kept_slices == ()
+
+
+def test_a_mask_that_stays_inside_the_cord_is_left_alone() -> None:
+    labels, md = _slice(cord_radius=7.0, label_radius=6.0)
+    trim = trim_csf_rim(labels, md)
+    assert np.array_equal(trim.labels, labels) and trim.voxels_removed == 0
+
+
+def test_the_inside_of_the_cord_is_never_carved_out() -> None:
+    labels, md = _slice()
+    md[_disc(2.0)] = CSF_MD  # a syrinx: fluid inside the cord
+    trim = trim_csf_rim(labels, md)
+    assert np.array_equal(trim.labels, labels)
+
+
+def test_at_most_max_layers_are_peeled() -> None:
+    labels, md = _slice(cord_radius=4.0, label_radius=9.0)
+    trim = trim_csf_rim(labels, md)
+    kept = trim.labels > 0
+    assert kept.sum() > _disc(4.0).sum()  # a band of CSF deeper than MAX_LAYERS stays
+    peeled = labels > 0
+    for _ in range(MAX_LAYERS):  # what MAX_LAYERS erosions of the outline leave
+        peeled = ndimage.binary_erosion(peeled, ndimage.generate_binary_structure(2, 1))
+    assert np.array_equal(kept, peeled)
+
+
+def test_a_slice_the_trim_would_empty_keeps_its_labels_and_is_listed() -> None:
+    labels, md = _slice(cord_radius=1.0, label_radius=2.0)
+    md[:] = CSF_MD
+    volume = np.stack([labels, _slice(6.0, 7.0)[0]], axis=2)
+    md_volume = np.stack([md, _slice(6.0, 7.0)[1]], axis=2)
+    trim = trim_csf_rim(volume, md_volume, min_voxels=8)
+    assert trim.kept_slices == (0,)
+    assert np.array_equal(trim.labels[:, :, 0], labels)
+    assert trim.removed[0] == 0 and trim.removed[1] > 0
+    assert np.array_equal(trim.labels[:, :, 1] > 0, _disc(6.0))
+
+
+def test_only_the_largest_piece_survives_a_trim_that_splits_the_cord() -> None:
+    labels, md = _slice()
+    # a one-voxel-wide bridge of labelled CSF out to a small island of cord-like tissue
+    labels[20, 27:33] = 5
+    labels[19:22, 33:36] = 5
+    md[19:22, 33:36] = CORD_MD
+    trim = trim_csf_rim(labels, md)
+    assert np.array_equal(trim.labels > 0, _disc(6.0))
+
+
+def test_threshold_nan_and_grids() -> None:
+    labels, md = _slice(cord_radius=6.0, label_radius=7.0)
+    rim = (labels > 0) & ~_disc(6.0)
+    md[rim] = CSF_MD_MM2_S * 0.99  # just below: not CSF-like
+    assert trim_csf_rim(labels, md).voxels_removed == 0
+    md[rim] = np.nan  # a voxel the fit could not resolve is not taken for CSF
+    assert trim_csf_rim(labels, md).voxels_removed == 0
+    with pytest.raises(ValueError, match="not on one grid"):
+        trim_csf_rim(labels, md[:-1])
