@@ -73,15 +73,22 @@ def evaluate_cases(seg: Labeller, n_cases: int, slices: int) -> dict[str, Any]:
     for case in range(n_cases):
         # per code: tp, n_pred, n_true, sum of FA over predicted voxels, over true voxels
         tally = np.zeros((N_CLASSES, 5))
-        for seed, s in case_slices(case, slices):
-            fa, md = fit_fa_md(*simulate_dwi(s, seed, patient_seed=case_seed(case)))
-            pred = seg.trimmed(seg.labels(s.b0, s.acquisition.spacing_mm), md, s.acquisition.spacing_mm)
+        truth, fa, md, pred = [], [], [], []
+        for seed, s in case_slices(case, slices):  # one grid per case (one acquisition)
+            fa_k, md_k = fit_fa_md(*simulate_dwi(s, seed, patient_seed=case_seed(case)))
+            truth.append(s.labels)
+            fa.append(fa_k)
+            md.append(md_k)
+            pred.append(seg.labels(s.b0, s.acquisition.spacing_mm))
+        # the CSF-rim trim sees the whole study, as in the pipeline
+        trimmed = seg.trimmed(np.stack(pred, axis=2), np.stack(md, axis=2), s.acquisition.spacing_mm)
+        for k in range(slices):
             for c in range(1, N_CLASSES):
-                p, g = pred == c, s.labels == c
-                tally[c] += ((p & g).sum(), p.sum(), g.sum(), fa[p].sum(), fa[g].sum())
+                p, g, fa_k = trimmed[:, :, k] == c, truth[k] == c, fa[k]
+                tally[c] += ((p & g).sum(), p.sum(), g.sum(), fa_k[p].sum(), fa_k[g].sum())
                 if p.any() and g.any():
-                    true_fa = float(fa[g].mean())
-                    slice_err[c].append(abs(fa_error_pct(float(fa[p].mean()), true_fa)))
+                    true_fa = float(fa_k[g].mean())
+                    slice_err[c].append(abs(fa_error_pct(float(fa_k[p].mean()), true_fa)))
         spacing.append(max(s.acquisition.spacing_mm))
         stratum = by_voxel[bin_of(spacing[-1], VOXEL_EDGES_MM, VOXEL_BINS)]
         stratum["cases"] += 1

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from worker.segment.csf_rim import CSF_MD_MM2_S, MAX_LAYERS, trim_csf_rim
+from worker.segment.csf_rim import CORD_MD_MAX_MM2_S, CSF_MD_MM2_S, MAX_LAYERS, trim_csf_rim
 
 CORD_MD = 0.9e-3
 CSF_MD = 3.0e-3
@@ -53,10 +53,10 @@ def test_the_inside_of_the_cord_is_never_carved_out() -> None:
 
 
 def test_at_most_max_layers_are_peeled() -> None:
-    labels, md = _slice(cord_radius=4.0, label_radius=9.0)
+    labels, md = _slice(cord_radius=9.0, label_radius=12.0)  # a 3-voxel band; the cord the majority
     trim = trim_csf_rim(labels, md)
     kept = trim.labels > 0
-    assert kept.sum() > _disc(4.0).sum()  # a band of CSF deeper than MAX_LAYERS stays
+    assert not trim.skipped and kept.sum() > _disc(9.0).sum()  # a band of CSF deeper than MAX_LAYERS stays
     peeled = labels > 0
     for _ in range(MAX_LAYERS):  # what MAX_LAYERS erosions of the outline leave
         peeled = ndimage.binary_erosion(peeled, ndimage.generate_binary_structure(2, 1))
@@ -94,3 +94,12 @@ def test_threshold_nan_and_grids() -> None:
     assert trim_csf_rim(labels, md).voxels_removed == 0
     with pytest.raises(ValueError, match="not on one grid"):
         trim_csf_rim(labels, md[:-1])
+
+
+def test_a_cord_whose_median_md_no_cord_has_is_left_untrimmed() -> None:
+    labels, md = _slice(cord_radius=6.0, label_radius=7.0)
+    md = md * 2.5  # as if the b-values were read 2.5 times too small
+    trim = trim_csf_rim(labels, md)
+    assert trim.skipped and trim.cord_median_md > CORD_MD_MAX_MM2_S
+    assert np.array_equal(trim.labels, labels) and trim.voxels_removed == 0
+    assert not trim_csf_rim(*_slice(cord_radius=6.0, label_radius=7.0)).skipped

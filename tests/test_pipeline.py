@@ -166,3 +166,15 @@ def test_outline_voxels_with_csf_diffusion_are_trimmed_before_measuring(tmp_path
     for region in kept["regions"]:
         if region["code"] in on_rim:
             assert region["fa"]["mean"] < ph["fa"][region["code"]] - 0.05
+
+
+def test_masks_are_not_trimmed_when_the_cord_md_is_not_cord_like(tmp_path, decoder_dir) -> None:
+    """b-values written 2.5 times too small make every MD 2.5 times too large: the cord would
+    read CSF-like all over, so nothing is trimmed and the report says why."""
+    ph = phantoms.region_phantom(tmp_path / "phantom", csf_rim=True)
+    bval = Path(str(ph["image"]).replace(".nii.gz", ".bval"))
+    bval.write_text(" ".join(f"{float(b) / 2.5:g}" for b in bval.read_text().split()) + "\n")
+    report = pipeline.analyze([ph["image"]], out_dir=tmp_path / "out", segmenter=Segmenter(decoder_dir))
+    assert report["qc"]["csf_rim"]["voxels_removed"] == 0
+    assert report["qc"]["csf_rim"]["cord_voxels"] == int((ph["labels"] > 0).sum() + ph["rim"].sum())
+    assert any("not trimmed by MD" in w for w in report["qc"]["warnings"]), report["qc"]["warnings"]

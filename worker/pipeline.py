@@ -113,6 +113,11 @@ def trim_stage(canonical: DWI, segmentation: Segmentation, maps: TensorMaps) -> 
     zx, zy, _ = canonical.zooms
     trim = trim_csf_rim(segmentation.labels, maps.md, min_voxels=MIN_CORD_AREA_MM2 / (zx * zy))
     warnings = segmentation.warnings
+    if trim.skipped:
+        warnings += (
+            f"the segmented cord's median mean diffusivity is {trim.cord_median_md * 1e3:.2f} x10^-3 mm^2/s, "
+            "which no spinal cord has; the masks were not trimmed by MD: check the b-values and the masks",
+        )
     if trim.kept_slices:
         warnings += (
             f"the cord outline on slice(s) {', '.join(map(str, trim.kept_slices))} has CSF-like "

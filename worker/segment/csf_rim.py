@@ -32,6 +32,11 @@ MAX_LAYERS = 2
 """Outline layers (voxels) that may be trimmed per slice: partial volume is one voxel deep,
 and a second layer takes a CSF band the network added to a cord outline it could not see."""
 
+CORD_MD_MAX_MM2_S = 1.5e-3
+"""A study whose labelled voxels have a median MD above this is not trimmed: no cord reads so
+(healthy 0.6-1.0e-3, oedema 1.2-1.4e-3), so the MD map itself is off (wrong b-values or
+units) or the masks are mostly not cord, and a trim by MD would take the wrong voxels."""
+
 _CROSS = ndimage.generate_binary_structure(2, 1)
 
 
@@ -43,11 +48,16 @@ class RimTrim:
     removed : (Z,) int, voxels given back to the background per axial slice.
     kept_slices : axial slices left untrimmed because the trim would have taken the cord
         below ``min_voxels``.
+    cord_median_md : median MD (mm^2/s) of the labelled voxels before the trim (NaN if none).
+    skipped : True when that median is not cord-like (``CORD_MD_MAX_MM2_S``) and nothing was
+        trimmed.
     """
 
     labels: NDArray[np.uint8]
     removed: NDArray[np.int64]
     kept_slices: tuple[int, ...] = ()
+    cord_median_md: float = float("nan")
+    skipped: bool = False
 
     @property
     def voxels_removed(self) -> int:
@@ -73,6 +83,8 @@ def trim_csf_rim(
     max_layers : how many times the outline is peeled at most.
     min_voxels : a slice whose cord the trim would leave smaller than this keeps its labels.
 
+    Nothing is trimmed when the labelled voxels' median MD exceeds ``CORD_MD_MAX_MM2_S``.
+
     Each layer removes the cord voxels that touch the background (in-plane, 4-connected) and
     have MD above the threshold; after trimming only the largest connected cord is kept.
     """
@@ -81,9 +93,13 @@ def trim_csf_rim(
     diff = np.asarray(md)[:, :, None] if flat else np.asarray(md)
     if diff.shape != lab.shape:
         raise ValueError(f"labels {lab.shape} and MD {diff.shape} are not on one grid")
+    removed = np.zeros(lab.shape[2], dtype=np.int64)
+    inside = diff[(lab > 0) & np.isfinite(diff)]
+    median = float(np.median(inside)) if inside.size else float("nan")
+    if median > CORD_MD_MAX_MM2_S:
+        return RimTrim(labels=labels.copy(), removed=removed, cord_median_md=median, skipped=True)
     csf_like = np.nan_to_num(diff, nan=0.0) > threshold_mm2_s
     out = lab.copy()
-    removed = np.zeros(lab.shape[2], dtype=np.int64)
     kept: list[int] = []
     for z in range(lab.shape[2]):
         before = int(np.count_nonzero(lab[:, :, z]))
@@ -104,5 +120,5 @@ def trim_csf_rim(
             continue
         out[:, :, z] = trimmed
         removed[z] = before - after
-    return RimTrim(labels=out[:, :, 0] if flat else out, removed=removed, kept_slices=tuple(kept))
+    return RimTrim(labels=out[:, :, 0] if flat else out, removed=removed, kept_slices=tuple(kept), cord_median_md=median)
 
