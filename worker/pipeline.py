@@ -11,10 +11,9 @@ import json
 import shutil
 import tempfile
 import time
-from dataclasses import replace
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
