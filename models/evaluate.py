@@ -44,7 +44,7 @@ from worker.ingest.nifti import load_nifti_dwi
 from worker.labels import BY_CODE, N_CLASSES
 from worker.report.qc import write_qc_png
 from worker.segment.csf_rim import trim_csf_rim
-from worker.segment.runtime import MIN_CORD_AREA_MM2, Segmenter
+from worker.segment.runtime import Segmenter
 from worker.tensor.fit import TensorFitter
 
 log = logging.getLogger(__name__)
@@ -74,7 +74,7 @@ class SliceSegmenter:
         as the pipeline's :func:`worker.pipeline.trim_stage` does; unchanged with ``csf_trim`` off."""
         if not self.csf_trim:
             return labels
-        return trim_csf_rim(labels, md, min_voxels=MIN_CORD_AREA_MM2 / (spacing_mm[0] * spacing_mm[1])).labels
+        return trim_csf_rim(labels, md, pixel_area_mm2=spacing_mm[0] * spacing_mm[1]).labels
 
     def volume_labels(self, volume: NDArray, zooms_mm: tuple[float, float, float]) -> NDArray[np.uint8]:
         """(X, Y, Z) labels of a canonical-RAS volume."""

@@ -31,7 +31,7 @@ def _slice(cord_radius: float = 6.0, label_radius: float = 6.0) -> tuple[np.ndar
 
 def test_an_outline_spilling_one_voxel_into_csf_is_trimmed_back_to_the_cord() -> None:
     labels, md = _slice(cord_radius=6.0, label_radius=7.0)
-    trim = trim_csf_rim(labels, md)
+    trim = trim_csf_rim(labels, md, pixel_area_mm2=1.0)
     cord = _disc(6.0)
     assert np.array_equal(trim.labels > 0, cord)
     assert np.array_equal(trim.labels[cord], labels[cord])  # the codes inside are untouched
@@ -41,20 +41,20 @@ def test_an_outline_spilling_one_voxel_into_csf_is_trimmed_back_to_the_cord() ->
 
 def test_a_mask_that_stays_inside_the_cord_is_left_alone() -> None:
     labels, md = _slice(cord_radius=7.0, label_radius=6.0)
-    trim = trim_csf_rim(labels, md)
+    trim = trim_csf_rim(labels, md, pixel_area_mm2=1.0)
     assert np.array_equal(trim.labels, labels) and trim.voxels_removed == 0
 
 
 def test_the_inside_of_the_cord_is_never_carved_out() -> None:
     labels, md = _slice()
     md[_disc(2.0)] = CSF_MD  # a syrinx: fluid inside the cord
-    trim = trim_csf_rim(labels, md)
+    trim = trim_csf_rim(labels, md, pixel_area_mm2=1.0)
     assert np.array_equal(trim.labels, labels)
 
 
 def test_at_most_max_layers_are_peeled() -> None:
     labels, md = _slice(cord_radius=9.0, label_radius=12.0)  # a 3-voxel band; the cord the majority
-    trim = trim_csf_rim(labels, md)
+    trim = trim_csf_rim(labels, md, pixel_area_mm2=1.0)
     kept = trim.labels > 0
     assert not trim.skipped and kept.sum() > _disc(9.0).sum()  # a band of CSF deeper than MAX_LAYERS stays
     peeled = labels > 0
@@ -68,7 +68,7 @@ def test_a_slice_the_trim_would_empty_keeps_its_labels_and_is_listed() -> None:
     md[:] = CSF_MD
     volume = np.stack([labels, _slice(6.0, 7.0)[0]], axis=2)
     md_volume = np.stack([md, _slice(6.0, 7.0)[1]], axis=2)
-    trim = trim_csf_rim(volume, md_volume, min_voxels=8)
+    trim = trim_csf_rim(volume, md_volume, pixel_area_mm2=1.0)
     assert trim.kept_slices == (0,)
     assert np.array_equal(trim.labels[:, :, 0], labels)
     assert trim.removed[0] == 0 and trim.removed[1] > 0
@@ -81,7 +81,7 @@ def test_only_the_largest_piece_survives_a_trim_that_splits_the_cord() -> None:
     labels[20, 27:33] = 5
     labels[19:22, 33:36] = 5
     md[19:22, 33:36] = CORD_MD
-    trim = trim_csf_rim(labels, md)
+    trim = trim_csf_rim(labels, md, pixel_area_mm2=1.0)
     assert np.array_equal(trim.labels > 0, _disc(6.0))
 
 
@@ -89,17 +89,17 @@ def test_threshold_nan_and_grids() -> None:
     labels, md = _slice(cord_radius=6.0, label_radius=7.0)
     rim = (labels > 0) & ~_disc(6.0)
     md[rim] = CSF_MD_MM2_S * 0.99  # just below: not CSF-like
-    assert trim_csf_rim(labels, md).voxels_removed == 0
+    assert trim_csf_rim(labels, md, pixel_area_mm2=1.0).voxels_removed == 0
     md[rim] = np.nan  # a voxel the fit could not resolve is not taken for CSF
-    assert trim_csf_rim(labels, md).voxels_removed == 0
+    assert trim_csf_rim(labels, md, pixel_area_mm2=1.0).voxels_removed == 0
     with pytest.raises(ValueError, match="not on one grid"):
-        trim_csf_rim(labels, md[:-1])
+        trim_csf_rim(labels, md[:-1], pixel_area_mm2=1.0)
 
 
 def test_a_cord_whose_median_md_no_cord_has_is_left_untrimmed() -> None:
     labels, md = _slice(cord_radius=6.0, label_radius=7.0)
     md = md * 2.5  # as if the b-values were read 2.5 times too small
-    trim = trim_csf_rim(labels, md)
+    trim = trim_csf_rim(labels, md, pixel_area_mm2=1.0)
     assert trim.skipped and trim.cord_median_md > CORD_MD_MAX_MM2_S
     assert np.array_equal(trim.labels, labels) and trim.voxels_removed == 0
-    assert not trim_csf_rim(*_slice(cord_radius=6.0, label_radius=7.0)).skipped
+    assert not trim_csf_rim(*_slice(cord_radius=6.0, label_radius=7.0), pixel_area_mm2=1.0).skipped

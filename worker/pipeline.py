@@ -37,7 +37,7 @@ from worker.report.build import (
 )
 from worker.report.qc import write_qc_png
 from worker.segment.csf_rim import CSF_MD_MM2_S, RimTrim, trim_csf_rim
-from worker.segment.runtime import MIN_CORD_AREA_MM2, Segmentation, Segmenter
+from worker.segment.runtime import Segmentation, Segmenter
 from worker.tensor.fit import FitMethod, TensorFitter, TensorMaps, fit_mask
 
 STAGES = ("load", "segment", "fit", "measure", "write")
@@ -110,7 +110,7 @@ def trim_stage(canonical: DWI, segmentation: Segmentation, maps: TensorMaps) -> 
     """The segmentation with its CSF rim trimmed by MD (:mod:`worker.segment.csf_rim`); a
     slice the trim would leave below the minimum cord area keeps its labels, with a warning."""
     zx, zy, _ = canonical.zooms
-    trim = trim_csf_rim(segmentation.labels, maps.md, min_voxels=MIN_CORD_AREA_MM2 / (zx * zy))
+    trim = trim_csf_rim(segmentation.labels, maps.md, pixel_area_mm2=zx * zy)
     warnings = segmentation.warnings
     if trim.skipped:
         warnings += (

@@ -1,10 +1,20 @@
-"""Connected-component rules shared by the run-time and the CSF-rim trim."""
+"""Cord rules shared by the run-time and the CSF-rim trim: one connected cord per slice, and
+a least cord area below which a slice holds no cord."""
 
 from __future__ import annotations
 
 import numpy as np
 from numpy.typing import NDArray
 from scipy import ndimage
+
+MIN_CORD_AREA_MM2 = 8.0
+"""A cord component smaller than this on a slice (mm^2) is taken as no cord: a healthy adult
+cervical cord is 50-75 mm^2 and even a severely compressed one keeps more than 20."""
+
+
+def min_cord_voxels(pixel_area_mm2: float) -> float:
+    """``MIN_CORD_AREA_MM2`` in voxels of ``pixel_area_mm2`` (mm^2) each."""
+    return MIN_CORD_AREA_MM2 / pixel_area_mm2
 
 
 def keep_largest_cord(labels: NDArray[np.uint8]) -> NDArray[np.uint8]:

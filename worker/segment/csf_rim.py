@@ -22,7 +22,7 @@ import numpy as np
 from numpy.typing import NDArray
 from scipy import ndimage
 
-from worker.segment.cord import keep_largest_cord
+from worker.segment.cord import keep_largest_cord, min_cord_voxels
 
 CSF_MD_MM2_S = 1.8e-3
 """MD (mm^2/s) above which an outline voxel counts as mostly CSF. At b = 800 s/mm^2 a voxel
@@ -47,7 +47,7 @@ class RimTrim:
     labels : (X, Y, Z) uint8 region codes, the input's minus the trimmed voxels.
     removed : (Z,) int, voxels given back to the background per axial slice.
     kept_slices : axial slices left untrimmed because the trim would have taken the cord
-        below ``min_voxels``.
+        below the least cord area (:data:`worker.segment.cord.MIN_CORD_AREA_MM2`).
     cord_median_md : median MD (mm^2/s) of the labelled voxels before the trim (NaN if none).
     skipped : True when that median is not cord-like (``CORD_MD_MAX_MM2_S``) and nothing was
         trimmed.
@@ -68,9 +68,9 @@ def trim_csf_rim(
     labels: NDArray[np.uint8],
     md: NDArray[np.floating],
     *,
+    pixel_area_mm2: float,
     threshold_mm2_s: float = CSF_MD_MM2_S,
     max_layers: int = MAX_LAYERS,
-    min_voxels: float = 0.0,
 ) -> RimTrim:
     """Give CSF-like outline voxels back to the background, slice by slice.
 
@@ -81,7 +81,8 @@ def trim_csf_rim(
     md : mean diffusivity (mm^2/s) on the same grid (NaN counts as not CSF-like).
     threshold_mm2_s : MD above which an outline voxel is trimmed.
     max_layers : how many times the outline is peeled at most.
-    min_voxels : a slice whose cord the trim would leave smaller than this keeps its labels.
+    pixel_area_mm2 : in-plane voxel area (mm^2); a slice whose cord the trim would leave
+        smaller than ``MIN_CORD_AREA_MM2`` (the run-time's "no cord") keeps its labels.
 
     Nothing is trimmed when the labelled voxels' median MD exceeds ``CORD_MD_MAX_MM2_S``.
 
@@ -115,7 +116,7 @@ def trim_csf_rim(
             trimmed[drop] = 0
         trimmed = keep_largest_cord(trimmed)
         after = int(np.count_nonzero(trimmed))
-        if after < min_voxels:
+        if after < min_cord_voxels(pixel_area_mm2):
             kept.append(z)
             continue
         out[:, :, z] = trimmed

@@ -30,14 +30,9 @@ from scipy import ndimage
 
 from worker.errors import ModelError
 from worker.labels import BACKGROUND, MIRROR_LUT, N_CLASSES
-from worker.segment.cord import keep_largest_cord
+from worker.segment.cord import keep_largest_cord, min_cord_voxels
 from worker.segment.manifest import Manifest, load_manifest
 from worker.segment.preprocess import normalise, resample_slice, resample_to_shape
-
-MIN_CORD_AREA_MM2 = 8.0
-"""A cord component smaller than this on a slice (mm^2) is taken as no cord: a healthy adult
-cervical cord is 50-75 mm^2 and even a severely compressed one keeps more than 20."""
-
 
 BATCH_PIXELS = 1 << 16
 """Most pixels (images x height x width) per network run; see Segmenter.probabilities."""
@@ -213,14 +208,14 @@ class Segmenter:
 
         canvases = np.zeros((nz, N_CLASSES) + slices.shape[1:], dtype=np.float32)
         canvases[:, BACKGROUND] = 1.0
-        centres = self._locate(slices, min_pixels=MIN_CORD_AREA_MM2 / pixel_area)
+        centres = self._locate(slices, min_pixels=min_cord_voxels(pixel_area))
         found = [z for z in range(nz) if centres[z] is not None]
         fine = self._fine_pass(slices, centres, found)
         # A slice whose centre was interpolated, where the crop shows no cord near its middle,
         # is located on its own after all (pass 1), so it ends exactly as a fully located slice.
         recheck = [z for z in found if centres[z].interpolated and not _cord_near_centre(fine[z][0], MAX_CENTRE_SHIFT_MM / target[0])]  # type: ignore[union-attr]
         if recheck:
-            exact = self._locate(slices, min_pixels=MIN_CORD_AREA_MM2 / pixel_area, only=recheck)
+            exact = self._locate(slices, min_pixels=min_cord_voxels(pixel_area), only=recheck)
             for z in recheck:
                 centres[z] = exact[z]
                 fine.pop(z)
@@ -231,7 +226,7 @@ class Segmenter:
         labels = np.zeros(b0.shape, dtype=np.uint8)
         cord_prob = np.zeros(b0.shape, dtype=np.float32)
         missing: list[int] = []
-        min_voxels = MIN_CORD_AREA_MM2 / (spacing[0] * spacing[1])
+        min_voxels = min_cord_voxels(spacing[0] * spacing[1])
         for z in range(nz):
             back = resample_to_shape(canvases[z], b0.shape[:2])
             slice_labels = np.argmax(back, axis=0).astype(np.uint8)
