@@ -28,15 +28,27 @@ from models.generator import SyntheticSlice, draw_acquisition, fit_fa_md, genera
 from models.strata import VOXEL_BINS, VOXEL_EDGES_MM, bin_of, fa_error_pct
 from models.train import EVAL_SEED_BASE
 from worker.labels import BY_CODE, N_CLASSES
+from worker.segment.runtime import Segmentation
 
 CASE_SEED_BASE = EVAL_SEED_BASE + 10_000_000
 CASE_STRIDE = 1_000
 
 
 class Labeller(Protocol):
-    def labels(self, image: NDArray, spacing_mm: tuple[float, float]) -> NDArray[np.uint8]: ...
+    """What the evaluations segment with (:class:`models.evaluate.SliceSegmenter`)."""
 
-    def trimmed(self, labels: NDArray[np.uint8], md: NDArray, spacing_mm: tuple[float, float]) -> NDArray[np.uint8]: ...
+    def segment(self, image: NDArray, spacing_mm: tuple[float, float]) -> Segmentation: ...
+
+    def refined(self, seg: Segmentation, md: NDArray, spacing_mm: tuple[float, float]) -> NDArray[np.uint8]: ...
+
+
+def stack_slices(segs: list[Segmentation]) -> Segmentation:
+    """One (X, Y, Z) segmentation of (X, Y, 1) slice segmentations on one grid."""
+    return Segmentation(
+        labels=np.concatenate([s.labels for s in segs], axis=2),
+        cord_probability=np.concatenate([s.cord_probability for s in segs], axis=2),
+        best_region=np.concatenate([s.best_region for s in segs], axis=2),
+    )
 
 
 def case_seed(case: int) -> int:
@@ -79,12 +91,12 @@ def evaluate_cases(seg: Labeller, n_cases: int, slices: int) -> dict[str, Any]:
             truth.append(s.labels)
             fa.append(fa_k)
             md.append(md_k)
-            pred.append(seg.labels(s.b0, s.acquisition.spacing_mm))
-        # the CSF-rim trim sees the whole study, as in the pipeline
-        trimmed = seg.trimmed(np.stack(pred, axis=2), np.stack(md, axis=2), s.acquisition.spacing_mm)
+            pred.append(seg.segment(s.b0, s.acquisition.spacing_mm))
+        # the outline refinement by MD sees the whole study, as in the pipeline
+        refined = seg.refined(stack_slices(pred), np.stack(md, axis=2), s.acquisition.spacing_mm)
         for k in range(slices):
             for c in range(1, N_CLASSES):
-                p, g, fa_k = trimmed[:, :, k] == c, truth[k] == c, fa[k]
+                p, g, fa_k = refined[:, :, k] == c, truth[k] == c, fa[k]
                 tally[c] += ((p & g).sum(), p.sum(), g.sum(), fa_k[p].sum(), fa_k[g].sum())
                 if p.any() and g.any():
                     true_fa = float(fa_k[g].mean())

@@ -36,15 +36,15 @@ import numpy as np
 from numpy.typing import NDArray
 
 from models import anatomy_check
-from models.cases import evaluate_cases, print_cases
+from models.cases import Labeller, evaluate_cases, print_cases
 from models.generator import SyntheticSlice, fit_fa_md, generate, simulate_dwi
 from models.strata import VOXEL_BINS, VOXEL_EDGES_MM, bin_of, fa_error_pct
 from models.train import EVAL_SEED_BASE
 from worker.ingest.nifti import load_nifti_dwi
 from worker.labels import BY_CODE, N_CLASSES
 from worker.report.qc import write_qc_png
-from worker.segment.csf_rim import trim_csf_rim
-from worker.segment.runtime import Segmenter
+from worker.segment.csf_rim import refine_csf_rim
+from worker.segment.runtime import Segmentation, Segmenter
 from worker.tensor.fit import TensorFitter
 
 log = logging.getLogger(__name__)
@@ -57,31 +57,39 @@ cord voxels above it are mostly CSF, the measure of a mask spilling into the CSF
 class SliceSegmenter:
     """The run-time recipe itself (:class:`worker.segment.runtime.Segmenter`: two passes, one
     connected cord, no labels below the minimum cord area) applied to one slice or a volume,
-    then the pipeline's CSF-rim trim by MD (:mod:`worker.segment.csf_rim`, unless ``csf_trim``
-    is off), so that what is evaluated is what ``scsnet analyze`` does."""
+    then the pipeline's outline refinement by MD (:mod:`worker.segment.csf_rim`, unless
+    ``csf_trim`` is off), so that what is evaluated is what ``scsnet analyze`` does."""
 
     def __init__(self, model_dir: Path, *, csf_trim: bool = True) -> None:
         self.segmenter = Segmenter(model_dir)
         self.csf_trim = csf_trim
 
-    def labels(self, image: NDArray, spacing_mm: tuple[float, float]) -> NDArray[np.uint8]:
-        """(H, W) labels of one slice with in-plane voxel ``spacing_mm``."""
-        seg = self.segmenter.segment(np.asarray(image, np.float32)[:, :, None], zooms_mm=(*spacing_mm, 1.0))
-        return seg.labels[:, :, 0]
+    def segment(self, image: NDArray, spacing_mm: tuple[float, float]) -> Segmentation:
+        """The (H, W, 1) segmentation of one (H, W) slice with in-plane voxel ``spacing_mm``."""
+        return self.segmenter.segment(np.asarray(image, np.float32)[:, :, None], zooms_mm=(*spacing_mm, 1.0))
 
-    def trimmed(self, labels: NDArray[np.uint8], md: NDArray, spacing_mm: tuple[float, float]) -> NDArray[np.uint8]:
-        """``labels`` (H, W) or (X, Y, Z) with the CSF rim trimmed by ``md`` (mm^2/s, same grid),
-        as the pipeline's :func:`worker.pipeline.trim_stage` does; unchanged with ``csf_trim`` off."""
+    def labels(self, image: NDArray, spacing_mm: tuple[float, float]) -> NDArray[np.uint8]:
+        """(H, W) labels of one slice, as the network gives them (no refinement by MD)."""
+        return self.segment(image, spacing_mm).labels[:, :, 0]
+
+    def refined(self, seg: Segmentation, md: NDArray, spacing_mm: tuple[float, float]) -> NDArray[np.uint8]:
+        """``seg``'s (X, Y, Z) labels with the outline refined by ``md`` (mm^2/s, same grid), as
+        the pipeline's :func:`worker.pipeline.rim_stage` does; unchanged with ``csf_trim`` off."""
         if not self.csf_trim:
-            return labels
-        return trim_csf_rim(labels, md, pixel_area_mm2=spacing_mm[0] * spacing_mm[1]).labels
+            return seg.labels
+        return refine_csf_rim(seg.labels, md, pixel_area_mm2=spacing_mm[0] * spacing_mm[1],
+                              cord_probability=seg.cord_probability, best_region=seg.best_region).labels
+
+    def volume(self, volume: NDArray, zooms_mm: tuple[float, float, float]) -> Segmentation:
+        """The segmentation of a canonical-RAS (X, Y, Z) volume."""
+        return self.segmenter.segment(np.asarray(volume, np.float32), zooms_mm=zooms_mm)
 
     def volume_labels(self, volume: NDArray, zooms_mm: tuple[float, float, float]) -> NDArray[np.uint8]:
-        """(X, Y, Z) labels of a canonical-RAS volume."""
-        return self.segmenter.segment(np.asarray(volume, np.float32), zooms_mm=zooms_mm).labels
+        """(X, Y, Z) labels of a canonical-RAS volume (no refinement by MD)."""
+        return self.volume(volume, zooms_mm).labels
 
 
-def evaluate_synthetic(seg: SliceSegmenter, n: int) -> dict[str, Any]:
+def evaluate_synthetic(seg: Labeller, n: int) -> dict[str, Any]:
     dice_per: list[list[float]] = [[] for _ in range(N_CLASSES)]
     fa_err: list[list[float]] = [[] for _ in range(N_CLASSES)]
     missing = np.zeros(N_CLASSES, int)
@@ -95,10 +103,10 @@ def evaluate_synthetic(seg: SliceSegmenter, n: int) -> dict[str, Any]:
         seed = EVAL_SEED_BASE + k
         s = generate(seed)
         t = time.perf_counter()
-        pred = seg.labels(s.b0, s.acquisition.spacing_mm)
+        slice_seg = seg.segment(s.b0, s.acquisition.spacing_mm)
         t_inf.append(time.perf_counter() - t)
         fa, md = fit_fa_md(*simulate_dwi(s, seed))
-        pred = seg.trimmed(pred, md, s.acquisition.spacing_mm)
+        pred = seg.refined(slice_seg, md[:, :, None], s.acquisition.spacing_mm)[:, :, 0]
         tallies = [strata[group][bin_of(value(s), edges, bins)] for group, (bins, edges, value) in STRATA.items()]
         for b in tallies:
             b["slices"] += 1
@@ -202,7 +210,7 @@ def segment_real(seg: SliceSegmenter, path: Path) -> dict[str, Any]:
     fa, md = maps.fa, maps.md
     zx, zy, zz = dwi.zooms
     zooms = (zx, zy)
-    labels = seg.trimmed(seg.volume_labels(b0, (zx, zy, zz)), md, zooms)
+    labels = seg.refined(seg.volume(b0, (zx, zy, zz)), md, zooms)
     aff = dwi.affine
     rows = []
     for k in range(labels.shape[2]):
@@ -248,7 +256,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--real", type=Path, default=DEFAULT_REAL)
     p.add_argument("--qc", type=Path, default=Path("scsnet_real_qc.png"))
     p.add_argument("--json", type=Path, default=None, help="also write the synthetic results (slices, cases) here")
-    p.add_argument("--no-csf-trim", action="store_true", help="score the network's masks without the CSF-rim trim by MD")
+    p.add_argument("--no-csf-trim", action="store_true", help="score the network's masks without the outline refinement by MD")
     p.add_argument("--anatomy", type=Path, default=anatomy_check.DEFAULT_DIR,
                    help="sct_testing_data copy for the check on real T2*/MT images")
     args = p.parse_args(argv)

@@ -3,6 +3,7 @@
 - :func:`decoder_model`: a tiny ONNX "segmenter" that maps b0 intensity ``100 * code`` to the
   label ``code`` exactly (logits = -k (x/100 - c)^2), used to test the run-time geometry
   (resampling, cropping, mapping back) and the pipeline without the trained network.
+- :func:`exact_segmentation`: a run-time segmentation that is certain of given labels.
 - :func:`region_phantom`: a cord-like disc split into the eight regions, b0 = 100 * code, with a
   known diffusion tensor per region, written as a 4D NIfTI with FSL gradient files.
 """
@@ -20,6 +21,7 @@ from onnx import TensorProto, helper, numpy_helper
 from scipy import ndimage
 
 from worker.labels import label_table
+from worker.segment.runtime import Segmentation
 
 SCALE = 100.0
 
@@ -66,6 +68,13 @@ def decoder_model(out_dir: Path, *, spacing_mm: float = 1.0, crop_px: int = 32) 
 WM_EVALS = (1.7e-3, 0.3e-3, 0.3e-3)  # FA 0.80, MD 0.767e-3
 GM_EVALS = (1.0e-3, 0.5e-3, 0.5e-3)  # FA 0.41, MD 0.667e-3
 CSF_MD = 3.0e-3
+
+
+def exact_segmentation(labels: np.ndarray) -> Segmentation:
+    """The (H, W, 1) segmentation of (H, W) ``labels`` a network certain of them would give
+    (cord probability 1 on the cord, 0 elsewhere; best region the label, else code 1)."""
+    lab = np.asarray(labels, np.uint8)[:, :, None]
+    return Segmentation(labels=lab, cord_probability=(lab > 0).astype(np.float32), best_region=np.maximum(lab, 1))
 
 
 def fa_md(evals: tuple[float, float, float]) -> tuple[float, float]:
@@ -121,6 +130,7 @@ def region_phantom(
     snr: float | None = None,
     seed: int = 0,
     csf_rim: bool = False,
+    edge_b0: float | None = None,
 ) -> dict[str, object]:
     """Write ``phantom.nii.gz`` (+ .bval/.bvec) in canonical RAS with known tensors.
 
@@ -128,13 +138,18 @@ def region_phantom(
     model still labels them) but diffuse like CSF (isotropic, ``CSF_MD``): a mask spilling
     into the CSF. They are not in the returned ``labels``.
 
+    ``edge_b0``: the outline voxels of each slice's cord diffuse like their region but have b0
+    ``edge_b0 * SCALE``, which a decoder model labels background, with a cord probability of
+    about 0.31 at 0.48 and 3e-4 at 0.3: a mask stopping one voxel short of the cord. They stay
+    in the returned ``labels``.
+
     Returns a dict with paths and the truth: ``labels`` (X, Y, Z), ``fa``/``md`` per code, and
     ``rim`` (X, Y, Z) bool.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     labels = region_labels(shape)
     rim = np.zeros(shape, bool)
-    if csf_rim:
+    if csf_rim or edge_b0 is not None:
         cross = ndimage.generate_binary_structure(2, 1)
         for z in range(shape[2]):
             cord = labels[:, :, z] > 0
@@ -148,10 +163,13 @@ def region_phantom(
         evals = GM_EVALS if code in (4, 8) else WM_EVALS
         inside = labels == code
         s0 = np.full(int(inside.sum()), SCALE * code)
+        if edge_b0 is not None:
+            s0[rim[inside]] = SCALE * edge_b0
         data[inside] = tensor_signal(s0, evals, np.array([0.0, 0.0, 1.0]), bvals, bvecs)
         truth_fa[code], truth_md[code] = fa_md(evals)
-    data[rim] = tensor_signal(SCALE * labels[rim].astype(np.float64), (CSF_MD,) * 3, np.array([0.0, 0.0, 1.0]), bvals, bvecs)
-    labels[rim] = 0
+    if csf_rim:
+        data[rim] = tensor_signal(SCALE * labels[rim].astype(np.float64), (CSF_MD,) * 3, np.array([0.0, 0.0, 1.0]), bvals, bvecs)
+        labels[rim] = 0
     if snr is not None:
         rng = np.random.default_rng(seed)
         sigma = SCALE * 4 / snr  # SNR defined on a mid-cord b0 intensity (code 4)

@@ -10,6 +10,8 @@ import pytest
 from models.cases import case_slices, evaluate_cases
 from models.generator import PATIENT_KEYS
 from models.strata import fa_error_pct
+from phantoms import exact_segmentation
+from worker.segment.runtime import Segmentation
 
 
 def test_slices_of_a_case_share_the_acquisition_and_the_patient_but_not_the_anatomy() -> None:
@@ -28,14 +30,15 @@ class _Oracle:
         self.truth: Iterator = (s.labels.copy() for case in range(2) for _, s in case_slices(case, slices))
         self.spoil = spoil
 
-    def labels(self, image: np.ndarray, spacing_mm: tuple[float, float]) -> np.ndarray:
+    def segment(self, image: np.ndarray, spacing_mm: tuple[float, float]) -> Segmentation:
         truth = next(self.truth)
         if self.spoil:  # every left ventral voxel called left lateral
             truth[truth == 3] = 1
-        return truth
+        return exact_segmentation(truth)
 
-    def trimmed(self, labels: np.ndarray, md: np.ndarray, spacing_mm: tuple[float, float]) -> np.ndarray:
-        return labels
+    def refined(self, seg: Segmentation, md: np.ndarray, spacing_mm: tuple[float, float]) -> np.ndarray:
+        assert md.shape == seg.labels.shape
+        return seg.labels
 
 
 def test_case_scores_are_perfect_for_exact_labels_and_notice_a_swapped_region() -> None:

@@ -121,17 +121,19 @@ class _Oracle:
 
         self.seed, self.spoil = EVAL_SEED_BASE, spoil
 
-    def labels(self, image: np.ndarray, spacing_mm: tuple[float, float]) -> np.ndarray:
+    def segment(self, image: np.ndarray, spacing_mm: tuple[float, float]):
         from models.generator import generate
+        from phantoms import exact_segmentation
 
         truth = generate(self.seed).labels.copy()
         self.seed += 1
         if self.spoil:  # every left ventral voxel called left lateral
             truth[truth == 3] = 1
-        return truth
+        return exact_segmentation(truth)
 
-    def trimmed(self, labels: np.ndarray, md: np.ndarray, spacing_mm: tuple[float, float]) -> np.ndarray:
-        return labels  # exact labels need no CSF-rim trim
+    def refined(self, seg, md: np.ndarray, spacing_mm: tuple[float, float]) -> np.ndarray:
+        assert md.shape == seg.labels.shape
+        return seg.labels  # exact labels need no refinement by MD
 
 
 def test_evaluation_scores_exact_labels_perfectly_and_notices_a_swapped_region() -> None:

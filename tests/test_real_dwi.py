@@ -100,3 +100,27 @@ def test_the_csf_rim_trim_takes_a_thin_csf_like_rim_and_no_more(run) -> None:
     assert np.median(md[labels > 0]) < 1.0e-3
     for region in report["regions"]:
         assert 0.4e-3 < region["md"]["mean"] < 1.2e-3, region["name"]
+
+
+def test_the_growth_adds_a_thin_layer_of_white_matter_like_tissue(run, real_dwi_paths, tmp_path) -> None:
+    """Against the network's own masks (``--no-csf-trim``), the voxels the refinement adds are
+    a thin layer with cord-like MD and white-matter-like FA, not CSF."""
+    report, out = run
+    scsnet = shutil.which("scsnet", path=str(Path(sys.executable).parent))
+    raw_out = tmp_path / "raw"
+    proc = subprocess.run(
+        [scsnet, "analyze", str(real_dwi_paths["image"]), "--bval", str(real_dwi_paths["bval"]), "--bvec", str(real_dwi_paths["bvec"]),
+         "--out", str(raw_out), "--no-csf-trim"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    labels = np.asarray(nib.load(str(out / "labels.nii.gz")).dataobj)
+    raw = np.asarray(nib.load(str(raw_out / "labels.nii.gz")).dataobj)
+    added = (labels > 0) & (raw == 0)
+    rim = report["qc"]["csf_rim"]
+    assert rim["voxels_added"] == int(added.sum())
+    assert 0 < rim["voxels_added"] < 0.10 * rim["cord_voxels"]
+    md = np.asarray(nib.load(str(out / "md.nii.gz")).dataobj)
+    fa = np.asarray(nib.load(str(out / "fa.nii.gz")).dataobj)
+    assert md[added].max() < 1.2e-3
+    assert fa[added].mean() > 0.5

@@ -36,7 +36,7 @@ from worker.report.build import (
     validate_report,
 )
 from worker.report.qc import write_qc_png
-from worker.segment.csf_rim import CSF_MD_MM2_S, RimTrim, trim_csf_rim
+from worker.segment.csf_rim import CORD_MD_MM2_S, CSF_MD_MM2_S, RimRefinement, refine_csf_rim
 from worker.segment.runtime import Segmentation, Segmenter
 from worker.tensor.fit import FitMethod, TensorFitter, TensorMaps, fit_mask
 
@@ -106,16 +106,19 @@ def fit_stage(canonical: DWI, labels: NDArray[np.uint8], options: Options) -> Te
     return TensorFitter(canonical, method=options.fit_method).fit(canonical.data, mask=mask)
 
 
-def trim_stage(canonical: DWI, segmentation: Segmentation, maps: TensorMaps) -> tuple[Segmentation, RimTrim]:
-    """The segmentation with its CSF rim trimmed by MD (:mod:`worker.segment.csf_rim`); a
-    slice the trim would leave below the minimum cord area keeps its labels, with a warning."""
+def rim_stage(canonical: DWI, segmentation: Segmentation, maps: TensorMaps) -> tuple[Segmentation, RimRefinement]:
+    """The segmentation with its outline fitted to the CSF edge by MD
+    (:mod:`worker.segment.csf_rim`: CSF-like outline voxels trimmed, cord-like neighbours the
+    network gave some cord probability grown); a slice the trim would leave below the minimum
+    cord area keeps its labels, with a warning."""
     zx, zy, _ = canonical.zooms
-    trim = trim_csf_rim(segmentation.labels, maps.md, pixel_area_mm2=zx * zy)
+    trim = refine_csf_rim(segmentation.labels, maps.md, pixel_area_mm2=zx * zy,
+                          cord_probability=segmentation.cord_probability, best_region=segmentation.best_region)
     warnings = segmentation.warnings
     if trim.skipped:
         warnings += (
             f"the segmented cord's median mean diffusivity is {trim.cord_median_md * 1e3:.2f} x10^-3 mm^2/s, "
-            "which no spinal cord has; the masks were not trimmed by MD: check the b-values and the masks",
+            "which no spinal cord has; the outline was not refined by MD: check the b-values and the masks",
         )
     if trim.kept_slices:
         warnings += (
@@ -125,11 +128,13 @@ def trim_stage(canonical: DWI, segmentation: Segmentation, maps: TensorMaps) -> 
     return replace(segmentation, labels=trim.labels, warnings=warnings), trim
 
 
-def csf_rim_section(trim: RimTrim | None, labels: NDArray[np.uint8]) -> dict[str, Any]:
-    """The report's account of the CSF-rim trim (``trim`` None: switched off)."""
+def csf_rim_section(trim: RimRefinement | None, labels: NDArray[np.uint8]) -> dict[str, Any]:
+    """The report's account of the outline refinement by MD (``trim`` None: switched off)."""
     return {
         "md_threshold_mm2_s": None if trim is None else CSF_MD_MM2_S,
         "voxels_removed": 0 if trim is None else trim.voxels_removed,
+        "grow_md_threshold_mm2_s": None if trim is None else CORD_MD_MM2_S,
+        "voxels_added": 0 if trim is None else trim.voxels_added,
         "cord_voxels": int(np.count_nonzero(labels)),
     }
 
@@ -249,7 +254,7 @@ def analyze(
             maps = fit_stage(canonical, segmentation.labels, options)
             trim = None
             if options.csf_trim:
-                segmentation, trim = trim_stage(canonical, segmentation, maps)
+                segmentation, trim = rim_stage(canonical, segmentation, maps)
         analysis = Analysis(study, canonical, reo, b0, segmentation, maps)
         with clock.stage("measure"):
             extra_warnings: list[str] = []

@@ -15,7 +15,7 @@ import numpy as np
 import worker
 from worker.ingest.dwi import DWI
 
-SCHEMA_VERSION = "1.1"
+SCHEMA_VERSION = "1.2"
 
 UNITS = {
     "fa": "1 (dimensionless)",
