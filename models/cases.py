@@ -39,7 +39,7 @@ class Labeller(Protocol):
 
     def segment(self, image: NDArray, spacing_mm: tuple[float, float]) -> Segmentation: ...
 
-    def refined(self, seg: Segmentation, md: NDArray, spacing_mm: tuple[float, float]) -> NDArray[np.uint8]: ...
+    def refined(self, seg: Segmentation, b0: NDArray, md: NDArray, spacing_mm: tuple[float, float]) -> NDArray[np.uint8]: ...
 
 
 def stack_slices(segs: list[Segmentation]) -> Segmentation:
@@ -85,15 +85,16 @@ def evaluate_cases(seg: Labeller, n_cases: int, slices: int) -> dict[str, Any]:
     for case in range(n_cases):
         # per code: tp, n_pred, n_true, sum of FA over predicted voxels, over true voxels
         tally = np.zeros((N_CLASSES, 5))
-        truth, fa, md, pred = [], [], [], []
+        truth, fa, md, pred, b0 = [], [], [], [], []
         for seed, s in case_slices(case, slices):  # one grid per case (one acquisition)
             fa_k, md_k = fit_fa_md(*simulate_dwi(s, seed, patient_seed=case_seed(case)))
             truth.append(s.labels)
             fa.append(fa_k)
             md.append(md_k)
             pred.append(seg.segment(s.b0, s.acquisition.spacing_mm))
+            b0.append(s.b0)
         # the outline refinement by MD sees the whole study, as in the pipeline
-        refined = seg.refined(stack_slices(pred), np.stack(md, axis=2), s.acquisition.spacing_mm)
+        refined = seg.refined(stack_slices(pred), np.stack(b0, axis=2), np.stack(md, axis=2), s.acquisition.spacing_mm)
         for k in range(slices):
             for c in range(1, N_CLASSES):
                 p, g, fa_k = refined[:, :, k] == c, truth[k] == c, fa[k]

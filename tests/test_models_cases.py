@@ -36,8 +36,8 @@ class _Oracle:
             truth[truth == 3] = 1
         return exact_segmentation(truth)
 
-    def refined(self, seg: Segmentation, md: np.ndarray, spacing_mm: tuple[float, float]) -> np.ndarray:
-        assert md.shape == seg.labels.shape
+    def refined(self, seg: Segmentation, b0: np.ndarray, md: np.ndarray, spacing_mm: tuple[float, float]) -> np.ndarray:
+        assert md.shape == b0.shape == seg.labels.shape
         return seg.labels
 
 

@@ -131,8 +131,8 @@ class _Oracle:
             truth[truth == 3] = 1
         return exact_segmentation(truth)
 
-    def refined(self, seg, md: np.ndarray, spacing_mm: tuple[float, float]) -> np.ndarray:
-        assert md.shape == seg.labels.shape
+    def refined(self, seg, b0: np.ndarray, md: np.ndarray, spacing_mm: tuple[float, float]) -> np.ndarray:
+        assert md.shape == b0.shape == seg.labels.shape
         return seg.labels  # exact labels need no refinement by MD
 
 

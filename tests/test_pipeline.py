@@ -152,7 +152,7 @@ def test_outline_voxels_with_csf_diffusion_are_trimmed_before_measuring(tmp_path
     segmenter = Segmenter(decoder_dir)
     n_rim, n_cord = int(ph["rim"].sum()), int((ph["labels"] > 0).sum())
     report = pipeline.analyze([ph["image"]], out_dir=tmp_path / "trimmed", segmenter=segmenter)
-    assert report["qc"]["csf_rim"] == {"md_threshold_mm2_s": CSF_MD_MM2_S, "voxels_removed": n_rim,
+    assert report["qc"]["csf_rim"] == {"csf_contrast_pass": True, "md_threshold_mm2_s": CSF_MD_MM2_S, "voxels_removed": n_rim,
                                        "grow_md_threshold_mm2_s": CORD_MD_MM2_S, "voxels_added": 0, "cord_voxels": n_cord}
     assert np.array_equal(np.asarray(nib.load(str(tmp_path / "trimmed" / "labels.nii.gz")).dataobj), ph["labels"])
     for region in report["regions"]:
@@ -161,7 +161,7 @@ def test_outline_voxels_with_csf_diffusion_are_trimmed_before_measuring(tmp_path
 
     kept = pipeline.analyze([ph["image"]], out_dir=tmp_path / "kept", segmenter=segmenter,
                             options=pipeline.Options(csf_trim=False))
-    assert kept["qc"]["csf_rim"] == {"md_threshold_mm2_s": None, "voxels_removed": 0,
+    assert kept["qc"]["csf_rim"] == {"csf_contrast_pass": False, "md_threshold_mm2_s": None, "voxels_removed": 0,
                                      "grow_md_threshold_mm2_s": None, "voxels_added": 0, "cord_voxels": n_cord + n_rim}
     on_rim = {int(c) for c in np.unique(np.asarray(nib.load(str(ph["image"])).dataobj)[..., 0][ph["rim"]] / phantoms.SCALE)}
     assert on_rim  # the rim lies on some regions: their FA is lower without the trim

@@ -1,4 +1,8 @@
-"""The analysis pipeline: load -> segment -> fit (and trim the CSF rim) -> measure -> write.
+"""The analysis pipeline: load -> segment -> fit (and refine the masks by MD) -> measure -> write.
+
+The refinement by MD, after the tensor fit: a second network pass on the b0 with its CSF
+brightened by MD (:mod:`worker.segment.csf_contrast`), then the outline fitted to the CSF edge
+(:mod:`worker.segment.csf_rim`); ``Options(csf_trim=False)`` keeps the first pass's masks.
 
 Each stage is a function with its own test; :func:`analyze` strings them together, times them
 and reports progress through a small callable, so the CLI shows a bar and the Celery task writes
@@ -36,9 +40,10 @@ from worker.report.build import (
     validate_report,
 )
 from worker.report.qc import write_qc_png
-from worker.segment.csf_rim import CORD_MD_MM2_S, CSF_MD_MM2_S, RimRefinement, refine_csf_rim
+from worker.segment.csf_contrast import csf_contrast_b0
+from worker.segment.csf_rim import CORD_MD_MM2_S, CSF_MD_MM2_S, RimRefinement, cord_median_md, md_is_cord_like, refine_csf_rim
 from worker.segment.runtime import Segmentation, Segmenter
-from worker.tensor.fit import FitMethod, TensorFitter, TensorMaps, fit_mask
+from worker.tensor.fit import FIT_MARGIN_MM, FitMethod, TensorFitter, TensorMaps, fit_mask
 
 STAGES = ("load", "segment", "fit", "measure", "write")
 
@@ -63,8 +68,10 @@ class Options:
 
     full_maps: bool = False
     fit_method: FitMethod = "WLS"
-    margin_mm: float = 3.0
+    margin_mm: float = FIT_MARGIN_MM
     csf_trim: bool = True
+    """Refine the masks by MD after the fit (the CSF-contrast pass, then the outline's trim and
+    growth); False keeps the network's first-pass masks (``scsnet analyze --no-csf-trim``)."""
     """Give CSF-like outline voxels (MD above the threshold) back to the background."""
 
 
@@ -106,6 +113,22 @@ def fit_stage(canonical: DWI, labels: NDArray[np.uint8], options: Options) -> Te
     return TensorFitter(canonical, method=options.fit_method).fit(canonical.data, mask=mask)
 
 
+def contrast_stage(
+    canonical: DWI, b0: NDArray[np.float32], segmentation: Segmentation, maps: TensorMaps, segmenter: Segmenter, options: Options
+) -> tuple[Segmentation, TensorMaps, bool]:
+    """The segmentation of a second pass on the b0 with its CSF brightened by MD
+    (:mod:`worker.segment.csf_contrast`), with the tensor refitted if its cord reaches beyond
+    the first fit; the first pass's, unchanged, when the cord's MD is not cord-like (then the
+    MD map cannot be trusted; :func:`rim_stage` warns). The flag says whether the pass ran."""
+    if not md_is_cord_like(cord_median_md(segmentation.labels, maps.md)):
+        return segmentation, maps, False
+    second = segmenter.segment(csf_contrast_b0(b0, maps.md, segmentation.labels > 0), zooms_mm=canonical.zooms)
+    if np.any((second.labels > 0) & ~maps.mask):
+        both = ((segmentation.labels > 0) | (second.labels > 0)).astype(np.uint8)
+        maps = fit_stage(canonical, both, options)
+    return second, maps, True
+
+
 def rim_stage(canonical: DWI, segmentation: Segmentation, maps: TensorMaps) -> tuple[Segmentation, RimRefinement]:
     """The segmentation with its outline fitted to the CSF edge by MD
     (:mod:`worker.segment.csf_rim`: CSF-like outline voxels trimmed, cord-like neighbours the
@@ -128,9 +151,10 @@ def rim_stage(canonical: DWI, segmentation: Segmentation, maps: TensorMaps) -> t
     return replace(segmentation, labels=trim.labels, warnings=warnings), trim
 
 
-def csf_rim_section(trim: RimRefinement | None, labels: NDArray[np.uint8]) -> dict[str, Any]:
-    """The report's account of the outline refinement by MD (``trim`` None: switched off)."""
+def csf_rim_section(trim: RimRefinement | None, labels: NDArray[np.uint8], *, second_pass: bool) -> dict[str, Any]:
+    """The report's account of the refinement by MD (``trim`` None: switched off)."""
     return {
+        "csf_contrast_pass": second_pass,
         "md_threshold_mm2_s": None if trim is None else CSF_MD_MM2_S,
         "voxels_removed": 0 if trim is None else trim.voxels_removed,
         "grow_md_threshold_mm2_s": None if trim is None else CORD_MD_MM2_S,
@@ -252,14 +276,15 @@ def analyze(
             b0, segmentation = segment_stage(canonical, segmenter)
         with clock.stage("fit"):
             maps = fit_stage(canonical, segmentation.labels, options)
-            trim = None
+            trim, second_pass = None, False
             if options.csf_trim:
+                segmentation, maps, second_pass = contrast_stage(canonical, b0, segmentation, maps, segmenter, options)
                 segmentation, trim = rim_stage(canonical, segmentation, maps)
         analysis = Analysis(study, canonical, reo, b0, segmentation, maps)
         with clock.stage("measure"):
             extra_warnings: list[str] = []
             sections = measure_stage(analysis, warnings=extra_warnings)
-            sections["qc"]["csf_rim"] = csf_rim_section(trim, segmentation.labels)
+            sections["qc"]["csf_rim"] = csf_rim_section(trim, segmentation.labels, second_pass=second_pass)
         report: dict[str, Any] = {
             "schema_version": SCHEMA_VERSION,
             "created": now_iso(),

@@ -88,6 +88,18 @@ class RimRefinement:
         return int(self.added.sum())
 
 
+def cord_median_md(labels: NDArray[np.uint8], md: NDArray[np.floating]) -> float:
+    """Median MD (mm^2/s) of the labelled voxels (NaN ignored; NaN if there are none)."""
+    inside = np.asarray(md)[(labels > 0) & np.isfinite(md)]
+    return float(np.median(inside)) if inside.size else float("nan")
+
+
+def md_is_cord_like(median_md: float) -> bool:
+    """False when a segmented cord's median MD is above ``CORD_MD_MAX_MM2_S`` (an MD map, or
+    masks, to trust no refinement to); NaN (nothing labelled) counts as cord-like."""
+    return not median_md > CORD_MD_MAX_MM2_S
+
+
 def _as_volume(array: NDArray | None, flat: bool) -> NDArray | None:
     return None if array is None else (np.asarray(array)[:, :, None] if flat else np.asarray(array))
 
@@ -135,9 +147,8 @@ def refine_csf_rim(
             raise ValueError(f"labels {lab.shape} and {name} {a.shape} are not on one grid")
     removed = np.zeros(lab.shape[2], dtype=np.int64)
     added = np.zeros(lab.shape[2], dtype=np.int64)
-    inside = diff[(lab > 0) & np.isfinite(diff)]
-    median = float(np.median(inside)) if inside.size else float("nan")
-    if median > CORD_MD_MAX_MM2_S:
+    median = cord_median_md(lab, diff)
+    if not md_is_cord_like(median):
         return RimRefinement(labels=labels.copy(), removed=removed, added=added, cord_median_md=median, skipped=True)
     finite = np.nan_to_num(diff, nan=0.0)
     csf_like = finite > threshold_mm2_s

@@ -79,7 +79,11 @@ class TensorFitter:
         )
 
 
-def fit_mask(labels: NDArray[np.integer], *, zooms_mm: tuple[float, float, float], margin_mm: float = 3.0) -> NDArray[np.bool_]:
+FIT_MARGIN_MM = 3.0
+"""Default in-plane margin (mm) around the segmented cord that :func:`fit_mask` fits."""
+
+
+def fit_mask(labels: NDArray[np.integer], *, zooms_mm: tuple[float, float, float], margin_mm: float = FIT_MARGIN_MM) -> NDArray[np.bool_]:
     """The voxels to fit: every labelled voxel, dilated in-plane by ``margin_mm``.
 
     Parameters

