@@ -17,7 +17,7 @@ from worker.errors import ModelError
 from worker.ingest.nifti import load_nifti_dwi
 from worker.report.build import validate_report
 from worker.segment.csf_rim import CORD_MD_MM2_S, CSF_MD_MM2_S
-from worker.segment.runtime import Segmenter
+from worker.segment.runtime import Segmentation, Segmenter
 
 
 @pytest.fixture(scope="module")
@@ -172,11 +172,13 @@ def test_outline_voxels_with_csf_diffusion_are_trimmed_before_measuring(tmp_path
 
 def test_masks_are_not_trimmed_when_the_cord_md_is_not_cord_like(tmp_path, decoder_dir) -> None:
     """b-values written 2.5 times too small make every MD 2.5 times too large: the cord would
-    read CSF-like all over, so nothing is trimmed and the report says why."""
+    read CSF-like all over, so there is no second pass, nothing is trimmed and the report says
+    why."""
     ph = phantoms.region_phantom(tmp_path / "phantom", csf_rim=True)
     bval = Path(str(ph["image"]).replace(".nii.gz", ".bval"))
     bval.write_text(" ".join(f"{float(b) / 2.5:g}" for b in bval.read_text().split()) + "\n")
     report = pipeline.analyze([ph["image"]], out_dir=tmp_path / "out", segmenter=Segmenter(decoder_dir))
+    assert report["qc"]["csf_rim"]["csf_contrast_pass"] is False
     assert report["qc"]["csf_rim"]["voxels_removed"] == 0
     assert report["qc"]["csf_rim"]["cord_voxels"] == int((ph["labels"] > 0).sum() + ph["rim"].sum())
     assert any("not refined by MD" in w for w in report["qc"]["warnings"]), report["qc"]["warnings"]
@@ -209,3 +211,31 @@ def test_cord_like_neighbours_the_network_calls_background_stay_out(tmp_path, de
     labels = np.asarray(nib.load(str(tmp_path / "out" / "labels.nii.gz")).dataobj)
     assert report["qc"]["csf_rim"]["voxels_added"] == 0
     assert np.array_equal(labels > 0, (ph["labels"] > 0) & ~ph["rim"])
+
+
+def test_no_second_pass_where_the_first_found_no_cord(phantom, decoder_dir) -> None:
+    canonical, _ = load_nifti_dwi(phantom["image"]).to_canonical()
+    shape = canonical.data.shape[:3]
+    empty = Segmentation(labels=np.zeros(shape, np.uint8), cord_probability=np.zeros(shape, np.float32),
+                         best_region=np.ones(shape, np.uint8))
+    maps = pipeline.fit_stage(canonical, empty.labels, pipeline.Options())
+    seg, refit, ran = pipeline.contrast_stage(canonical, canonical.mean_b0(), empty, maps, Segmenter(decoder_dir), pipeline.Options())
+    assert not ran and seg is empty and refit is maps
+
+
+def test_the_tensor_is_refitted_where_the_second_pass_reaches_beyond_the_first_fit(phantom, decoder_dir) -> None:
+    """A first pass that found only the middle of the cord: the second finds all of it, beyond
+    the first fit's margin, so the tensor is fitted again to cover every labelled voxel."""
+    canonical, _ = load_nifti_dwi(phantom["image"]).to_canonical()
+    segmenter = Segmenter(decoder_dir)
+    full = segmenter.segment(canonical.mean_b0(), zooms_mm=canonical.zooms)
+    middle = np.zeros_like(full.labels)
+    ci, cj = (int(np.mean(a)) for a in np.nonzero(full.labels[:, :, 0]))
+    middle[ci - 1 : ci + 2, cj - 1 : cj + 2, :] = full.labels[ci - 1 : ci + 2, cj - 1 : cj + 2, :]
+    first = Segmentation(labels=middle, cord_probability=full.cord_probability, best_region=full.best_region)
+    maps = pipeline.fit_stage(canonical, middle, pipeline.Options())
+    assert np.any((full.labels > 0) & ~maps.mask)
+    seg, refit, ran = pipeline.contrast_stage(canonical, canonical.mean_b0(), first, maps, segmenter, pipeline.Options())
+    assert ran and refit is not maps
+    assert np.array_equal(seg.labels, full.labels)
+    assert np.all(refit.mask[seg.labels > 0]) and np.all(refit.fa[seg.labels > 0] > 0.3)

@@ -118,9 +118,10 @@ def contrast_stage(
 ) -> tuple[Segmentation, TensorMaps, bool]:
     """The segmentation of a second pass on the b0 with its CSF brightened by MD
     (:mod:`worker.segment.csf_contrast`), with the tensor refitted if its cord reaches beyond
-    the first fit; the first pass's, unchanged, when the cord's MD is not cord-like (then the
-    MD map cannot be trusted; :func:`rim_stage` warns). The flag says whether the pass ran."""
-    if not md_is_cord_like(cord_median_md(segmentation.labels, maps.md)):
+    the first fit; the first pass's, unchanged, when it found no cord or the cord's MD is not
+    cord-like (then the MD map cannot be trusted; :func:`rim_stage` warns). The flag says
+    whether the pass ran."""
+    if not segmentation.labels.any() or not md_is_cord_like(cord_median_md(segmentation.labels, maps.md)):
         return segmentation, maps, False
     second = segmenter.segment(csf_contrast_b0(b0, maps.md, segmentation.labels > 0), zooms_mm=canonical.zooms)
     if np.any((second.labels > 0) & ~maps.mask):
