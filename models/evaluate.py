@@ -58,8 +58,10 @@ cord voxels above it are mostly CSF, the measure of a mask spilling into the CSF
 class SliceSegmenter:
     """The run-time recipe itself (:class:`worker.segment.runtime.Segmenter`: two passes, one
     connected cord, no labels below the minimum cord area) applied to one slice or a volume,
-    then the pipeline's outline refinement by MD (:mod:`worker.segment.csf_rim`, unless
-    ``csf_trim`` is off), so that what is evaluated is what ``scsnet analyze`` does."""
+    then the pipeline's refinement by MD (the CSF-contrast pass of
+    :mod:`worker.segment.csf_contrast`, the outline trim and growth of
+    :mod:`worker.segment.csf_rim`; unless ``csf_trim`` is off), so that what is evaluated is
+    what ``scsnet analyze`` does."""
 
     def __init__(self, model_dir: Path, *, csf_trim: bool = True) -> None:
         self.segmenter = Segmenter(model_dir)

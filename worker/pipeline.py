@@ -72,7 +72,6 @@ class Options:
     csf_trim: bool = True
     """Refine the masks by MD after the fit (the CSF-contrast pass, then the outline's trim and
     growth); False keeps the network's first-pass masks (``scsnet analyze --no-csf-trim``)."""
-    """Give CSF-like outline voxels (MD above the threshold) back to the background."""
 
 
 @dataclass

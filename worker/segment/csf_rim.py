@@ -95,8 +95,9 @@ def cord_median_md(labels: NDArray[np.uint8], md: NDArray[np.floating]) -> float
 
 
 def md_is_cord_like(median_md: float) -> bool:
-    """False when a segmented cord's median MD is above ``CORD_MD_MAX_MM2_S`` (an MD map, or
-    masks, to trust no refinement to); NaN (nothing labelled) counts as cord-like."""
+    """False when a segmented cord's median MD is above ``CORD_MD_MAX_MM2_S``: then the MD map
+    (or the masks) cannot be trusted for any refinement. NaN (nothing labelled) counts as
+    cord-like."""
     return not median_md > CORD_MD_MAX_MM2_S
 
 
