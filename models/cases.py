@@ -47,7 +47,6 @@ def stack_slices(segs: list[Segmentation]) -> Segmentation:
     return Segmentation(
         labels=np.concatenate([s.labels for s in segs], axis=2),
         cord_probability=np.concatenate([s.cord_probability for s in segs], axis=2),
-        best_region=np.concatenate([s.best_region for s in segs], axis=2),
     )
 
 
@@ -93,7 +92,7 @@ def evaluate_cases(seg: Labeller, n_cases: int, slices: int) -> dict[str, Any]:
             md.append(md_k)
             pred.append(seg.segment(s.b0, s.acquisition.spacing_mm))
             b0.append(s.b0)
-        # the outline refinement by MD sees the whole study, as in the pipeline
+        # the refinement by MD sees the whole study, as in the pipeline
         refined = seg.refined(stack_slices(pred), np.stack(b0, axis=2), np.stack(md, axis=2), s.acquisition.spacing_mm)
         for k in range(slices):
             for c in range(1, N_CLASSES):

@@ -44,7 +44,7 @@ from worker.ingest.nifti import load_nifti_dwi
 from worker.labels import BY_CODE, N_CLASSES
 from worker.report.qc import write_qc_png
 from worker.segment.csf_contrast import csf_contrast_b0
-from worker.segment.csf_rim import cord_median_md, md_is_cord_like, refine_csf_rim
+from worker.segment.csf_rim import cord_median_md, md_is_cord_like, trim_csf_rim
 from worker.segment.runtime import Segmentation, Segmenter
 from worker.tensor.fit import TensorFitter, fit_mask
 
@@ -59,8 +59,8 @@ class SliceSegmenter:
     """The run-time recipe itself (:class:`worker.segment.runtime.Segmenter`: two passes, one
     connected cord, no labels below the minimum cord area) applied to one slice or a volume,
     then the pipeline's refinement by MD (the CSF-contrast pass of
-    :mod:`worker.segment.csf_contrast`, the outline trim and growth of
-    :mod:`worker.segment.csf_rim`; unless ``csf_trim`` is off), so that what is evaluated is
+    :mod:`worker.segment.csf_contrast`, the CSF-rim trim of :mod:`worker.segment.csf_rim`;
+    unless ``csf_trim`` is off), so that what is evaluated is
     what ``scsnet analyze`` does."""
 
     def __init__(self, model_dir: Path, *, csf_trim: bool = True) -> None:
@@ -78,7 +78,7 @@ class SliceSegmenter:
     def refined(self, seg: Segmentation, b0: NDArray, md: NDArray, spacing_mm: tuple[float, float]) -> NDArray[np.uint8]:
         """``seg``'s (X, Y, Z) labels refined by ``md`` (mm^2/s, on the grid of ``b0``) as the
         pipeline refines them (:func:`worker.pipeline.contrast_stage`, then
-        :func:`worker.pipeline.rim_stage`); unchanged with ``csf_trim`` off.
+        :func:`worker.pipeline.trim_stage`); unchanged with ``csf_trim`` off.
 
         The pipeline fits the tensor only on the first pass's cord plus a margin, so the
         CSF-contrast image sees the MD there only."""
@@ -88,8 +88,7 @@ class SliceSegmenter:
         fitted = np.where(fit_mask(seg.labels, zooms_mm=zooms), md, 0.0)
         if md_is_cord_like(cord_median_md(seg.labels, fitted)):
             seg = self.segmenter.segment(csf_contrast_b0(b0, fitted, seg.labels > 0), zooms_mm=zooms)
-        return refine_csf_rim(seg.labels, md, pixel_area_mm2=spacing_mm[0] * spacing_mm[1],
-                              cord_probability=seg.cord_probability, best_region=seg.best_region).labels
+        return trim_csf_rim(seg.labels, md, pixel_area_mm2=spacing_mm[0] * spacing_mm[1]).labels
 
     def volume(self, volume: NDArray, zooms_mm: tuple[float, float, float]) -> Segmentation:
         """The segmentation of a canonical-RAS (X, Y, Z) volume."""
@@ -269,7 +268,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--real", type=Path, default=DEFAULT_REAL)
     p.add_argument("--qc", type=Path, default=Path("scsnet_real_qc.png"))
     p.add_argument("--json", type=Path, default=None, help="also write the synthetic results (slices, cases) here")
-    p.add_argument("--no-csf-trim", action="store_true", help="score the network's masks without the outline refinement by MD")
+    p.add_argument("--no-csf-trim", action="store_true", help="score the network's first-pass masks, without the refinement by MD")
     p.add_argument("--anatomy", type=Path, default=anatomy_check.DEFAULT_DIR,
                    help="sct_testing_data copy for the check on real T2*/MT images")
     args = p.parse_args(argv)

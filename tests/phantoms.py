@@ -72,9 +72,9 @@ CSF_MD = 3.0e-3
 
 def exact_segmentation(labels: np.ndarray) -> Segmentation:
     """The (H, W, 1) segmentation of (H, W) ``labels`` a network certain of them would give
-    (cord probability 1 on the cord, 0 elsewhere; best region the label, else code 1)."""
+    (cord probability 1 on the cord, 0 elsewhere)."""
     lab = np.asarray(labels, np.uint8)[:, :, None]
-    return Segmentation(labels=lab, cord_probability=(lab > 0).astype(np.float32), best_region=np.maximum(lab, 1))
+    return Segmentation(labels=lab, cord_probability=(lab > 0).astype(np.float32))
 
 
 def fa_md(evals: tuple[float, float, float]) -> tuple[float, float]:
@@ -130,7 +130,6 @@ def region_phantom(
     snr: float | None = None,
     seed: int = 0,
     csf_rim: bool = False,
-    edge_b0: float | None = None,
 ) -> dict[str, object]:
     """Write ``phantom.nii.gz`` (+ .bval/.bvec) in canonical RAS with known tensors.
 
@@ -138,18 +137,13 @@ def region_phantom(
     model still labels them) but diffuse like CSF (isotropic, ``CSF_MD``): a mask spilling
     into the CSF. They are not in the returned ``labels``.
 
-    ``edge_b0``: the outline voxels of each slice's cord diffuse like their region but have b0
-    ``edge_b0 * SCALE``, which a decoder model labels background, with a cord probability of
-    about 0.31 at 0.48 and 3e-4 at 0.3: a mask stopping one voxel short of the cord. They stay
-    in the returned ``labels``.
-
     Returns a dict with paths and the truth: ``labels`` (X, Y, Z), ``fa``/``md`` per code, and
     ``rim`` (X, Y, Z) bool.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     labels = region_labels(shape)
     rim = np.zeros(shape, bool)
-    if csf_rim or edge_b0 is not None:
+    if csf_rim:
         cross = ndimage.generate_binary_structure(2, 1)
         for z in range(shape[2]):
             cord = labels[:, :, z] > 0
@@ -163,13 +157,10 @@ def region_phantom(
         evals = GM_EVALS if code in (4, 8) else WM_EVALS
         inside = labels == code
         s0 = np.full(int(inside.sum()), SCALE * code)
-        if edge_b0 is not None:
-            s0[rim[inside]] = SCALE * edge_b0
         data[inside] = tensor_signal(s0, evals, np.array([0.0, 0.0, 1.0]), bvals, bvecs)
         truth_fa[code], truth_md[code] = fa_md(evals)
-    if csf_rim:
-        data[rim] = tensor_signal(SCALE * labels[rim].astype(np.float64), (CSF_MD,) * 3, np.array([0.0, 0.0, 1.0]), bvals, bvecs)
-        labels[rim] = 0
+    data[rim] = tensor_signal(SCALE * labels[rim].astype(np.float64), (CSF_MD,) * 3, np.array([0.0, 0.0, 1.0]), bvals, bvecs)
+    labels[rim] = 0
     if snr is not None:
         rng = np.random.default_rng(seed)
         sigma = SCALE * 4 / snr  # SNR defined on a mid-cord b0 intensity (code 4)

@@ -39,7 +39,7 @@ def test_no_csf_trim_keeps_the_networks_masks(tmp_path: Path, decoder_dir: Path)
         assert main(["analyze", str(info["image"]), "--out", str(tmp_path / name), "--model-dir", str(decoder_dir), *flag]) == 0
         rims[name] = json.loads((tmp_path / name / "report.json").read_text())["qc"]["csf_rim"]
     assert rims["trimmed"]["voxels_removed"] == int(info["rim"].sum()) > 0
-    assert rims["kept"] == {"csf_contrast_pass": False, "md_threshold_mm2_s": None, "voxels_removed": 0, "grow_md_threshold_mm2_s": None, "voxels_added": 0,
+    assert rims["kept"] == {"csf_contrast_pass": False, "md_threshold_mm2_s": None, "voxels_removed": 0,
                             "cord_voxels": rims["trimmed"]["cord_voxels"] + rims["trimmed"]["voxels_removed"]}
 
 

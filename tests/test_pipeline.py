@@ -16,7 +16,7 @@ from worker import pipeline
 from worker.errors import ModelError
 from worker.ingest.nifti import load_nifti_dwi
 from worker.report.build import validate_report
-from worker.segment.csf_rim import CORD_MD_MM2_S, CSF_MD_MM2_S
+from worker.segment.csf_rim import CSF_MD_MM2_S
 from worker.segment.runtime import Segmentation, Segmenter
 
 
@@ -153,7 +153,7 @@ def test_outline_voxels_with_csf_diffusion_are_trimmed_before_measuring(tmp_path
     n_rim, n_cord = int(ph["rim"].sum()), int((ph["labels"] > 0).sum())
     report = pipeline.analyze([ph["image"]], out_dir=tmp_path / "trimmed", segmenter=segmenter)
     assert report["qc"]["csf_rim"] == {"csf_contrast_pass": True, "md_threshold_mm2_s": CSF_MD_MM2_S, "voxels_removed": n_rim,
-                                       "grow_md_threshold_mm2_s": CORD_MD_MM2_S, "voxels_added": 0, "cord_voxels": n_cord}
+                                       "cord_voxels": n_cord}
     assert np.array_equal(np.asarray(nib.load(str(tmp_path / "trimmed" / "labels.nii.gz")).dataobj), ph["labels"])
     for region in report["regions"]:
         assert region["fa"]["mean"] == pytest.approx(ph["fa"][region["code"]], abs=1e-3)
@@ -162,7 +162,7 @@ def test_outline_voxels_with_csf_diffusion_are_trimmed_before_measuring(tmp_path
     kept = pipeline.analyze([ph["image"]], out_dir=tmp_path / "kept", segmenter=segmenter,
                             options=pipeline.Options(csf_trim=False))
     assert kept["qc"]["csf_rim"] == {"csf_contrast_pass": False, "md_threshold_mm2_s": None, "voxels_removed": 0,
-                                     "grow_md_threshold_mm2_s": None, "voxels_added": 0, "cord_voxels": n_cord + n_rim}
+                                     "cord_voxels": n_cord + n_rim}
     on_rim = {int(c) for c in np.unique(np.asarray(nib.load(str(ph["image"])).dataobj)[..., 0][ph["rim"]] / phantoms.SCALE)}
     assert on_rim  # the rim lies on some regions: their FA is lower without the trim
     for region in kept["regions"]:
@@ -184,40 +184,10 @@ def test_masks_are_not_trimmed_when_the_cord_md_is_not_cord_like(tmp_path, decod
     assert any("not refined by MD" in w for w in report["qc"]["warnings"]), report["qc"]["warnings"]
 
 
-def test_a_mask_stopping_short_of_cord_tissue_grows_onto_it(tmp_path, decoder_dir) -> None:
-    """The cord's outline voxels diffuse like cord but are dim on b0, so the network labels
-    them background while giving them a cord probability of about 0.3: the growth adds exactly
-    them, as the region the network ranks highest there (left lateral, the dimmest code)."""
-    ph = phantoms.region_phantom(tmp_path / "phantom", edge_b0=0.48)
-    rim, truth = ph["rim"], ph["labels"]
-    segmenter = Segmenter(decoder_dir)
-    report = pipeline.analyze([ph["image"]], out_dir=tmp_path / "grown", segmenter=segmenter)
-    labels = np.asarray(nib.load(str(tmp_path / "grown" / "labels.nii.gz")).dataobj)
-    assert report["qc"]["csf_rim"]["voxels_added"] == int(rim.sum()) > 0
-    assert report["qc"]["csf_rim"]["voxels_removed"] == 0
-    assert np.array_equal(labels > 0, truth > 0)
-    assert np.array_equal(labels[~rim], truth[~rim]) and set(np.unique(labels[rim])) == {1}
-
-    kept = pipeline.analyze([ph["image"]], out_dir=tmp_path / "kept", segmenter=segmenter,
-                            options=pipeline.Options(csf_trim=False))
-    assert kept["qc"]["csf_rim"]["cord_voxels"] == int((truth > 0).sum() - rim.sum())
-
-
-def test_cord_like_neighbours_the_network_calls_background_stay_out(tmp_path, decoder_dir) -> None:
-    """The same outline voxels, dimmer still: cord-like MD, but a cord probability of about
-    3e-4, so nothing grows onto them."""
-    ph = phantoms.region_phantom(tmp_path / "phantom", edge_b0=0.3)
-    report = pipeline.analyze([ph["image"]], out_dir=tmp_path / "out", segmenter=Segmenter(decoder_dir))
-    labels = np.asarray(nib.load(str(tmp_path / "out" / "labels.nii.gz")).dataobj)
-    assert report["qc"]["csf_rim"]["voxels_added"] == 0
-    assert np.array_equal(labels > 0, (ph["labels"] > 0) & ~ph["rim"])
-
-
 def test_no_second_pass_where_the_first_found_no_cord(phantom, decoder_dir) -> None:
     canonical, _ = load_nifti_dwi(phantom["image"]).to_canonical()
     shape = canonical.data.shape[:3]
-    empty = Segmentation(labels=np.zeros(shape, np.uint8), cord_probability=np.zeros(shape, np.float32),
-                         best_region=np.ones(shape, np.uint8))
+    empty = Segmentation(labels=np.zeros(shape, np.uint8), cord_probability=np.zeros(shape, np.float32))
     maps = pipeline.fit_stage(canonical, empty.labels, pipeline.Options())
     seg, refit, ran = pipeline.contrast_stage(canonical, canonical.mean_b0(), empty, maps, Segmenter(decoder_dir), pipeline.Options())
     assert not ran and seg is empty and refit is maps
@@ -232,7 +202,7 @@ def test_the_tensor_is_refitted_where_the_second_pass_reaches_beyond_the_first_f
     middle = np.zeros_like(full.labels)
     ci, cj = (int(np.mean(a)) for a in np.nonzero(full.labels[:, :, 0]))
     middle[ci - 1 : ci + 2, cj - 1 : cj + 2, :] = full.labels[ci - 1 : ci + 2, cj - 1 : cj + 2, :]
-    first = Segmentation(labels=middle, cord_probability=full.cord_probability, best_region=full.best_region)
+    first = Segmentation(labels=middle, cord_probability=full.cord_probability)
     maps = pipeline.fit_stage(canonical, middle, pipeline.Options())
     assert np.any((full.labels > 0) & ~maps.mask)
     seg, refit, ran = pipeline.contrast_stage(canonical, canonical.mean_b0(), first, maps, segmenter, pipeline.Options())

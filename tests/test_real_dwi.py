@@ -104,8 +104,8 @@ def test_the_csf_rim_trim_takes_a_thin_csf_like_rim_and_no_more(run) -> None:
 
 def test_the_refinement_by_md_adds_tissue_and_takes_csf(run, real_dwi_paths, tmp_path) -> None:
     """Against the network's first pass alone (``--no-csf-trim``), the voxels the refinement
-    (CSF-contrast pass, trim, growth) adds have cord-like MD and white-matter-like FA, and the
-    ones it removes CSF-like MD; each set is a thin layer."""
+    (CSF-contrast pass, trim) adds have cord-like MD and white-matter-like FA, and the ones it
+    removes CSF-like MD; each set is a thin layer."""
     report, out = run
     scsnet = shutil.which("scsnet", path=str(Path(sys.executable).parent))
     raw_out = tmp_path / "raw"
@@ -117,7 +117,6 @@ def test_the_refinement_by_md_adds_tissue_and_takes_csf(run, real_dwi_paths, tmp
     assert proc.returncode == 0, proc.stderr
     rim = report["qc"]["csf_rim"]
     assert rim["csf_contrast_pass"] is True
-    assert 0 < rim["voxels_added"] < 0.10 * rim["cord_voxels"]
     labels = np.asarray(nib.load(str(out / "labels.nii.gz")).dataobj)
     raw = np.asarray(nib.load(str(raw_out / "labels.nii.gz")).dataobj)
     md = np.asarray(nib.load(str(out / "md.nii.gz")).dataobj)

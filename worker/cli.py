@@ -36,7 +36,7 @@ def _parser() -> argparse.ArgumentParser:
     analyze.add_argument("--full-maps", action="store_true", help="fit the tensor on the whole field, not just the cord")
     analyze.add_argument("--no-csf-trim", action="store_true",
                          help="keep the network's first-pass masks as they are: no refinement by MD (no second pass "
-                              "on the CSF-brightened b0, no trim of CSF-like outline voxels, no growth into cord-like neighbours)")
+                              "on the CSF-brightened b0, no trim of CSF-like outline voxels)")
     analyze.add_argument("--model-dir", type=Path, help="model folder (default: $SCSNET_MODEL_DIR or the shipped model)")
 
     convert = sub.add_parser("convert", help="only convert and check the study: dwi.nii.gz, .bval, .bvec, .json")

@@ -1,7 +1,7 @@
 """The analysis pipeline: load -> segment -> fit (and refine the masks by MD) -> measure -> write.
 
 The refinement by MD, after the tensor fit: a second network pass on the b0 with its CSF
-brightened by MD (:mod:`worker.segment.csf_contrast`), then the outline fitted to the CSF edge
+brightened by MD (:mod:`worker.segment.csf_contrast`), then the CSF rim trimmed off its outline
 (:mod:`worker.segment.csf_rim`); ``Options(csf_trim=False)`` keeps the first pass's masks.
 
 Each stage is a function with its own test; :func:`analyze` strings them together, times them
@@ -41,7 +41,7 @@ from worker.report.build import (
 )
 from worker.report.qc import write_qc_png
 from worker.segment.csf_contrast import csf_contrast_b0
-from worker.segment.csf_rim import CORD_MD_MM2_S, CSF_MD_MM2_S, RimRefinement, cord_median_md, md_is_cord_like, refine_csf_rim
+from worker.segment.csf_rim import CSF_MD_MM2_S, RimTrim, cord_median_md, md_is_cord_like, trim_csf_rim
 from worker.segment.runtime import Segmentation, Segmenter
 from worker.tensor.fit import FIT_MARGIN_MM, FitMethod, TensorFitter, TensorMaps, fit_mask
 
@@ -70,8 +70,8 @@ class Options:
     fit_method: FitMethod = "WLS"
     margin_mm: float = FIT_MARGIN_MM
     csf_trim: bool = True
-    """Refine the masks by MD after the fit (the CSF-contrast pass, then the outline's trim and
-    growth); False keeps the network's first-pass masks (``scsnet analyze --no-csf-trim``)."""
+    """Refine the masks by MD after the fit (the CSF-contrast pass, then the CSF-rim trim);
+    False keeps the network's first-pass masks (``scsnet analyze --no-csf-trim``)."""
 
 
 @dataclass
@@ -118,7 +118,7 @@ def contrast_stage(
     """The segmentation of a second pass on the b0 with its CSF brightened by MD
     (:mod:`worker.segment.csf_contrast`), with the tensor refitted if its cord reaches beyond
     the first fit; the first pass's, unchanged, when it found no cord or the cord's MD is not
-    cord-like (then the MD map cannot be trusted; :func:`rim_stage` warns). The flag says
+    cord-like (then the MD map cannot be trusted; :func:`trim_stage` warns). The flag says
     whether the pass ran."""
     if not segmentation.labels.any() or not md_is_cord_like(cord_median_md(segmentation.labels, maps.md)):
         return segmentation, maps, False
@@ -129,19 +129,16 @@ def contrast_stage(
     return second, maps, True
 
 
-def rim_stage(canonical: DWI, segmentation: Segmentation, maps: TensorMaps) -> tuple[Segmentation, RimRefinement]:
-    """The segmentation with its outline fitted to the CSF edge by MD
-    (:mod:`worker.segment.csf_rim`: CSF-like outline voxels trimmed, cord-like neighbours the
-    network gave some cord probability grown); a slice the trim would leave below the minimum
-    cord area keeps its labels, with a warning."""
+def trim_stage(canonical: DWI, segmentation: Segmentation, maps: TensorMaps) -> tuple[Segmentation, RimTrim]:
+    """The segmentation with its CSF rim trimmed by MD (:mod:`worker.segment.csf_rim`); a
+    slice the trim would leave below the minimum cord area keeps its labels, with a warning."""
     zx, zy, _ = canonical.zooms
-    trim = refine_csf_rim(segmentation.labels, maps.md, pixel_area_mm2=zx * zy,
-                          cord_probability=segmentation.cord_probability, best_region=segmentation.best_region)
+    trim = trim_csf_rim(segmentation.labels, maps.md, pixel_area_mm2=zx * zy)
     warnings = segmentation.warnings
     if trim.skipped:
         warnings += (
             f"the segmented cord's median mean diffusivity is {trim.cord_median_md * 1e3:.2f} x10^-3 mm^2/s, "
-            "which no spinal cord has; the outline was not refined by MD: check the b-values and the masks",
+            "which no spinal cord has; the masks were not refined by MD: check the b-values and the masks",
         )
     if trim.kept_slices:
         warnings += (
@@ -151,14 +148,12 @@ def rim_stage(canonical: DWI, segmentation: Segmentation, maps: TensorMaps) -> t
     return replace(segmentation, labels=trim.labels, warnings=warnings), trim
 
 
-def csf_rim_section(trim: RimRefinement | None, labels: NDArray[np.uint8], *, second_pass: bool) -> dict[str, Any]:
+def csf_rim_section(trim: RimTrim | None, labels: NDArray[np.uint8], *, second_pass: bool) -> dict[str, Any]:
     """The report's account of the refinement by MD (``trim`` None: switched off)."""
     return {
         "csf_contrast_pass": second_pass,
         "md_threshold_mm2_s": None if trim is None else CSF_MD_MM2_S,
         "voxels_removed": 0 if trim is None else trim.voxels_removed,
-        "grow_md_threshold_mm2_s": None if trim is None else CORD_MD_MM2_S,
-        "voxels_added": 0 if trim is None else trim.voxels_added,
         "cord_voxels": int(np.count_nonzero(labels)),
     }
 
@@ -279,7 +274,7 @@ def analyze(
             trim, second_pass = None, False
             if options.csf_trim:
                 segmentation, maps, second_pass = contrast_stage(canonical, b0, segmentation, maps, segmenter, options)
-                segmentation, trim = rim_stage(canonical, segmentation, maps)
+                segmentation, trim = trim_stage(canonical, segmentation, maps)
         analysis = Analysis(study, canonical, reo, b0, segmentation, maps)
         with clock.stage("measure"):
             extra_warnings: list[str] = []

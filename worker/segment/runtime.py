@@ -61,15 +61,12 @@ class Segmentation:
 
     labels : (X, Y, Z) uint8 codes 0-8 (worker.labels).
     cord_probability : (X, Y, Z) float32 P(cord) from the second pass, on the input grid.
-    best_region : (X, Y, Z) uint8 region code 1-8 the network ranks highest at each voxel,
-        background or not (the region a voxel joins if a later step finds it is cord).
     slices_without_cord : axial slice indices where no cord was found.
     warnings : sentences for the report's QC section.
     """
 
     labels: NDArray[np.uint8]
     cord_probability: NDArray[np.float32]
-    best_region: NDArray[np.uint8]
     slices_without_cord: tuple[int, ...] = ()
     warnings: tuple[str, ...] = field(default_factory=tuple)
 
@@ -228,7 +225,6 @@ class Segmenter:
 
         labels = np.zeros(b0.shape, dtype=np.uint8)
         cord_prob = np.zeros(b0.shape, dtype=np.float32)
-        best_region = np.zeros(b0.shape, dtype=np.uint8)
         missing: list[int] = []
         min_voxels = min_cord_voxels(spacing[0] * spacing[1])
         for z in range(nz):
@@ -240,7 +236,6 @@ class Segmenter:
                 missing.append(z)
             labels[:, :, z] = slice_labels
             cord_prob[:, :, z] = 1.0 - back[BACKGROUND]
-            best_region[:, :, z] = _best_region(back)
         warnings = []
         swapped = _sides_swapped(labels)
         if swapped:
@@ -253,13 +248,7 @@ class Segmenter:
                 f"no spinal cord was found on slice(s) {', '.join(str(z) for z in missing)}; "
                 "they carry no labels and are left out of the measures"
             )
-        return Segmentation(labels=labels, cord_probability=cord_prob, best_region=best_region,
-                            slices_without_cord=tuple(missing), warnings=tuple(warnings))
-
-
-def _best_region(probs: NDArray[np.float32]) -> NDArray[np.uint8]:
-    """Code 1-8 of the most probable region per pixel of (N_CLASSES, H, W) probabilities."""
-    return (np.argmax(probs[BACKGROUND + 1:], axis=0) + BACKGROUND + 1).astype(np.uint8)
+        return Segmentation(labels=labels, cord_probability=cord_prob, slices_without_cord=tuple(missing), warnings=tuple(warnings))
 
 
 def _cord_centre(p_cord: NDArray[np.float32], *, min_pixels: float) -> _Centre | None:
