@@ -43,8 +43,8 @@ from models.train import EVAL_SEED_BASE
 from worker.ingest.nifti import load_nifti_dwi
 from worker.labels import BY_CODE, N_CLASSES
 from worker.report.qc import write_qc_png
-from worker.segment.csf_contrast import csf_contrast_b0
-from worker.segment.csf_rim import cord_median_md, md_is_cord_like, trim_csf_rim
+from worker.segment.csf_contrast import contrast_pass
+from worker.segment.csf_rim import trim_csf_rim
 from worker.segment.runtime import Segmentation, Segmenter
 from worker.tensor.fit import TensorFitter, fit_mask
 
@@ -86,9 +86,8 @@ class SliceSegmenter:
             return seg.labels
         zooms = (spacing_mm[0], spacing_mm[1], 1.0)
         fitted = np.where(fit_mask(seg.labels, zooms_mm=zooms), md, 0.0)
-        if md_is_cord_like(cord_median_md(seg.labels, fitted)):
-            seg = self.segmenter.segment(csf_contrast_b0(b0, fitted, seg.labels > 0), zooms_mm=zooms)
-        return trim_csf_rim(seg.labels, md, pixel_area_mm2=spacing_mm[0] * spacing_mm[1]).labels
+        second = contrast_pass(self.segmenter, b0, fitted, seg, zooms_mm=zooms)
+        return trim_csf_rim((second or seg).labels, md, pixel_area_mm2=spacing_mm[0] * spacing_mm[1]).labels
 
     def volume(self, volume: NDArray, zooms_mm: tuple[float, float, float]) -> Segmentation:
         """The segmentation of a canonical-RAS (X, Y, Z) volume."""

@@ -40,8 +40,8 @@ from worker.report.build import (
     validate_report,
 )
 from worker.report.qc import write_qc_png
-from worker.segment.csf_contrast import csf_contrast_b0
-from worker.segment.csf_rim import CSF_MD_MM2_S, RimTrim, cord_median_md, md_is_cord_like, trim_csf_rim
+from worker.segment.csf_contrast import contrast_pass
+from worker.segment.csf_rim import CSF_MD_MM2_S, RimTrim, trim_csf_rim
 from worker.segment.runtime import Segmentation, Segmenter
 from worker.tensor.fit import FIT_MARGIN_MM, FitMethod, TensorFitter, TensorMaps, fit_mask
 
@@ -120,9 +120,9 @@ def contrast_stage(
     the first fit; the first pass's, unchanged, when it found no cord or the cord's MD is not
     cord-like (then the MD map cannot be trusted; :func:`trim_stage` warns). The flag says
     whether the pass ran."""
-    if not segmentation.labels.any() or not md_is_cord_like(cord_median_md(segmentation.labels, maps.md)):
+    second = contrast_pass(segmenter, b0, maps.md, segmentation, zooms_mm=canonical.zooms)
+    if second is None:
         return segmentation, maps, False
-    second = segmenter.segment(csf_contrast_b0(b0, maps.md, segmentation.labels > 0), zooms_mm=canonical.zooms)
     if np.any((second.labels > 0) & ~maps.mask):
         both = ((segmentation.labels > 0) | (second.labels > 0)).astype(np.uint8)
         maps = fit_stage(canonical, both, options)

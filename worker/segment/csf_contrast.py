@@ -26,9 +26,16 @@ service only trims (:mod:`worker.segment.csf_rim`).
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 from numpy.typing import NDArray
 from scipy import ndimage
+
+from worker.segment.csf_rim import cord_median_md, md_is_cord_like
+
+if TYPE_CHECKING:
+    from worker.segment.runtime import Segmentation, Segmenter
 
 MD_LOW_MM2_S = 1.0e-3
 """MD (mm^2/s) at and below which a voxel keeps its b0: healthy cord tissue."""
@@ -62,3 +69,18 @@ def csf_contrast_b0(b0: NDArray[np.floating], md: NDArray[np.floating], cord: ND
     share = np.clip((np.nan_to_num(md, nan=0.0) - MD_LOW_MM2_S) / (MD_HIGH_MM2_S - MD_LOW_MM2_S), 0.0, 1.0)
     share[ndimage.binary_erosion(cord, _IN_PLANE)] = 0.0
     return (b0 * (1.0 + share)).astype(np.float32)
+
+
+def contrast_pass(
+    segmenter: Segmenter, b0: NDArray[np.floating], md: NDArray[np.floating], first: Segmentation,
+    *, zooms_mm: tuple[float, float, float],
+) -> Segmentation | None:
+    """The segmentation of :func:`csf_contrast_b0` of ``b0`` (X, Y, Z), or None where the pass
+    should not run: the first pass found no cord, or its cord's median MD is not cord-like (the
+    MD map, or the masks, cannot be trusted; :func:`worker.segment.csf_rim.md_is_cord_like`).
+
+    ``md`` (mm^2/s, same grid) is what the tensor fit gave, 0 where it did not fit.
+    """
+    if not first.labels.any() or not md_is_cord_like(cord_median_md(first.labels, md)):
+        return None
+    return segmenter.segment(csf_contrast_b0(b0, md, first.labels > 0), zooms_mm=zooms_mm)
