@@ -1,5 +1,7 @@
-"""The scsnet service: the HTTP gateway and the light modules it shares with the worker.
+"""The HTTP gateway (FastAPI): receives studies, checks them early by the core's upload rules,
+records jobs in the service's store and queues them by task name.
 
-Nothing here imports the science core's heavy dependencies; ``tests/test_service_layering.py``
-keeps it that way.
+It imports the service layer and the core's light modules (errors, upload rules, the output
+table), never the worker and nothing of the scientific stack (import-linter contracts in
+``pyproject.toml``).
 """

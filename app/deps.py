@@ -12,12 +12,12 @@ from typing import Annotated
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from app.errors import Unauthorized
 from app.metrics import Metrics
-from app.queue import JobQueue
 from app.settings import GatewaySettings
-from app.storage import Storage
-from app.store import Store, Tenant
+from service.errors import Unauthorized
+from service.queue import JobQueue
+from service.storage import Storage
+from service.store import Store, Tenant
 
 
 async def get_settings(request: Request) -> GatewaySettings:

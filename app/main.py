@@ -16,18 +16,18 @@ from collections.abc import AsyncIterator
 import anyio
 from fastapi import FastAPI
 
+import core
 from app import problems
 from app.metrics import Metrics, MetricsMiddleware
-from app.queue import CeleryQueue, JobQueue
 from app.requeue import requeue_lost
-from app.sweep import sweep_orphans
 from app.routers import artifacts, jobs, system
 from app.settings import GatewaySettings
-from app.storage import Storage
-from app.store import Store
+from app.sweep import sweep_orphans
+from service.queue import CeleryQueue, JobQueue
+from service.storage import Storage
+from service.store import Store
 
 log = logging.getLogger(__name__)
-VERSION = "0.1.0"
 
 
 async def _housekeeping_forever(app: FastAPI) -> None:
@@ -67,7 +67,7 @@ def create_app(settings: GatewaySettings, *, store: Store | None = None, queue: 
     queue = queue or CeleryQueue(settings.broker_url, queue_name=settings.queue_name)
     app = FastAPI(
         title="scsnet",
-        version=VERSION,
+        version=core.__version__,
         summary="Eight-region cervical spinal-cord DTI measures from a diffusion MRI study",
         description=(
             "Submit a study (DICOM or NIfTI with gradients), poll the job, download the report, "

@@ -17,8 +17,8 @@ from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily, Met
 from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.queue import JobQueue
-from app.store import DURATION_BUCKETS_S, Store
+from service.queue import JobQueue
+from service.store import DURATION_BUCKETS_S, Store
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """The one place where errors become RFC 9457 ``application/problem+json``, and the catalogue
 of problem types.
 
-Every :class:`~worker.errors.ScsnetError` (the science core's and the service's own) maps to
+Every :class:`~core.errors.ScsnetError` (the science core's and the service's own) maps to
 its ``problem()`` with ``instance`` set to the request path; request validation errors become
 ``invalid-request`` (422) with the offending fields; unknown routes and methods get ``not-found``
 and ``method-not-allowed``; a client hanging up mid-upload is ``malformed-upload``; a full or
@@ -23,9 +23,9 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
-import app.errors as service_errors
-from worker import errors as core_errors
-from worker.errors import ScsnetError
+import service.errors as service_errors
+from core import errors as core_errors
+from core.errors import ScsnetError
 
 PROBLEM_JSON = "application/problem+json"
 log = logging.getLogger(__name__)
@@ -120,7 +120,7 @@ def _os_error(request: Request, exc: Exception) -> JSONResponse:
 
 def _unexpected(request: Request, exc: Exception) -> JSONResponse:
     log.exception("unhandled error on %s %s", request.method, request.url.path)
-    error = service_errors.AnalysisCrashed("an unexpected error occurred; it has been logged")
+    error = service_errors.InternalError("an unexpected error occurred; it has been logged")
     return problem_response({**error.problem(), "instance": request.url.path})
 
 

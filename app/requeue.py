@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import logging
 
-from app.queue import JobQueue
-from app.store import Store
+from service.queue import JobQueue
+from service.store import Store
 
 log = logging.getLogger(__name__)
 

@@ -7,8 +7,8 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-from app.artifacts import job_links
-from app.store import Job, JobState, Store, aware
+from service.links import job_links
+from service.store import Job, JobState, Store, aware
 
 
 class Delivery(BaseModel):

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import logging
 
-from app.storage import Storage
-from app.store import Store
+from service.storage import Storage
+from service.store import Store
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ import anyio
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
-from app.errors import InvalidRequest, MalformedUpload, UploadTooLarge
+from service.errors import InvalidRequest, MalformedUpload, UploadTooLarge
 
 FILE_FIELDS = frozenset({"files", "bval", "bvec"})
 TEXT_FIELDS = frozenset({"callback_url"})

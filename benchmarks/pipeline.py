@@ -53,10 +53,30 @@ def run_cli(image: Path, bval: Path, bvec: Path, out: Path) -> dict[str, Any]:
     return {"wall_s": wall, "peak_rss_mb": max(peak, before) / 1024, "report": report}
 
 
+def import_time(image: Path, bval: Path, bvec: Path, out: Path) -> dict[str, Any]:
+    """``scsnet analyze`` under ``python -X importtime``: the seconds spent importing, in all and
+    by top-level package (the largest eight), summed from each module's own time."""
+    scsnet = Path(sys.executable).parent / "scsnet"
+    proc = subprocess.run(
+        [sys.executable, "-X", "importtime", str(scsnet), "analyze", str(image), "--bval", str(bval), "--bvec", str(bvec), "--out", str(out)],
+        check=True, capture_output=True, text=True,
+    )
+    by_package: dict[str, float] = {}
+    for line in proc.stderr.splitlines():
+        fields = line.removeprefix("import time:").split("|")
+        if len(fields) != 3 or not fields[0].strip().isdigit():
+            continue  # the header, or a line that is not importtime's
+        package = fields[2].strip().split(".")[0]
+        by_package[package] = by_package.get(package, 0.0) + int(fields[0]) / 1e6
+    top = dict(sorted(by_package.items(), key=lambda kv: -kv[1])[:8])
+    return {"total_s": sum(by_package.values()), "top_s": top}
+
+
 def stage_memory(image: Path, bval: Path, bvec: Path, out: Path) -> dict[str, float]:
     """Peak RSS (MB) reached during each stage, in this process."""
-    from worker import pipeline
-    from worker.segment.runtime import Segmenter, default_model_dir
+    from core import pipeline
+    from core.segment.runtime import Segmenter
+    from core.settings import SHIPPED_MODEL_DIR
 
     peaks: dict[str, float] = {}
 
@@ -66,17 +86,18 @@ def stage_memory(image: Path, bval: Path, bvec: Path, out: Path) -> dict[str, fl
         else:
             peaks[stage] = _peak_rss_mb()
 
-    pipeline.analyze([image], out_dir=out, segmenter=Segmenter(default_model_dir()), bval=bval, bvec=bvec, progress=progress)
+    pipeline.analyze([image], out_dir=out, segmenter=Segmenter(SHIPPED_MODEL_DIR), bval=bval, bvec=bvec, progress=progress)
     return peaks
 
 
 def warm_analysis(image: Path, bval: Path, bvec: Path, out: Path, repeats: int = 3) -> float:
     """Median wall time (s) of ``pipeline.analyze`` in a process that has already imported its
     libraries and loaded the model: what each job costs a long-lived worker process."""
-    from worker import pipeline
-    from worker.segment.runtime import load_segmenter, default_model_dir
+    from core import pipeline
+    from core.segment.runtime import load_segmenter
+    from core.settings import SHIPPED_MODEL_DIR
 
-    segmenter = load_segmenter(str(default_model_dir()))
+    segmenter = load_segmenter(str(SHIPPED_MODEL_DIR))
     times = []
     for n in range(repeats + 1):  # the first run warms caches and is not counted
         start = time.perf_counter()
@@ -105,9 +126,10 @@ def baseline_full_field(image: Path, bval: Path, bvec: Path, labels_path: Path) 
 
 def inference(batch_sizes: tuple[int, ...] = (1, 8, 32), repeats: int = 3) -> dict[str, Any]:
     """Slices per second of the shipped model at its crop size, CPU provider."""
-    from worker.segment.runtime import Segmenter, default_model_dir
+    from core.segment.runtime import Segmenter
+    from core.settings import SHIPPED_MODEL_DIR
 
-    seg = Segmenter(default_model_dir())
+    seg = Segmenter(SHIPPED_MODEL_DIR)
     h, w = seg.manifest.input.crop_size_px
     rng = np.random.default_rng(0)
     out: dict[str, Any] = {"provider": seg.provider, "crop": [h, w], "slices_per_s": {}}
@@ -132,6 +154,7 @@ def run() -> dict[str, Any]:
         studies = {"real 96x36x15x35": real_study(), "full-field 128x128x20x33": full_field_study(tmp / "ff")}
         for name, (image, bval, bvec) in studies.items():
             cli = run_cli(image, bval, bvec, tmp / f"out-{len(results)}")
+            imports = import_time(image, bval, bvec, tmp / f"imports-{len(results)}")
             mem = stage_memory(image, bval, bvec, tmp / f"mem-{len(results)}")
             warm = warm_analysis(image, bval, bvec, tmp / f"warm-{len(results)}")
             base = baseline_full_field(image, bval, bvec, tmp / f"out-{len(results)}" / "labels.nii.gz")
@@ -140,6 +163,8 @@ def run() -> dict[str, Any]:
                 "process_wall_s": cli["wall_s"],
                 "process_peak_rss_mb": cli["peak_rss_mb"],
                 "stages_s": cli["report"]["timings_s"],
+                "import_s": imports["total_s"],
+                "import_top_s": imports["top_s"],
                 "stage_peak_rss_mb": mem,
                 "baseline_tensor_s": base["tensor_s"],
                 "baseline_voxels": base["voxels"],
@@ -158,22 +183,31 @@ def run() -> dict[str, Any]:
 
 
 def to_markdown(results: dict[str, Any]) -> str:
-    lines = ["## Pipeline (benchmark 1)", "", "| study | `scsnet analyze` process (s) | peak RSS (MB) | load | segment | fit | measure | write | fitted voxels | baseline: DIPY WLS whole field, tensor step (s) | speed-up (process) | analysis in a warm worker (s) | speed-up (warm) | cord FA ours / baseline (diff %) |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    from core.pipeline import STAGES
+
+    stage_columns = " | ".join(STAGES)
+    lines = ["## Pipeline (benchmark 1)", "", f"| study | `scsnet analyze` process (s) | imports (s) | peak RSS (MB) | {stage_columns} | fitted voxels | baseline: DIPY WLS whole field, tensor step (s) | speed-up (process) | analysis in a warm worker (s) | speed-up (warm) | cord FA ours / baseline (diff %) |", "|---|---|---|---|" + "---|" * len(STAGES) + "---|---|---|---|---|---|"]
     for name, r in results.items():
         if name == "inference":
             continue
         st = r["stages_s"]
         lines.append(
-            f"| {name} | {r['process_wall_s']:.2f} | {r['process_peak_rss_mb']:.0f} | "
-            + " | ".join(f"{st[s]:.3f}" for s in ("load", "segment", "fit", "measure", "write"))
+            f"| {name} | {r['process_wall_s']:.2f} | {r['import_s']:.2f} | {r['process_peak_rss_mb']:.0f} | "
+            + " | ".join(f"{st[s]:.3f}" for s in STAGES)
             + f" | {r['fitted_voxels']} of {r['baseline_voxels']} | {r['baseline_tensor_s']:.2f} | {r['speedup_vs_baseline_tensor']:.1f}x | "
             f"{r['warm_analysis_s']:.2f} | {r['warm_speedup_vs_baseline_tensor']:.1f}x | "
             f"{r['cord_fa']:.4f} / {r['baseline_cord_fa']:.4f} ({r['cord_fa_difference_pct']:.3f}) |"
         )
     lines += ["", "'process': the whole `scsnet analyze` command, interpreter start, imports and model load "
-              "included. 'warm': `pipeline.analyze` in a process that already holds its libraries and "
-              "the model, as a long-lived Celery worker runs every job (median of 3 after one warm-up).",
-              "", "Peak RSS per stage, in-process (MB):", ""]
+              "included. 'imports': the time `python -X importtime` counts for the same command (its own "
+              "run; importtime slows imports a little). 'warm': `pipeline.analyze` in a process that "
+              "already holds its libraries and the model, as a long-lived Celery worker runs every job "
+              "(median of 3 after one warm-up).",
+              "", "Import time by top-level package (s):", ""]
+    for name, r in results.items():
+        if name != "inference":
+            lines.append(f"- {name}: " + ", ".join(f"{k} {v:.3f}" for k, v in r["import_top_s"].items()))
+    lines += ["", "Peak RSS per stage, in-process (MB):", ""]
     for name, r in results.items():
         if name != "inference":
             lines.append(f"- {name}: " + ", ".join(f"{k} {v:.0f}" for k, v in r["stage_peak_rss_mb"].items()))

@@ -23,7 +23,7 @@ import httpx
 
 from benchmarks.studies import REPO
 
-SCSNET = [sys.executable, "-m", "worker.cli"]
+SCSNET = [sys.executable, "-m", "cli.main"]
 HOST = "127.0.0.1"
 
 
@@ -56,11 +56,11 @@ def _stop(process: subprocess.Popen[bytes], *, timeout_s: float = 30) -> None:
 def model_for_workers(tmp: Path) -> tuple[Path, str]:
     """The shipped model (``models/scsnet``) if it is there and loads, else the decoder test
     model of ``tests/phantoms.py`` (written into ``tmp``). Returns (model dir, description)."""
-    from worker.errors import ScsnetError
-    from worker.segment.manifest import load_manifest
-    from worker.segment.runtime import default_model_dir
+    from core.errors import ScsnetError
+    from core.segment.manifest import load_manifest
+    from core.settings import SHIPPED_MODEL_DIR
 
-    shipped = default_model_dir()
+    shipped = SHIPPED_MODEL_DIR
     try:
         manifest, _ = load_manifest(shipped)
         return shipped, f"shipped model {manifest.name} {manifest.version} ({shipped.relative_to(REPO)})"

@@ -13,11 +13,14 @@ WORKDIR /opt/scsnet
 COPY docker/gateway-requirements.txt ./
 RUN pip install -r gateway-requirements.txt
 
-# Only the light modules the gateway runs: the app package and worker's pure-Python parts
-# (errors, the CLI); the science subpackages are copied but their dependencies are not installed.
+# Only what the gateway runs: the command line, the gateway, the shared service layer and the
+# core (whose light modules the gateway imports: errors, upload rules, the output table); the
+# core's scientific dependencies are not installed (import-linter keeps the gateway off them).
 COPY pyproject.toml README.md ./
+COPY cli ./cli
 COPY app ./app
-COPY worker ./worker
+COPY service ./service
+COPY core ./core
 RUN pip install --no-deps . \
     && useradd --system --uid 10001 --home-dir /data scsnet \
     && mkdir -p /data \

@@ -19,8 +19,10 @@ ENV PATH=/opt/venv/bin:$PATH
 
 WORKDIR /opt/scsnet
 COPY pyproject.toml README.md ./
-COPY app ./app
+COPY cli ./cli
 COPY worker ./worker
+COPY service ./service
+COPY core ./core
 COPY models ./models
 # scsnet with the PostgreSQL driver, then the CUDA build of ONNX Runtime in place of the CPU
 # one (both install the onnxruntime module, so only one may be present; installing through

@@ -34,9 +34,9 @@ import numpy as np
 from nibabel.processing import resample_from_to
 from numpy.typing import NDArray
 
+from core.labels import BY_CODE
 from models.atlas import GROUPS
 from models.generator import block_average
-from worker.labels import BY_CODE
 
 DEFAULT_DIR = Path("tests/data/sct_testing_data")
 GRAY = (4, 8)

@@ -41,7 +41,7 @@ SPACING_MM = 0.5
 STEP_MM = 1.0
 CROP_PX = 48  # 24 mm square around the cord at 0.5 mm: holds cord and CSF at every level
 
-# Region code -> PAM50 tract IDs (codes as in worker.labels).
+# Region code -> PAM50 tract IDs (codes as in core.labels).
 GROUPS: dict[int, tuple[int, ...]] = {
     1: (4, 6, 8, 10, 12),  # left lateral
     2: (0, 2),  # left dorsal

@@ -2,7 +2,7 @@
 
 The paper's feature index error is, per region, |mean FA in the predicted mask - mean FA in the
 reference mask| / mean FA in the reference mask *averaged over cases* (patients), and the
-report's per-region FA (:func:`worker.measures.regions.region_measures`) is likewise one mean
+report's per-region FA (:func:`core.measures.regions.region_measures`) is likewise one mean
 over all of a study's slices. :mod:`models.evaluate` scores single slices, where a region is
 often 2-10 voxels and one voxel more or less moves its mean FA by several percent; this module
 scores the study-level number.
@@ -24,11 +24,11 @@ from typing import Any, Protocol
 import numpy as np
 from numpy.typing import NDArray
 
+from core.labels import BY_CODE, N_CLASSES
+from core.segment.runtime import Segmentation
 from models.generator import SyntheticSlice, draw_acquisition, fit_fa_md, generate, simulate_dwi
 from models.strata import VOXEL_BINS, VOXEL_EDGES_MM, bin_of, fa_error_pct
 from models.train import EVAL_SEED_BASE
-from worker.labels import BY_CODE, N_CLASSES
-from worker.segment.runtime import Segmentation
 
 CASE_SEED_BASE = EVAL_SEED_BASE + 10_000_000
 CASE_STRIDE = 1_000

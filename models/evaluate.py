@@ -35,18 +35,17 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
+from core.ingest.nifti import load_nifti_dwi
+from core.labels import BY_CODE, N_CLASSES
+from core.report.qc import write_qc_png
+from core.segment.refine import MDMap, refine
+from core.segment.runtime import Segmentation, Segmenter
+from core.tensor.fit import TensorFitter, fit_mask
 from models import anatomy_check
 from models.cases import Labeller, evaluate_cases, print_cases
 from models.generator import SyntheticSlice, fit_fa_md, generate, simulate_dwi
 from models.strata import VOXEL_BINS, VOXEL_EDGES_MM, bin_of, fa_error_pct
 from models.train import EVAL_SEED_BASE
-from worker.ingest.nifti import load_nifti_dwi
-from worker.labels import BY_CODE, N_CLASSES
-from worker.report.qc import write_qc_png
-from worker.segment.csf_contrast import contrast_pass
-from worker.segment.csf_rim import trim_csf_rim
-from worker.segment.runtime import Segmentation, Segmenter
-from worker.tensor.fit import TensorFitter, fit_mask
 
 log = logging.getLogger(__name__)
 DEFAULT_REAL = Path("tests/data/sct_tutorial_dmri/dmri.nii.gz")
@@ -56,16 +55,15 @@ cord voxels above it are mostly CSF, the measure of a mask spilling into the CSF
 
 
 class SliceSegmenter:
-    """The run-time recipe itself (:class:`worker.segment.runtime.Segmenter`: two passes, one
+    """The run-time recipe itself (:class:`core.segment.runtime.Segmenter`: two passes, one
     connected cord, no labels below the minimum cord area) applied to one slice or a volume,
-    then the pipeline's refinement by MD (the CSF-contrast pass of
-    :mod:`worker.segment.csf_contrast`, the CSF-rim trim of :mod:`worker.segment.csf_rim`;
-    unless ``csf_trim`` is off), so that what is evaluated is
-    what ``scsnet analyze`` does."""
+    then the pipeline's refinement by MD (:func:`core.segment.refine.refine`, the very function
+    the pipeline's ``refine`` stage calls; unless ``refine`` is off), so that what is evaluated
+    is what ``scsnet analyze`` does."""
 
-    def __init__(self, model_dir: Path, *, csf_trim: bool = True) -> None:
+    def __init__(self, model_dir: Path, *, refine: bool = True) -> None:
         self.segmenter = Segmenter(model_dir)
-        self.csf_trim = csf_trim
+        self.refine = refine
 
     def segment(self, image: NDArray, spacing_mm: tuple[float, float]) -> Segmentation:
         """The (H, W, 1) segmentation of one (H, W) slice with in-plane voxel ``spacing_mm``."""
@@ -77,17 +75,21 @@ class SliceSegmenter:
 
     def refined(self, seg: Segmentation, b0: NDArray, md: NDArray, spacing_mm: tuple[float, float]) -> NDArray[np.uint8]:
         """``seg``'s (X, Y, Z) labels refined by ``md`` (mm^2/s, on the grid of ``b0``) as the
-        pipeline refines them (:func:`worker.pipeline.contrast_stage`, then
-        :func:`worker.pipeline.trim_stage`); unchanged with ``csf_trim`` off.
+        pipeline refines them; unchanged with ``refine`` off.
 
-        The pipeline fits the tensor only on the first pass's cord plus a margin, so the
-        CSF-contrast image sees the MD there only."""
-        if not self.csf_trim:
+        The pipeline fits the tensor only on the cord plus a margin (and again on both passes'
+        cords where the second reaches beyond the first fit), so the refinement sees the MD
+        there only."""
+        if not self.refine:
             return seg.labels
         zooms = (spacing_mm[0], spacing_mm[1], 1.0)
-        fitted = np.where(fit_mask(seg.labels, zooms_mm=zooms), md, 0.0)
-        second = contrast_pass(self.segmenter, b0, fitted, seg, zooms_mm=zooms)
-        return trim_csf_rim((second or seg).labels, md, pixel_area_mm2=spacing_mm[0] * spacing_mm[1]).labels
+
+        def fitted(labels: NDArray[np.uint8]) -> MDMap:
+            mask = fit_mask(labels, zooms_mm=zooms)
+            return MDMap(md=np.where(mask, md, 0.0).astype(np.float32), mask=mask)
+
+        result = refine(seg, b0=b0, maps=fitted(seg.labels), segmenter=self.segmenter, zooms_mm=zooms, refit=fitted)
+        return result.segmentation.labels
 
     def volume(self, volume: NDArray, zooms_mm: tuple[float, float, float]) -> Segmentation:
         """The segmentation of a canonical-RAS (X, Y, Z) volume."""
@@ -251,7 +253,7 @@ def evaluate_real(seg: SliceSegmenter, path: Path, qc: Path) -> str:
                      f"{r['fa_wm']:>7.2f}{r['fa_gm']:>7.2f}{r['csf_like_pct']:>11.1f}")
     lines.append(f"CSF-like %: cord voxels with MD > {CSF_LIKE_MD:.1e} mm^2/s (mostly CSF); all slices "
                  f"{np.mean([r['csf_like_pct'] for r in res['rows']]):.1f} % on average")
-    # The same QC montage as every analysis writes (worker.report.qc).
+    # The same QC montage as every analysis writes (core.report.qc).
     write_qc_png(b0, res["fa"], labels, qc, zooms_mm=(zooms[0], zooms[1], 1.0),
                  title="SCS-Net on the real b0 (radiological view: patient's left on the right, anterior up)")
     lines.append(f"QC montage: {qc}")
@@ -267,12 +269,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--real", type=Path, default=DEFAULT_REAL)
     p.add_argument("--qc", type=Path, default=Path("scsnet_real_qc.png"))
     p.add_argument("--json", type=Path, default=None, help="also write the synthetic results (slices, cases) here")
-    p.add_argument("--no-csf-trim", action="store_true", help="score the network's first-pass masks, without the refinement by MD")
+    p.add_argument("--no-refine", action="store_true", help="score the network's first-pass masks, without the refinement by MD")
     p.add_argument("--anatomy", type=Path, default=anatomy_check.DEFAULT_DIR,
                    help="sct_testing_data copy for the check on real T2*/MT images")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    seg = SliceSegmenter(args.model, csf_trim=not args.no_csf_trim)
+    seg = SliceSegmenter(args.model, refine=not args.no_refine)
     results: dict[str, Any] = {}
     if args.n > 0:
         results["slices"] = evaluate_synthetic(seg, args.n)

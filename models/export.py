@@ -19,10 +19,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from worker.digest import sha256_of
+from core.digest import sha256_of
+from core.labels import label_table
 from models.generator import CROP_SIZE_PX, MODEL_SPACING_MM
 from models.net import SCSNet, count_parameters
-from worker.labels import label_table
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +67,7 @@ def write_manifest(
         "input": {
             "name": "b0",
             "spacing_mm": [MODEL_SPACING_MM, MODEL_SPACING_MM],
-            "normalisation": "worker.segment.preprocess.normalise",
+            "normalisation": "core.segment.preprocess.normalise",
             "crop_size_px": [crop_px, crop_px],
             "pad_multiple": model.pad_multiple,
             "mirror_average": True,  # trained on mirrored slices with the side labels swapped

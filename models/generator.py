@@ -29,7 +29,7 @@ How a slice is made
    labels the distorted image), multiplicative bias field, Rician noise.
 5. **Labels**: per-class fractions (background = 1 - cord) follow the same path; the label
    map on the acquisition grid is their argmax. On the model grid the class fractions are
-   resampled linearly with :func:`worker.segment.preprocess.resample_slice` and the argmax is
+   resampled linearly with :func:`core.segment.preprocess.resample_slice` and the argmax is
    taken (documented choice: smoother and less biased than nearest-neighbour).
 
 The module also renders the matching DWI (per-region tensors, see :func:`simulate_dwi`) so
@@ -52,9 +52,9 @@ from dipy.reconst.dti import TensorModel
 from numpy.typing import NDArray
 from scipy import ndimage
 
+from core.labels import MIRROR_LUT
+from core.segment.preprocess import normalise, resample_slice, resample_to_shape
 from models.atlas import Atlas, load_atlas
-from worker.labels import MIRROR_LUT
-from worker.segment.preprocess import normalise, resample_slice, resample_to_shape
 
 F32 = NDArray[np.float32]
 MODEL_SPACING_MM = 0.5
@@ -589,7 +589,7 @@ def simulate_dwi(s: SyntheticSlice, seed: int, *, bval: float = 800.0, n_dirs: i
 
 def fit_fa_md(dwi: F32, bvals: NDArray, bvecs: NDArray) -> tuple[F32, F32]:
     """FA and MD (mm^2/s) maps (H, W) of a (H, W, N) DWI: DIPY's weighted least-squares tensor
-    fit, the service's own (:mod:`worker.tensor.fit`)."""
+    fit, the service's own (:mod:`core.tensor.fit`)."""
     fit = TensorModel(gradient_table(bvals, bvecs=bvecs), fit_method="WLS").fit(np.asarray(dwi, np.float64))
     fa = np.clip(np.nan_to_num(fit.fa), 0, 1).astype(np.float32)
     return fa, np.nan_to_num(fit.md).astype(np.float32)

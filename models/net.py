@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from worker.labels import N_CLASSES
+from core.labels import N_CLASSES
 
 DEFAULT_WIDTHS: tuple[int, ...] = (16, 32, 64, 128, 256, 384)
 """Channels per level. Few at full resolution, where a 96 x 96 px crop costs most, many at the

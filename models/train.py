@@ -38,11 +38,11 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, IterableDataset
 
+from core.labels import MIRROR_LUT, N_CLASSES
+from core.segment.preprocess import normalise, resample_slice
 from models.export import export
 from models.generator import CROP_SIZE_PX, MODEL_SPACING_MM, _crop, training_sample
 from models.net import DEFAULT_WIDTHS, SCSNet, count_parameters
-from worker.labels import MIRROR_LUT, N_CLASSES
-from worker.segment.preprocess import normalise, resample_slice
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +117,7 @@ def load_site_data(folder: Path, spacing_mm: float = MODEL_SPACING_MM) -> list[t
         if data.ndim == 4:
             data = data.mean(axis=3)
         if not np.isfinite(values).all() or (values != np.round(values)).any() or values.min() < 0 or values.max() >= N_CLASSES:
-            raise SiteDataError(f"{case}: labels must be whole codes 0-{N_CLASSES - 1} (worker.labels)")
+            raise SiteDataError(f"{case}: labels must be whole codes 0-{N_CLASSES - 1} (core.labels)")
         labels = values.astype(np.int16)
         zx, zy = (float(z) for z in b0.header.get_zooms()[:2])
         zooms = (zx, zy)

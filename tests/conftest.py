@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
-
 import phantoms
+import pytest
 
 DATA = Path(__file__).parent / "data"
 REAL_DWI = DATA / "sct_tutorial_dmri"

@@ -32,7 +32,7 @@ import redis
 import service_helpers as h
 from onnx import helper, numpy_helper
 
-from app.store import Store
+from service.store import Store
 
 REAL = Path(__file__).parent / "data" / "sct_tutorial_dmri"
 NIFTI_KEYS = ("report", "labels", "maps/fa", "maps/md", "maps/ad", "maps/rd", "b0", "qc.png")

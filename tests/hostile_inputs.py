@@ -23,7 +23,7 @@ import phantoms
 import pydicom
 from dicom_synth import write_dicom_series
 
-from worker.ingest.nifti import load_nifti_dwi
+from core.ingest.nifti import load_nifti_dwi
 
 Expect = Literal["refused", "refused-or-failed", "succeeds"]
 FileField = tuple[str, tuple[str, bytes]]

@@ -20,8 +20,8 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 from scipy import ndimage
 
-from worker.labels import label_table
-from worker.segment.runtime import Segmentation
+from core.labels import label_table
+from core.segment.runtime import Segmentation
 
 SCALE = 100.0
 

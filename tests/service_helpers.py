@@ -26,7 +26,7 @@ import httpx
 import redis
 
 ROOT = Path(__file__).resolve().parents[1]
-SCSNET = [sys.executable, "-m", "worker.cli"]
+SCSNET = [sys.executable, "-m", "cli.main"]
 
 
 def free_port() -> int:

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import phantoms
 import pytest
 
-import phantoms
-from worker.cli import main
+from cli.main import main
 
 
 def test_analyze_with_progress(tmp_path: Path, decoder_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -30,17 +30,24 @@ def test_full_maps_fit_the_whole_field(tmp_path: Path, decoder_dir: Path) -> Non
     assert report["fit"]["voxels"] == 40 * 36 * 4
 
 
-def test_no_csf_trim_keeps_the_networks_masks(tmp_path: Path, decoder_dir: Path) -> None:
+def test_no_refine_keeps_the_networks_masks_and_no_csf_trim_is_its_deprecated_alias(
+    tmp_path: Path, decoder_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     import json
 
     info = phantoms.region_phantom(tmp_path / "study", csf_rim=True)
-    rims = {}
-    for name, flag in (("trimmed", []), ("kept", ["--no-csf-trim"])):
+    runs = {}
+    for name, flag in (("refined", []), ("kept", ["--no-refine"]), ("alias", ["--no-csf-trim"])):
+        capsys.readouterr()
         assert main(["analyze", str(info["image"]), "--out", str(tmp_path / name), "--model-dir", str(decoder_dir), *flag]) == 0
-        rims[name] = json.loads((tmp_path / name / "report.json").read_text())["qc"]["csf_rim"]
-    assert rims["trimmed"]["voxels_removed"] == int(info["rim"].sum()) > 0
-    assert rims["kept"] == {"csf_contrast_pass": False, "md_threshold_mm2_s": None, "voxels_removed": 0,
-                            "cord_voxels": rims["trimmed"]["cord_voxels"] + rims["trimmed"]["voxels_removed"]}
+        runs[name] = json.loads((tmp_path / name / "report.json").read_text())["refinement"]
+        deprecated = "--no-csf-trim is deprecated; use --no-refine" in capsys.readouterr().err
+        assert deprecated == (name == "alias")
+    assert runs["refined"]["voxels_removed"] == int(info["rim"].sum()) > 0
+    assert runs["kept"] == runs["alias"] == {
+        "applied": False, "csf_contrast_pass": False, "refit": False, "md_threshold_mm2_s": None, "voxels_removed": 0,
+        "cord_voxels": runs["refined"]["cord_voxels"] + runs["refined"]["voxels_removed"],
+    }
 
 
 def test_model_dir_from_the_environment(tmp_path: Path, decoder_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import phantoms
 import pytest
 
-import phantoms
-from worker.cli import main
+from cli.main import main
 
 Case = Callable[[Path], list[str]]
 

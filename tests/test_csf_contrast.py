@@ -1,4 +1,4 @@
-"""The CSF-contrast image (worker.segment.csf_contrast): the b0 brightened by MD-estimated free
+"""The CSF-contrast image (core.segment.csf_contrast): the b0 brightened by MD-estimated free
 water, and what it does for the shipped network where CSF is as bright as the cord."""
 
 from __future__ import annotations
@@ -6,9 +6,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from core.segment.csf_contrast import MD_HIGH_MM2_S, MD_LOW_MM2_S, csf_contrast_b0
+from core.segment.runtime import Segmenter
+from core.settings import SHIPPED_MODEL_DIR
 from models.generator import fit_fa_md, generate, simulate_dwi
-from worker.segment.csf_contrast import MD_HIGH_MM2_S, MD_LOW_MM2_S, csf_contrast_b0
-from worker.segment.runtime import Segmenter, default_model_dir
 
 TUNING_SEED = 2_012_000_000
 """Generator seeds for this test: outside training (seed * stride + n from 0) and the test sets."""
@@ -39,7 +40,7 @@ def test_the_network_finds_the_cord_better_where_csf_is_as_bright_as_the_cord() 
     """On held-out simulated slices whose CSF is no brighter than 1.3 x the cord, the shipped
     network's whole-cord Dice is higher on the CSF-contrast image than on the b0 itself (measured
     when written: 0.883 -> 0.950 on these eight, better on every one)."""
-    seg = Segmenter(default_model_dir())
+    seg = Segmenter(SHIPPED_MODEL_DIR)
     before, after = [], []
     seed = TUNING_SEED
     while len(before) < 8:

@@ -1,4 +1,4 @@
-"""The CSF-rim trim (worker.segment.csf_rim): outline voxels with CSF-like MD go back to the
+"""The CSF-rim trim (core.segment.csf_rim): outline voxels with CSF-like MD go back to the
 background, never the inside of the cord, at most two layers deep, never below the minimum."""
 
 from __future__ import annotations
@@ -7,7 +7,14 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from worker.segment.csf_rim import CORD_MD_MAX_MM2_S, CSF_MD_MM2_S, MAX_LAYERS, cord_median_md, md_is_cord_like, trim_csf_rim
+from core.segment.csf_rim import (
+    CORD_MD_MAX_MM2_S,
+    CSF_MD_MM2_S,
+    MAX_LAYERS,
+    cord_median_md,
+    md_is_cord_like,
+    trim_csf_rim,
+)
 
 CORD_MD = 0.9e-3
 CSF_MD = 3.0e-3

@@ -18,17 +18,18 @@ import pydicom
 import pytest
 from pydicom.uid import generate_uid
 
-from worker.errors import (
+from core.errors import (
     ArchiveError,
     NoDiffusionSeriesError,
     UnreadableFileError,
     UnsupportedInputError,
 )
-from worker.ingest.archive import ArchiveLimits, collect_inputs
-from worker.ingest.dicom import ingest_dicom
-from worker.ingest.dicom_convert import convert_group
-from worker.ingest.dicom_series import describe_series, group_series
-from worker.ingest.gradients import read_bvals, read_bvecs
+from core.ingest.archive import collect_inputs
+from core.ingest.dicom import ingest_dicom
+from core.ingest.dicom_convert import convert_group
+from core.ingest.dicom_series import describe_series, group_series
+from core.ingest.gradients import read_bvals, read_bvecs
+from core.ingest.rules import UploadLimits
 
 DATA = Path(__file__).parent / "data" / "dicom"
 DATASETS = ("dcm_qa_ge", "dcm_qa_uih", "dcm_qa_canon_61", "dcm_qa_decubitus", "dcm_qa_philips_dwi", "dcm_qa_sag", "dcm_qa_xa30")
@@ -278,10 +279,10 @@ def test_zip_bomb_refused(tmp_path: Path) -> None:
 def test_zip_size_and_count_limits(tmp_path: Path) -> None:
     upload = _zip(tmp_path / "many.zip", {f"{i}.dcm": b"x" for i in range(12)})
     with pytest.raises(ArchiveError, match="more than the 10 accepted"):
-        collect_inputs([upload], workdir=tmp_path / "w1", limits=ArchiveLimits(max_files=10))
+        collect_inputs([upload], workdir=tmp_path / "w1", limits=UploadLimits(max_files=10))
     upload = _zip(tmp_path / "big.zip", {"a.dcm": np.random.default_rng(0).bytes(5000)})
     with pytest.raises(ArchiveError, match="GiB"):
-        collect_inputs([upload], workdir=tmp_path / "w2", limits=ArchiveLimits(max_total_bytes=4000))
+        collect_inputs([upload], workdir=tmp_path / "w2", limits=UploadLimits(max_total_bytes=4000))
 
 
 def test_gzip_bomb_refused(tmp_path: Path) -> None:

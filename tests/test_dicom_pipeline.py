@@ -12,13 +12,14 @@ import highdicom as hd
 import nibabel as nib
 import numpy as np
 import pytest
-
 from dicom_synth import write_dicom_series
-from worker import pipeline
-from worker.cli import main
-from worker.ingest.nifti import load_nifti_dwi
-from worker.report.build import validate_report
-from worker.segment.runtime import Segmenter, default_model_dir
+
+from cli.main import main
+from core import pipeline
+from core.ingest.nifti import load_nifti_dwi
+from core.report.build import validate_report
+from core.segment.runtime import Segmenter
+from core.settings import SHIPPED_MODEL_DIR
 
 DATA = Path(__file__).parent / "data" / "dicom"
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -64,7 +65,7 @@ def cervical_dicom(real_dwi_paths, tmp_path_factory) -> Path:
 
 def test_cervical_dicom_matches_its_nifti_original(cervical_dicom, real_dwi_paths, tmp_path) -> None:
     """Same study by two routes: labels and FA agree in world space, SEG sits on the b=0 images."""
-    segmenter = Segmenter(default_model_dir())
+    segmenter = Segmenter(SHIPPED_MODEL_DIR)
     from_dicom = pipeline.analyze([cervical_dicom], out_dir=tmp_path / "dicom", segmenter=segmenter)
     from_nifti = pipeline.analyze(
         [real_dwi_paths["image"]], out_dir=tmp_path / "nifti", segmenter=segmenter, bval=real_dwi_paths["bval"], bvec=real_dwi_paths["bvec"]

@@ -10,10 +10,10 @@ import numpy as np
 import pydicom
 import pytest
 
-from worker.errors import UnsupportedInputError
-from worker.ingest.dicom import DicomIngest, ingest_dicom
-from worker.labels import REGIONS
-from worker.report.seg import write_seg
+from core.errors import UnsupportedInputError
+from core.ingest.dicom import DicomIngest, ingest_dicom
+from core.labels import REGIONS
+from core.report.seg import write_seg
 
 DATA = Path(__file__).parent / "data" / "dicom"
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")  # highdicom on GE's one-part names

@@ -33,12 +33,12 @@ from schemathesis import Case
 from schemathesis.python import asgi as schemathesis_asgi
 from schemathesis.specs.openapi.checks import positive_data_acceptance
 
-from app.artifacts import ARTIFACTS, describe_outputs
 from app.main import create_app
 from app.settings import GatewaySettings
-from app.storage import Storage
-from app.store import Job, JobState, Store
-from worker.errors import ImageError
+from core.errors import ImageError
+from core.outputs import OUTPUTS, describe_outputs
+from service.storage import Storage
+from service.store import Job, JobState, Store
 
 OPENAPI = Path(__file__).parents[1] / "openapi" / "openapi.json"
 MAX_EXAMPLES = 30
@@ -112,7 +112,7 @@ class JobMaker:
         if state == JobState.succeeded:
             out = self.storage.out_dir(job_id)
             out.mkdir(parents=True)
-            for artifact in ARTIFACTS:
+            for artifact in OUTPUTS:
                 (out / artifact.filename).write_bytes(json.dumps({"artifact": artifact.key}).encode())
             assert self.store.finish(job_id, JobState.succeeded, artifacts=describe_outputs(out))
         else:

@@ -1,6 +1,6 @@
 """Property-based fuzzing of the parsers that read untrusted bytes: the NIfTI loader and the
 FSL gradient readers. Whatever they are given, the only exceptions that may come out are
-:class:`~worker.errors.InputError` subclasses (a 4xx problem with a sentence); anything else
+:class:`~core.errors.InputError` subclasses (a 4xx problem with a sentence); anything else
 would reach a user as an internal error.
 
 Examples are bounded and derandomised (the same examples on every run), so CI stays
@@ -24,9 +24,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from worker.errors import InputError
-from worker.ingest.gradients import check_gradients, read_bvals, read_bvecs
-from worker.ingest.nifti import load_nifti_dwi, load_nifti_image
+from core.errors import InputError
+from core.ingest.gradients import check_gradients, read_bvals, read_bvecs
+from core.ingest.nifti import load_nifti_dwi, load_nifti_image
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore::UserWarning"),

@@ -5,11 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import phantoms
 import pytest
 
-import phantoms
-from worker.errors import GradientError
-from worker.ingest.gradients import (
+from core.errors import GradientError
+from core.ingest.gradients import (
     check_gradients,
     fsl_to_world,
     read_bvals,

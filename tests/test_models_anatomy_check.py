@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from core.labels import MIRROR_LUT
+from core.settings import SHIPPED_MODEL_DIR
 from models.anatomy_check import Case, check, load_cases, score
 from models.evaluate import SliceSegmenter
-from worker.labels import MIRROR_LUT
-from worker.segment.runtime import default_model_dir
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +49,7 @@ def test_shipped_model_on_real_t2star_and_mt() -> None:
     on every slice of the whole-neck T2* and the MT series and on most of the tightly cropped
     T2*, on the right side and the right way up, and the cord outlines agree with their
     references."""
-    seg = SliceSegmenter(default_model_dir())
+    seg = SliceSegmenter(SHIPPED_MODEL_DIR)
     rows = {r["case"]: r for r in check(seg.volume_labels)}
     for name in ("t2s neck 1.0", "mt1 0.84"):
         r = rows[name]

@@ -6,12 +6,12 @@ from collections.abc import Iterator
 
 import numpy as np
 import pytest
+from phantoms import exact_segmentation
 
+from core.segment.runtime import Segmentation
 from models.cases import case_slices, evaluate_cases
 from models.generator import PATIENT_KEYS
 from models.strata import fa_error_pct
-from phantoms import exact_segmentation
-from worker.segment.runtime import Segmentation
 
 
 def test_slices_of_a_case_share_the_acquisition_and_the_patient_but_not_the_anatomy() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from core.labels import BY_CODE, MIRROR_LUT
 from models.atlas import load_atlas
 from models.generator import (
     CROP_SIZE_PX,
@@ -18,7 +19,6 @@ from models.generator import (
     to_model_grid,
     training_sample,
 )
-from worker.labels import BY_CODE, MIRROR_LUT
 
 LEFT = [c for c, r in BY_CODE.items() if r.side == "left"]
 RIGHT = [c for c, r in BY_CODE.items() if r.side == "right"]

@@ -6,14 +6,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 import torch
 
+from core.labels import N_CLASSES
+from core.segment.preprocess import normalise
 from models.export import export, parity
 from models.generator import generate, to_model_grid
 from models.net import SCSNet, count_parameters
-from worker.labels import N_CLASSES
-from worker.segment.preprocess import normalise
 
 
 def _randomised_model() -> SCSNet:

@@ -5,10 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import pytest
-
-import nibabel as nib
 
 from models.generator import Acquisition, generate
 from models.train import SiteDataError, load_site_data

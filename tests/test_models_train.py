@@ -5,12 +5,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import pytest
-
-from worker.digest import sha256_of as sha256
+from core.digest import sha256_of as sha256
+from core.labels import label_table
 from models.net import SCSNet
 from models.train import main as train_main
-from worker.labels import label_table
 
 SHIPPED = Path(__file__).resolve().parents[1] / "models" / "scsnet"
 MANIFEST_KEYS = {"name", "version", "file", "sha256", "opset", "input", "output", "labels", "training", "parameters"}
@@ -21,7 +19,7 @@ def _check_manifest(folder: Path) -> dict:
     assert set(manifest) == MANIFEST_KEYS
     assert manifest["name"] == "scsnet" and manifest["file"] == "scsnet.onnx" and manifest["opset"] == 17
     assert manifest["input"]["name"] == "b0" and manifest["output"] == {"name": "logits", "kind": "logits"}
-    assert manifest["input"]["normalisation"] == "worker.segment.preprocess.normalise"
+    assert manifest["input"]["normalisation"] == "core.segment.preprocess.normalise"
     assert manifest["input"]["pad_multiple"] == SCSNet().pad_multiple
     assert manifest["labels"] == label_table()
     assert manifest["parameters"] <= 2_000_000
@@ -122,8 +120,9 @@ class _Oracle:
         self.seed, self.spoil = EVAL_SEED_BASE, spoil
 
     def segment(self, image: np.ndarray, spacing_mm: tuple[float, float]):
-        from models.generator import generate
         from phantoms import exact_segmentation
+
+        from models.generator import generate
 
         truth = generate(self.seed).labels.copy()
         self.seed += 1

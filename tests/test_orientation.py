@@ -8,13 +8,13 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import phantoms
 import pytest
 
-import phantoms
-from worker import pipeline
-from worker.ingest.nifti import load_nifti_dwi
-from worker.segment.runtime import Segmenter
-from worker.tensor.fit import TensorFitter
+from core import pipeline
+from core.ingest.nifti import load_nifti_dwi
+from core.segment.runtime import Segmenter
+from core.tensor.fit import TensorFitter
 
 
 def _restore(image: Path, bval: Path, bvec: Path, out: Path, *, flips: tuple[int, ...], perm: tuple[int, int, int]) -> Path:

@@ -9,15 +9,15 @@ import jsonschema
 import nibabel as nib
 import numpy as np
 import onnx
+import phantoms
 import pytest
 
-import phantoms
-from worker import pipeline
-from worker.errors import ModelError
-from worker.ingest.nifti import load_nifti_dwi
-from worker.report.build import validate_report
-from worker.segment.csf_rim import CSF_MD_MM2_S
-from worker.segment.runtime import Segmentation, Segmenter
+from core import pipeline
+from core.errors import ModelError
+from core.ingest.nifti import load_nifti_dwi
+from core.report.build import validate_report
+from core.segment.csf_rim import CSF_MD_MM2_S
+from core.segment.runtime import Segmentation, Segmenter
 
 
 @pytest.fixture(scope="module")
@@ -152,17 +152,18 @@ def test_outline_voxels_with_csf_diffusion_are_trimmed_before_measuring(tmp_path
     segmenter = Segmenter(decoder_dir)
     n_rim, n_cord = int(ph["rim"].sum()), int((ph["labels"] > 0).sum())
     report = pipeline.analyze([ph["image"]], out_dir=tmp_path / "trimmed", segmenter=segmenter)
-    assert report["qc"]["csf_rim"] == {"csf_contrast_pass": True, "md_threshold_mm2_s": CSF_MD_MM2_S, "voxels_removed": n_rim,
-                                       "cord_voxels": n_cord}
+    assert report["refinement"] == {"applied": True, "csf_contrast_pass": True, "refit": False,
+                                    "md_threshold_mm2_s": CSF_MD_MM2_S, "voxels_removed": n_rim, "cord_voxels": n_cord}
     assert np.array_equal(np.asarray(nib.load(str(tmp_path / "trimmed" / "labels.nii.gz")).dataobj), ph["labels"])
     for region in report["regions"]:
         assert region["fa"]["mean"] == pytest.approx(ph["fa"][region["code"]], abs=1e-3)
         assert region["md"]["mean"] == pytest.approx(ph["md"][region["code"]], rel=1e-3)
 
     kept = pipeline.analyze([ph["image"]], out_dir=tmp_path / "kept", segmenter=segmenter,
-                            options=pipeline.Options(csf_trim=False))
-    assert kept["qc"]["csf_rim"] == {"csf_contrast_pass": False, "md_threshold_mm2_s": None, "voxels_removed": 0,
-                                     "cord_voxels": n_cord + n_rim}
+                            options=pipeline.Options(refine=False))
+    assert kept["refinement"] == {"applied": False, "csf_contrast_pass": False, "refit": False,
+                                  "md_threshold_mm2_s": None, "voxels_removed": 0, "cord_voxels": n_cord + n_rim}
+    assert "refine" in report["timings_s"] and list(report["timings_s"]) == list(pipeline.STAGES)
     on_rim = {int(c) for c in np.unique(np.asarray(nib.load(str(ph["image"])).dataobj)[..., 0][ph["rim"]] / phantoms.SCALE)}
     assert on_rim  # the rim lies on some regions: their FA is lower without the trim
     for region in kept["regions"]:
@@ -178,9 +179,10 @@ def test_masks_are_not_trimmed_when_the_cord_md_is_not_cord_like(tmp_path, decod
     bval = Path(str(ph["image"]).replace(".nii.gz", ".bval"))
     bval.write_text(" ".join(f"{float(b) / 2.5:g}" for b in bval.read_text().split()) + "\n")
     report = pipeline.analyze([ph["image"]], out_dir=tmp_path / "out", segmenter=Segmenter(decoder_dir))
-    assert report["qc"]["csf_rim"]["csf_contrast_pass"] is False
-    assert report["qc"]["csf_rim"]["voxels_removed"] == 0
-    assert report["qc"]["csf_rim"]["cord_voxels"] == int((ph["labels"] > 0).sum() + ph["rim"].sum())
+    assert report["refinement"]["applied"] is True
+    assert report["refinement"]["csf_contrast_pass"] is False
+    assert report["refinement"]["voxels_removed"] == 0
+    assert report["refinement"]["cord_voxels"] == int((ph["labels"] > 0).sum() + ph["rim"].sum())
     assert any("not refined by MD" in w for w in report["qc"]["warnings"]), report["qc"]["warnings"]
 
 
@@ -189,8 +191,9 @@ def test_no_second_pass_where_the_first_found_no_cord(phantom, decoder_dir) -> N
     shape = canonical.data.shape[:3]
     empty = Segmentation(labels=np.zeros(shape, np.uint8), cord_probability=np.zeros(shape, np.float32))
     maps = pipeline.fit_stage(canonical, empty.labels, pipeline.Options())
-    seg, refit, ran = pipeline.contrast_stage(canonical, canonical.mean_b0(), empty, maps, Segmenter(decoder_dir), pipeline.Options())
-    assert not ran and seg is empty and refit is maps
+    refined = pipeline.refine_stage(canonical, canonical.mean_b0(), empty, maps, Segmenter(decoder_dir), pipeline.Options())
+    assert not refined.second_pass and not refined.refitted and refined.maps is maps
+    assert not refined.segmentation.labels.any() and refined.trim.voxels_removed == 0
 
 
 def test_the_tensor_is_refitted_where_the_second_pass_reaches_beyond_the_first_fit(phantom, decoder_dir) -> None:
@@ -205,7 +208,9 @@ def test_the_tensor_is_refitted_where_the_second_pass_reaches_beyond_the_first_f
     first = Segmentation(labels=middle, cord_probability=full.cord_probability)
     maps = pipeline.fit_stage(canonical, middle, pipeline.Options())
     assert np.any((full.labels > 0) & ~maps.mask)
-    seg, refit, ran = pipeline.contrast_stage(canonical, canonical.mean_b0(), first, maps, segmenter, pipeline.Options())
-    assert ran and refit is not maps
+    refined = pipeline.refine_stage(canonical, canonical.mean_b0(), first, maps, segmenter, pipeline.Options())
+    assert refined.second_pass and refined.refitted and refined.maps is not maps
+    assert refined.trim.voxels_removed == 0
+    seg, refit = refined.segmentation, refined.maps
     assert np.array_equal(seg.labels, full.labels)
     assert np.all(refit.mask[seg.labels > 0]) and np.all(refit.fa[seg.labels > 0] > 0.3)

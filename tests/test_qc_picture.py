@@ -5,11 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import phantoms
 from PIL import Image
 
-import phantoms
-from worker.labels import REGIONS
-from worker.report.qc import viridis, write_qc_png
+from core.labels import REGIONS
+from core.report.qc import viridis, write_qc_png
 
 
 def test_every_region_is_outlined_in_its_colour_and_fa_is_drawn(tmp_path: Path) -> None:

@@ -14,15 +14,15 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from worker.labels import BY_CODE
-from worker.report.build import validate_report
-from worker.segment.csf_rim import CSF_MD_MM2_S
-from worker.segment.runtime import default_model_dir
+from core.labels import BY_CODE
+from core.report.build import validate_report
+from core.segment.csf_rim import CSF_MD_MM2_S
+from core.settings import SHIPPED_MODEL_DIR
 
 
 @pytest.fixture(scope="module")
 def run(real_dwi_paths, tmp_path_factory) -> tuple[dict, Path]:
-    assert (default_model_dir() / "manifest.json").is_file(), "the shipped model is missing"
+    assert (SHIPPED_MODEL_DIR / "manifest.json").is_file(), "the shipped model is missing"
     scsnet = shutil.which("scsnet", path=str(Path(sys.executable).parent))
     assert scsnet, "the scsnet console script is not installed in this environment"
     out = tmp_path_factory.mktemp("real") / "out"
@@ -91,7 +91,7 @@ def test_the_csf_rim_trim_takes_a_thin_csf_like_rim_and_no_more(run) -> None:
     """On the real cord the trim gives back a few outline voxels, each with CSF-like MD and low
     FA, and leaves every region (ventral funiculi included) with white-matter-like MD."""
     report, out = run
-    rim = report["qc"]["csf_rim"]
+    rim = report["refinement"]
     assert rim["md_threshold_mm2_s"] == CSF_MD_MM2_S
     assert 0 < rim["voxels_removed"] < 0.15 * (rim["cord_voxels"] + rim["voxels_removed"])
     labels = np.asarray(nib.load(str(out / "labels.nii.gz")).dataobj)
@@ -103,7 +103,7 @@ def test_the_csf_rim_trim_takes_a_thin_csf_like_rim_and_no_more(run) -> None:
 
 
 def test_the_refinement_by_md_adds_tissue_and_takes_csf(run, real_dwi_paths, tmp_path) -> None:
-    """Against the network's first pass alone (``--no-csf-trim``), the voxels the refinement
+    """Against the network's first pass alone (``--no-refine``), the voxels the refinement
     (CSF-contrast pass, trim) adds have cord-like MD and white-matter-like FA, and the ones it
     removes CSF-like MD; each set is a thin layer."""
     report, out = run
@@ -111,11 +111,11 @@ def test_the_refinement_by_md_adds_tissue_and_takes_csf(run, real_dwi_paths, tmp
     raw_out = tmp_path / "raw"
     proc = subprocess.run(
         [scsnet, "analyze", str(real_dwi_paths["image"]), "--bval", str(real_dwi_paths["bval"]), "--bvec", str(real_dwi_paths["bvec"]),
-         "--out", str(raw_out), "--no-csf-trim"],
+         "--out", str(raw_out), "--no-refine"],
         capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stderr
-    rim = report["qc"]["csf_rim"]
+    rim = report["refinement"]
     assert rim["csf_contrast_pass"] is True
     labels = np.asarray(nib.load(str(out / "labels.nii.gz")).dataobj)
     raw = np.asarray(nib.load(str(raw_out / "labels.nii.gz")).dataobj)

@@ -8,11 +8,12 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import phantoms
 import pytest
 
-import phantoms
-from worker.errors import ModelError
-from worker.segment.runtime import Segmenter, load_segmenter
+from core.errors import ModelError
+from core.segment.runtime import Segmenter, load_segmenter
+from core.settings import SHIPPED_MODEL_DIR
 
 
 def _dice(a: np.ndarray, b: np.ndarray, code: int) -> float:
@@ -113,7 +114,7 @@ def test_missing_manifest_and_missing_model_file(tmp_path: Path, decoder_dir: Pa
 
 def test_swapped_sides_are_flagged(decoder_dir: Path) -> None:
     """A b0 whose left half carries the right-side codes (as a mis-oriented image would)."""
-    from worker.labels import MIRROR_LUT
+    from core.labels import MIRROR_LUT
 
     labels = phantoms.region_labels((40, 36, 2))
     mirrored = np.asarray(MIRROR_LUT, dtype=np.uint8)[labels]
@@ -163,10 +164,10 @@ def test_a_cord_far_from_its_interpolated_centre_is_located_on_its_own(decoder_d
 def test_mirror_average_makes_pass_two_exactly_mirror_symmetric() -> None:
     """With the shipped model (manifest: mirror_average), segmenting a mirrored crop gives the
     mirrored answer with left and right swapped: the channels are mapped back correctly."""
-    from worker.labels import MIRROR_LUT
-    from worker.segment.runtime import _Centre, default_model_dir
+    from core.labels import MIRROR_LUT
+    from core.segment.runtime import _Centre
 
-    seg = Segmenter(default_model_dir())
+    seg = Segmenter(SHIPPED_MODEL_DIR)
     assert seg.manifest.input.mirror_average
     rng = np.random.default_rng(3)
     image = rng.gamma(2.0, 50.0, size=(1, 130, 120)).astype(np.float32)
@@ -180,7 +181,7 @@ def test_mirror_average_makes_pass_two_exactly_mirror_symmetric() -> None:
 
 
 def test_onnx_threads_setting_reaches_the_session(decoder_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from worker.settings import CoreSettings
+    from core.settings import CoreSettings
 
     monkeypatch.setenv("SCSNET_ONNX_THREADS", "1")
     threads = CoreSettings().onnx_threads

@@ -12,12 +12,12 @@ import pytest
 import service_helpers as h
 from fastapi.testclient import TestClient
 
-from app.artifacts import describe_outputs
 from app.main import create_app
-from app.queue import CeleryQueue
 from app.requeue import requeue_lost
 from app.settings import GatewaySettings
-from app.store import JobState, Store
+from core.outputs import describe_outputs
+from service.queue import CeleryQueue
+from service.store import JobState, Store
 
 REAL = Path(__file__).parent / "data" / "sct_tutorial_dmri"
 

@@ -17,12 +17,12 @@ import jsonschema
 import pytest
 import service_helpers as h
 
-from app import webhooks
+from service import webhooks
 
 pytestmark = pytest.mark.service
 
 REAL = Path(__file__).parent / "data" / "sct_tutorial_dmri"
-SCHEMA = json.loads((Path(__file__).parents[1] / "worker" / "report" / "report.schema.json").read_text())
+SCHEMA = json.loads((Path(__file__).parents[1] / "core" / "report" / "report.schema.json").read_text())
 NIFTI_OUTPUTS = {"report.json", "labels.nii.gz", "fa.nii.gz", "md.nii.gz", "ad.nii.gz", "rd.nii.gz", "b0.nii.gz", "qc.png"}
 
 

@@ -8,12 +8,18 @@ from pathlib import Path
 import pytest
 import service_helpers as h
 
-from app import webhooks
-from app.intake import ZipLimits, check_zip
+from app.intake import _check_gradients, check_zip
 from app.settings import GatewaySettings
-from app.sniff import Kind, sniff
-from app.store import key_id_of
-from worker.errors import ArchiveError
+from app.uploads import Part
+from core.errors import ArchiveError, GradientError
+from core.ingest.archive import collect_inputs
+from core.ingest.gradients import read_bvals, read_bvecs
+from core.ingest.rules import UploadLimits, check_gradient_counts
+from core.ingest.sniff import Kind, sniff
+from core.settings import CoreSettings
+from service import webhooks
+from service.store import key_id_of
+from worker.settings import WorkerSettings
 
 REAL = Path(__file__).parent / "data" / "sct_tutorial_dmri"
 
@@ -45,7 +51,7 @@ def test_the_real_dwi_header_is_read_without_nibabel() -> None:
 
 
 def test_zip_checks_refuse_traversal_links_and_bombs(tmp_path: Path) -> None:
-    limits = ZipLimits(max_entries=3, max_expanded_bytes=1000)
+    limits = UploadLimits(max_files=3, max_total_bytes=1000)
     cases = {
         "traversal": h.zip_bytes({"../x.dcm": b"x"}),
         "absolute": h.zip_bytes({"/etc/x.dcm": b"x"}),
@@ -92,7 +98,7 @@ def test_api_key_ids_parse_only_well_formed_keys() -> None:
 
 
 def test_the_visibility_timeout_must_outlast_the_hard_time_limit(monkeypatch: pytest.MonkeyPatch) -> None:
-    from worker.service_settings import WorkerSettings
+    from worker.settings import WorkerSettings
 
     monkeypatch.setenv("SCSNET_TIME_LIMIT_S", "100")
     assert WorkerSettings().redelivery_after_s == 200
@@ -104,7 +110,7 @@ def test_the_visibility_timeout_must_outlast_the_hard_time_limit(monkeypatch: py
 
 
 class _Broker:
-    """A :class:`app.queue.JobQueue` holding messages in memory (what Redis would hold)."""
+    """A :class:`service.queue.JobQueue` holding messages in memory (what Redis would hold)."""
 
     def __init__(self) -> None:
         self.held: set[str] = set()
@@ -127,7 +133,7 @@ class _Broker:
 
 def test_a_running_job_whose_message_is_lost_is_re_sent_and_its_old_run_fenced_off(tmp_path: Path) -> None:
     from app.requeue import dispatch, requeue_lost
-    from app.store import Job, JobState, Store
+    from service.store import Job, JobState, Store
 
     store, broker, job_id = Store(f"sqlite:///{tmp_path / 'jobs.db'}"), _Broker(), "a" * 32
     tenant = store.authenticate(store.create_api_key("t").key)
@@ -157,9 +163,9 @@ def test_only_old_job_folders_without_a_job_are_swept(tmp_path: Path) -> None:
     import os
     import time
 
-    from app.storage import Storage
-    from app.store import Job, Store
     from app.sweep import sweep_orphans
+    from service.storage import Storage
+    from service.store import Job, Store
 
     store, storage = Store(f"sqlite:///{tmp_path / 'jobs.db'}"), Storage(tmp_path / "data")
     tenant = store.authenticate(store.create_api_key("t").key)
@@ -179,3 +185,63 @@ def test_only_old_job_folders_without_a_job_are_swept(tmp_path: Path) -> None:
     assert not storage.job_dir(orphan).exists()
     assert storage.job_dir(owned).exists() and storage.job_dir(uploading).exists() and (storage.jobs / "not-a-job").exists()
     assert sweep_orphans(store, storage, grace_s=3600) == []
+
+
+def _part(path: Path, field: str) -> Part:
+    return Part(field=field, path=path, size=path.stat().st_size)
+
+
+def _analysis_reads(folder: Path, n_volumes: int) -> None:
+    bvals, bvecs = read_bvals(folder / "b.bval"), read_bvecs(folder / "b.bvec")
+    check_gradient_counts(n_bvals=len(bvals), n_bvecs=len(bvecs), n_volumes=n_volumes)
+
+
+@pytest.mark.parametrize(
+    ("bval", "bvec", "accepted"),
+    [
+        ("# b-values written by a scanner export\n0 800 800 800 800 800 800\n", "0 1 0 0 .7 .7 0\n0 0 1 0 .7 0 .7\n0 0 0 1 0 .7 .7\n", True),
+        ("0, 800, 800, 800, 800, 800, 800\n", "\n".join("0 0 0" if i == 0 else "1 0 0" for i in range(7)) + "\n", True),
+        ("0 800 800\n800 800 800\n", "0 1 0 0 .7 .7 0\n0 0 1 0 .7 0 .7\n0 0 0 1 0 .7 .7\n", False),
+        ("0 800 800 800 800 800 -800\n", "0 1 0 0 .7 .7 0\n0 0 1 0 .7 0 .7\n0 0 0 1 0 .7 .7\n", False),
+        ("0 800 800 800 800 800 800\n", "0 1 0 0 .7 .7 0\n0 0 1 0 .7 0 .7\n", False),
+        ("0 800 800 800 800 800 nan\n", "0 1 0 0 .7 .7 0\n0 0 1 0 .7 0 .7\n0 0 0 1 0 .7 .7\n", False),
+        ("0 800 800 800 800 800\n", "0 1 0 0 .7 .7\n0 0 1 0 .7 0\n0 0 0 1 0 .7\n", False),
+    ],
+)
+def test_the_gateway_and_the_analysis_read_gradient_files_by_one_rule(
+    tmp_path: Path, bval: str, bvec: str, accepted: bool
+) -> None:
+    """A gradient table the gateway accepts, the analysis reads; one it refuses, the analysis
+    refuses with the same sentence (bar the file's name)."""
+    (tmp_path / "b.bval").write_text(bval)
+    (tmp_path / "b.bvec").write_text(bvec)
+    verdicts = []
+    for read in (
+        lambda: _check_gradients(_part(tmp_path / "b.bval", "bval"), _part(tmp_path / "b.bvec", "bvec"), 7),
+        lambda: _analysis_reads(tmp_path, 7),
+    ):
+        try:
+            read()
+            verdicts.append(None)
+        except GradientError as exc:
+            verdicts.append(exc.detail.replace("(the 'bval' field)", "b.bval").replace("(the 'bvec' field)", "b.bvec"))
+    if accepted:
+        assert verdicts == [None, None]
+    else:
+        assert verdicts[0] is not None and verdicts[0] == verdicts[1], verdicts
+
+
+def test_one_setting_sets_the_upload_limits_of_the_gateway_the_worker_and_the_command_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("SCSNET_MAX_ZIP_ENTRIES", "3")
+    monkeypatch.setenv("SCSNET_MAX_ZIP_EXPANDED_BYTES", "5000")
+    limits = {type(s).__name__: s.upload_limits for s in (GatewaySettings(), WorkerSettings(), CoreSettings())}
+    assert set(limits.values()) == {UploadLimits(max_files=3, max_total_bytes=5000)}, limits
+    upload = tmp_path / "four.zip"
+    upload.write_bytes(h.zip_bytes({f"{i}.dcm": b"x" for i in range(4)}))
+    for name, each in limits.items():
+        with pytest.raises(ArchiveError, match="holds 4 files, more than the 3 accepted"):
+            check_zip(upload, label="four.zip", limits=each)
+        with pytest.raises(ArchiveError, match="holds 4 files, more than the 3 accepted"):
+            collect_inputs([upload], workdir=tmp_path / name, limits=each)

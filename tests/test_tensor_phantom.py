@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import numpy as np
+import phantoms
 import pytest
 
-import phantoms
-from worker.ingest.dwi import DWI
-from worker.tensor.fit import TensorFitter, fit_mask
+from core.ingest.dwi import DWI
+from core.tensor.fit import TensorFitter, fit_mask
 
 RNG = np.random.default_rng(1234)
 
@@ -72,7 +72,7 @@ def test_wm_like_tensors_at_snr_30_within_2_percent() -> None:
 
 def test_fit_inside_mask_only_and_units_mm2_per_s(tmp_path) -> None:
     info = phantoms.region_phantom(tmp_path)
-    from worker.ingest.nifti import load_nifti_dwi
+    from core.ingest.nifti import load_nifti_dwi
 
     dwi = load_nifti_dwi(info["image"])
     mask = fit_mask(info["labels"], zooms_mm=dwi.zooms, margin_mm=2.0)

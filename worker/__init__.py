@@ -1,8 +1,6 @@
-"""scsnet worker: the science core (ingest, tensor, segmentation, measures, reports) and the
-Celery adapter around it.
+"""The Celery worker: a thin adapter that takes analysis and webhook jobs off the queue, runs the
+science core's pipeline and records the outcome through the service layer.
 
-The subpackages ``ingest``, ``tensor``, ``segment``, ``measures`` and ``report`` import no web
-or queue framework; they are shared by the ``scsnet`` command line and the Celery task.
+``celery -A worker.celery_app worker`` (or ``scsnet worker``). The gateway never imports this
+package: it sends tasks by name (:mod:`service.queue`).
 """
-
-__version__ = "0.1.0"

@@ -1,7 +1,7 @@
 """The Celery application of the analysis worker (``celery -A worker.celery_app worker``).
 
 Configured on purpose; every non-default setting says why. The gateway does not import this
-module: it sends tasks by name (``app.queue``).
+module: it sends tasks by name (``service.queue``).
 """
 
 from __future__ import annotations
@@ -17,10 +17,10 @@ from typing import Any
 from celery import Celery
 from celery.signals import worker_process_init, worker_ready, worker_shutdown
 
-from app.queue import ANALYZE_TASK, WEBHOOK_TASK
-from app.storage import Storage
-from app.store import Store
-from worker.service_settings import WorkerSettings
+from service.queue import ANALYZE_TASK, WEBHOOK_TASK
+from service.storage import Storage
+from service.store import Store
+from worker.settings import WorkerSettings
 
 log = logging.getLogger(__name__)
 settings = WorkerSettings()
@@ -75,16 +75,14 @@ def services() -> tuple[Store, Storage]:
 
 
 def model_dir() -> str:
-    """The model folder this worker serves."""
-    from worker.segment.runtime import default_model_dir
-
-    return str(settings.model_dir or default_model_dir())
+    """The model folder this worker serves (``SCSNET_MODEL_DIR``, default the shipped model)."""
+    return str(settings.model_dir)
 
 
 def _model_info() -> dict[str, Any]:
     """The manifest of the model this worker serves, or the problem loading it."""
-    from worker.errors import ScsnetError
-    from worker.segment.manifest import load_manifest
+    from core.errors import ScsnetError
+    from core.segment.manifest import load_manifest
 
     try:
         manifest, _ = load_manifest(Path(model_dir()))
@@ -136,8 +134,8 @@ def _stop_heartbeat(**_: Any) -> None:
 def _warm_up(**_: Any) -> None:
     """Create the ONNX session once per pool process, before the first job arrives."""
     services.cache_clear()  # never share the parent's database connections across a fork
-    from worker.errors import ScsnetError
-    from worker.segment.runtime import load_segmenter
+    from core.errors import ScsnetError
+    from core.segment.runtime import load_segmenter
 
     try:
         load_segmenter(model_dir(), settings.onnx_threads)

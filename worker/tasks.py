@@ -1,5 +1,5 @@
 """The worker's tasks: run one analysis job, deliver one webhook. Thin adapters: the job
-record is loaded and updated through ``app.store``; the science is ``worker.pipeline``."""
+record is loaded and updated through ``service.store``; the science is ``core.pipeline``."""
 
 from __future__ import annotations
 
@@ -12,16 +12,17 @@ import sqlalchemy.exc
 from celery import Task
 from celery.exceptions import SoftTimeLimitExceeded
 
-from app import webhooks
-from app.artifacts import describe_outputs
-from app.errors import AnalysisCrashed, AnalysisTimedOut, storage_error
-from app.queue import ANALYZE_TASK, WEBHOOK_TASK
-from app.storage import Storage
-from app.store import JobState, Store, utcnow
-from worker import pipeline
+from core import pipeline
+from core.errors import ScsnetError
+from core.outputs import describe_outputs
+from core.segment.runtime import load_segmenter
+from core.staging import discard_staging
+from service import webhooks
+from service.errors import AnalysisTimedOut, InternalError, storage_error
+from service.queue import ANALYZE_TASK, WEBHOOK_TASK
+from service.storage import Storage
+from service.store import JobState, Store, utcnow
 from worker.celery_app import celery_app, model_dir, services, settings
-from worker.errors import ScsnetError
-from worker.segment.runtime import load_segmenter
 
 log = logging.getLogger(__name__)
 TRANSIENT = (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError, redis.exceptions.ConnectionError)
@@ -48,8 +49,11 @@ def analyze(job_id: str, token: str) -> None:
     state, problem, artifacts = JobState.succeeded, None, None
     try:
         out = storage.out_dir(job_id)
-        pipeline.discard_staging(out)  # what an earlier run of this job, killed mid-way, left
-        pipeline.analyze(paths, out_dir=out, segmenter=load_segmenter(model_dir(), settings.onnx_threads), bval=bval, bvec=bvec, progress=progress)
+        discard_staging(out)  # what an earlier run of this job, killed mid-way, left
+        segmenter = load_segmenter(model_dir(), settings.onnx_threads)
+        pipeline.analyze(
+            paths, out_dir=out, segmenter=segmenter, bval=bval, bvec=bvec, limits=settings.upload_limits, progress=progress
+        )
         artifacts = describe_outputs(out)
     except JobCancelled:
         _drop_outputs_if_cancelled(store, storage, job_id)
@@ -76,7 +80,7 @@ def _unexpected_problem(job_id: str, exc: Exception) -> dict[str, Any]:
         log.error("job %s failed on a storage fault: %s", job_id, exc)
         return storage.problem()
     log.exception("job %s crashed", job_id)
-    return AnalysisCrashed("the analysis failed unexpectedly; the error has been logged").problem()
+    return InternalError("the analysis failed unexpectedly; the error has been logged").problem()
 
 
 def _drop_outputs_if_cancelled(store: Store, storage: Storage, job_id: str) -> None:

@@ -2,22 +2,29 @@
 
 from __future__ import annotations
 
+import base64
 from collections.abc import Callable
 
 from fastapi import APIRouter
 from fastapi.responses import FileResponse
 
-from app.artifacts import ARTIFACTS, Artifact, digest_headers
 from app.deps import StorageDep, StoreDep, TenantDep
-from app.errors import ArtifactUnavailable, JobNotFinished
 from app.problems import problem_responses
 from app.routers.jobs import _load
-from app.store import JobState
+from core.outputs import OUTPUTS, Output
+from service.errors import ArtifactUnavailable, JobNotFinished
+from service.store import JobState
 
 router = APIRouter(prefix="/v1/jobs", tags=["artifacts"])
 
 
-def _handler(artifact: Artifact) -> Callable[..., FileResponse]:
+def digest_headers(sha256_hex: str) -> dict[str, str]:
+    """``Repr-Digest`` (RFC 9530) and its predecessor ``Digest`` (RFC 3230) for a file."""
+    b64 = base64.b64encode(bytes.fromhex(sha256_hex)).decode()
+    return {"Repr-Digest": f"sha-256=:{b64}:", "Digest": f"sha-256={b64}", "ETag": f'"{sha256_hex}"'}
+
+
+def _handler(artifact: Output) -> Callable[..., FileResponse]:
     def download(job_id: str, tenant: TenantDep, store: StoreDep, storage: StorageDep) -> FileResponse:
         job = _load(store, tenant, job_id)
         if job.state != JobState.succeeded:
@@ -36,7 +43,7 @@ def _handler(artifact: Artifact) -> Callable[..., FileResponse]:
     return download
 
 
-for _artifact in ARTIFACTS:
+for _artifact in OUTPUTS:
     router.add_api_route(
         f"/{{job_id}}/{_artifact.key}",
         _handler(_artifact),

@@ -16,14 +16,14 @@ from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials
 
 from app.deps import BearerDep, QueueDep, SettingsDep, StorageDep, StoreDep, TenantDep, tenant_of
-from app.errors import InvalidCallbackUrl, InvalidRequest, NotFound
-from app.intake import ZipLimits, arrange
+from app.intake import arrange
 from app.problems import problem_responses
 from app.requeue import dispatch
 from app.schemas import JobOut, JobPage, etag, job_out
 from app.settings import GatewaySettings
-from app.store import TERMINAL, Job, JobState, Store, Tenant
 from app.uploads import drain, receive_form
+from service.errors import InvalidCallbackUrl, InvalidRequest, NotFound
+from service.store import TERMINAL, Job, JobState, Store, Tenant
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
@@ -114,8 +114,7 @@ async def create_job(
             max_bytes=settings.max_upload_bytes,
         )
         callback_url = _check_callback(form.fields.get("callback_url"), settings)
-        limits = ZipLimits(settings.max_zip_entries, settings.max_zip_expanded_bytes)
-        inputs = await anyio.to_thread.run_sync(lambda: arrange(form, dest=dest, zip_limits=limits))
+        inputs = await anyio.to_thread.run_sync(lambda: arrange(form, dest=dest, limits=settings.upload_limits))
         record = Job(id=job_id, tenant_id=tenant.id, idempotency_key=idempotency_key, callback_url=callback_url, inputs=inputs)
         job, created = await anyio.to_thread.run_sync(store.create_job, record)
     except BaseException:

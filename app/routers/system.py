@@ -9,8 +9,8 @@ from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from app.deps import MetricsDep, QueueDep, SettingsDep, StorageDep, StoreDep, TenantDep
-from app.errors import NotReady
 from app.problems import catalogue, problem_response, problem_responses
+from service.errors import NotReady
 
 router = APIRouter(tags=["service"])
 

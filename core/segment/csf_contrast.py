@@ -1,0 +1,86 @@
+"""Brighten the CSF on the mean b0 by its mean diffusivity, for a second segmentation pass.
+
+The network finds the cord's outline on the b0 by its contrast with the CSF ring around it.
+Where the CSF is about as bright as the cord (short TR, T2 shine-through of an oedematous cord,
+coarse voxels) that edge is not on the b0 and the network guesses it, and with it the regions
+inside, whose layout follows the outline. The tensor fit sees the edge plainly: cord tissue
+has MD about 0.6-1.0e-3 mm^2/s, CSF about 3e-3. So once the tensor is fitted, each voxel of
+the b0 is brightened by the share of free water its MD suggests,
+
+    b0' = b0 * (1 + f),  f = clip((MD - MD_low) / (MD_high - MD_low), 0, 1),
+
+and the network segments ``b0'`` again: pure CSF doubles, cord tissue (MD <= ``MD_low``) is
+unchanged, and a voxel part cord, part CSF lies in between, as on a b0 with bright CSF, which
+the network reads well. The inside of the first pass's cord (its labelled voxels off the
+outline) keeps its b0, so neither gray matter nor an oedematous cord (MD up to about 1.4e-3)
+is brightened and then taken for CSF. The network's input is still one normalised b0-like
+image.
+
+Chosen on held-out simulated studies (seeds 2 011 000 000 onwards; three sets of 30 cases of
+12 slices; the outline trimmed, and grown by a voxel onto cord-like MD, after either pass):
+pooled region Dice 0.842 -> 0.859 and 0.844 -> 0.858 with the whole b0 brightened,
+0.825 -> 0.853 on the third set with the cord interior left as it is (0.854 without that).
+After the second pass that growth added nothing (0.8613 -> 0.8614 on the second set), so the
+service only trims (:mod:`core.segment.csf_rim`).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+from numpy.typing import NDArray
+from scipy import ndimage
+
+from core.segment.csf_rim import cord_median_md, md_is_cord_like
+
+if TYPE_CHECKING:
+    from core.segment.runtime import Segmentation, Segmenter
+
+MD_LOW_MM2_S = 1.0e-3
+"""MD (mm^2/s) at and below which a voxel keeps its b0: healthy cord tissue."""
+
+MD_HIGH_MM2_S = 2.0e-3
+"""MD (mm^2/s) at and above which a voxel's b0 is doubled: mostly free water (CSF 3e-3)."""
+
+
+_IN_PLANE = ndimage.generate_binary_structure(2, 1)[:, :, None]
+
+
+def csf_contrast_b0(b0: NDArray[np.floating], md: NDArray[np.floating], cord: NDArray[np.bool_]) -> NDArray[np.float32]:
+    """The b0 with each voxel brightened by its MD-estimated free-water share.
+
+    Parameters
+    ----------
+    b0 : (X, Y, Z) mean b=0 image, any units; axial slices along Z.
+    md : (X, Y, Z) mean diffusivity (mm^2/s) on the same grid; voxels the fit did not reach
+        (0, NaN) keep their b0.
+    cord : (X, Y, Z) the first pass's cord; its voxels off the in-plane (4-connected) outline
+        keep their b0.
+
+    Returns
+    -------
+    (X, Y, Z) float32, ``b0 * (1 + f)`` with ``f`` in [0, 1] (see the module).
+    """
+    b0 = np.asarray(b0, dtype=np.float32)
+    md = np.asarray(md, dtype=np.float32)
+    if md.shape != b0.shape or cord.shape != b0.shape:
+        raise ValueError(f"b0 {b0.shape}, MD {md.shape} and cord {cord.shape} are not on one grid")
+    share = np.clip((np.nan_to_num(md, nan=0.0) - MD_LOW_MM2_S) / (MD_HIGH_MM2_S - MD_LOW_MM2_S), 0.0, 1.0)
+    share[ndimage.binary_erosion(cord, _IN_PLANE)] = 0.0
+    return (b0 * (1.0 + share)).astype(np.float32)
+
+
+def contrast_pass(
+    segmenter: Segmenter, b0: NDArray[np.floating], md: NDArray[np.floating], first: Segmentation,
+    *, zooms_mm: tuple[float, float, float],
+) -> Segmentation | None:
+    """The segmentation of :func:`csf_contrast_b0` of ``b0`` (X, Y, Z), or None where the pass
+    should not run: the first pass found no cord, or its cord's median MD is not cord-like (the
+    MD map, or the masks, cannot be trusted; :func:`core.segment.csf_rim.md_is_cord_like`).
+
+    ``md`` (mm^2/s, same grid) is what the tensor fit gave, 0 where it did not fit.
+    """
+    if not first.labels.any() or not md_is_cord_like(cord_median_md(first.labels, md)):
+        return None
+    return segmenter.segment(csf_contrast_b0(b0, md, first.labels > 0), zooms_mm=zooms_mm)

@@ -1,0 +1,126 @@
+"""The refinement of a segmentation by the tensor fit's mean diffusivity, in one function used
+by the pipeline and by the model's evaluation alike.
+
+The network segments the mean b0, where the cord's edge is only as clear as its contrast with
+the CSF; the MD map shows that edge plainly (cord tissue 0.6-1.0e-3 mm^2/s, CSF about 3e-3).
+So, once the tensor is fitted:
+
+1. a second network pass on the b0 with its CSF brightened by MD
+   (:mod:`core.segment.csf_contrast`), skipped when the first found no cord or its MD is not
+   cord-like; where the second cord reaches beyond the voxels the tensor was fitted on, the
+   tensor is fitted again on both cords (``refit``);
+2. the CSF rim trimmed off the outline by MD (:mod:`core.segment.csf_rim`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import Any, Generic, Protocol, TypeVar
+
+import numpy as np
+from numpy.typing import NDArray
+
+from core.segment.csf_contrast import contrast_pass
+from core.segment.csf_rim import CSF_MD_MM2_S, RimTrim, trim_csf_rim
+from core.segment.runtime import Segmentation, Segmenter
+
+
+class FittedMD(Protocol):
+    """What the refinement needs of a tensor fit (:class:`core.tensor.fit.TensorMaps` is one)."""
+
+    @property
+    def md(self) -> NDArray[np.float32]:
+        """(X, Y, Z) mean diffusivity, mm^2/s, 0 outside ``mask``."""
+        ...
+
+    @property
+    def mask(self) -> NDArray[np.bool_]:
+        """(X, Y, Z) the voxels that were fitted."""
+        ...
+
+
+@dataclass(frozen=True)
+class MDMap:
+    """A bare :class:`FittedMD`: an MD map (mm^2/s) and the voxels it holds."""
+
+    md: NDArray[np.float32]
+    mask: NDArray[np.bool_]
+
+
+M = TypeVar("M", bound=FittedMD)
+
+
+@dataclass(frozen=True)
+class Refinement(Generic[M]):
+    """A refined segmentation and how it came about.
+
+    segmentation : the second pass's (or the first's, when it did not run), trimmed; its
+        warnings include the trim's.
+    maps : the fit the trim used: the first, or the refit when the second cord reached beyond it.
+    second_pass : whether the CSF-contrast pass ran.
+    refitted : whether the tensor was fitted again.
+    trim : the CSF-rim trim.
+    """
+
+    segmentation: Segmentation
+    maps: M
+    second_pass: bool
+    refitted: bool
+    trim: RimTrim
+
+
+def refine(
+    first: Segmentation,
+    *,
+    b0: NDArray[np.floating],
+    maps: M,
+    segmenter: Segmenter,
+    zooms_mm: tuple[float, float, float],
+    refit: Callable[[NDArray[np.uint8]], M],
+) -> Refinement[M]:
+    """Refine ``first`` by the MD of ``maps`` (see the module).
+
+    Parameters
+    ----------
+    first : the network's segmentation of ``b0`` (labels (X, Y, Z), canonical grid).
+    b0 : (X, Y, Z) the mean b=0 image that was segmented.
+    maps : the tensor fit on ``first``'s cord (MD in mm^2/s, 0 where not fitted).
+    segmenter : the network, for the second pass.
+    zooms_mm : voxel size (mm) of the grid.
+    refit : fits the tensor again on the given (X, Y, Z) labels' cord (plus its margin).
+    """
+    second = contrast_pass(segmenter, b0, maps.md, first, zooms_mm=zooms_mm)
+    segmentation, refitted = first, False
+    if second is not None:
+        segmentation = second
+        if np.any((second.labels > 0) & ~maps.mask):
+            maps = refit(((first.labels > 0) | (second.labels > 0)).astype(np.uint8))
+            refitted = True
+    trim = trim_csf_rim(segmentation.labels, maps.md, pixel_area_mm2=zooms_mm[0] * zooms_mm[1])
+    warnings = segmentation.warnings
+    if trim.skipped:
+        warnings += (
+            f"the segmented cord's median mean diffusivity is {trim.cord_median_md * 1e3:.2f} x10^-3 mm^2/s, "
+            "which no spinal cord has; the masks were not refined by MD: check the b-values and the masks",
+        )
+    if trim.kept_slices:
+        warnings += (
+            f"the cord outline on slice(s) {', '.join(map(str, trim.kept_slices))} has CSF-like "
+            "diffusivity almost all round; left as segmented, check the b-values and the masks",
+        )
+    refined = replace(segmentation, labels=trim.labels, warnings=warnings)
+    return Refinement(segmentation=refined, maps=maps, second_pass=second is not None, refitted=refitted, trim=trim)
+
+
+def refinement_section(refinement: Refinement[Any] | None, labels: NDArray[np.uint8]) -> dict[str, Any]:
+    """The report's ``refinement`` section (``refinement`` None: switched off with
+    ``--no-refine``); ``labels`` are the final masks."""
+    return {
+        "applied": refinement is not None,
+        "csf_contrast_pass": refinement is not None and refinement.second_pass,
+        "refit": refinement is not None and refinement.refitted,
+        "md_threshold_mm2_s": None if refinement is None else CSF_MD_MM2_S,
+        "voxels_removed": 0 if refinement is None else refinement.trim.voxels_removed,
+        "cord_voxels": int(np.count_nonzero(labels)),
+    }

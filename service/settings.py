@@ -1,0 +1,51 @@
+"""Configuration shared by the service processes (gateway, worker, service commands), from
+``SCSNET_``-prefixed environment variables: where the data lives, the job store, the broker and
+the upload limits (:class:`core.settings.IngestSettings`, the same numbers for the gateway's
+early checks and the worker's ingest). Each process builds its own settings class once at
+start and passes it down; nothing else reads the environment.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import SettingsConfigDict
+
+from core.settings import IngestSettings
+
+
+class ServiceSettings(IngestSettings):
+    """Settings shared by the gateway, the worker and the service commands."""
+
+    model_config = SettingsConfigDict(env_prefix="SCSNET_", extra="ignore", protected_namespaces=())
+
+    data_dir: Path = Field(default=Path("var"), description="job inputs and outputs, the SQLite file, embedded Redis")
+    database_url: str | None = Field(
+        default=None, description="SQLAlchemy URL of the job store; default: a SQLite file in the data dir"
+    )
+    redis_url: str | None = Field(
+        default=None,
+        description="broker URL (redis://host:6379/0); unset: the embedded Redis on a Unix socket in the data dir",
+    )
+    queue_name: str = Field(default="scsnet", description="the broker queue analysis and webhook tasks go through")
+
+    @property
+    def data_root(self) -> Path:
+        """The data dir as an absolute path."""
+        return self.data_dir.expanduser().absolute()
+
+    @property
+    def store_url(self) -> str:
+        """The job store's SQLAlchemy URL."""
+        return self.database_url or f"sqlite:///{self.data_root / 'scsnet.db'}"
+
+    @property
+    def embedded_redis_socket(self) -> Path:
+        """Where the embedded Redis listens when ``redis_url`` is unset."""
+        return self.data_root / "redis" / "redis.sock"
+
+    @property
+    def broker_url(self) -> str:
+        """The Celery broker URL (kombu spelling)."""
+        return self.redis_url or f"redis+socket://{self.embedded_redis_socket}"
