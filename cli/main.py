@@ -116,7 +116,7 @@ def _run(args: argparse.Namespace) -> int:
     fa, md = cord["fa"]["mean"], cord["md"]["mean"]
     summary = f"cord FA {fa:.3f}, MD {md * 1e3:.3f} x10^-3 mm^2/s" if fa is not None else "no cord found"
     print(f"{summary}; {len(report['qc']['warnings'])} QC warning(s)")
-    print(f"outputs in {args.out.absolute()} (report.json, labels.nii.gz, qc.png, ...)")
+    print(f"outputs in {args.out} (report.json, labels.nii.gz, qc.png, ...)")
     return 0
 
 

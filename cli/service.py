@@ -119,7 +119,7 @@ def _submit(args: argparse.Namespace) -> int:
     except SubmitError as exc:
         print(f"scsnet: error: {exc}", file=sys.stderr)
         return exc.exit_code
-    print(f"outputs in {args.out.absolute()} (report.json, labels.nii.gz, qc.png, ...)")
+    print(f"outputs in {args.out} (report.json, labels.nii.gz, qc.png, ...)")
     return 0
 
 

@@ -2,7 +2,7 @@
 
 The source is the PAM50 template and white/gray-matter tract atlas (De Leener et al.,
 NeuroImage 2018; MIT, shipped with the Spinal Cord Toolbox). Its 36 probabilistic tracts are
-grouped into the project's eight regions (see ``/work/shared/docs/domain.md``)::
+grouped into the project's eight regions (see ``../shared/docs/domain.md``)::
 
     dorsal columns    left 00, 02            right 01, 03
     lateral funiculi  left 04-12 even        right 05-13 odd
