@@ -30,6 +30,8 @@ class Output:
 REPORT = Output("report", "report.json", "application/json", "The report (JSON Schema: core/report/report.schema.json).")
 LABELS = Output("labels", "labels.nii.gz", NIFTI_GZ, "Eight-region labels (uint8 NIfTI) on the input's grid.")
 SEG = Output("seg", "seg.dcm", "application/dicom", "DICOM Segmentation over the source b=0 images (DICOM input).")
+SR = Output("sr", "sr.dcm", "application/dicom", "DICOM TID 1500 Measurement Report of the regional measures (DICOM input).")
+QC_DCM = Output("qc.dcm", "qc.dcm", "application/dicom", "The QC picture as a DICOM Secondary Capture in the source study (DICOM input).")
 FA = Output("maps/fa", "fa.nii.gz", NIFTI_GZ, "Fractional anisotropy map.")
 MD = Output("maps/md", "md.nii.gz", NIFTI_GZ, "Mean diffusivity map (mm^2/s).")
 AD = Output("maps/ad", "ad.nii.gz", NIFTI_GZ, "Axial diffusivity map (mm^2/s).")
@@ -41,7 +43,9 @@ DWI_BVAL = Output("dwi.bval", "dwi.bval", "text/plain", "b-values of the convert
 DWI_BVEC = Output("dwi.bvec", "dwi.bvec", "text/plain", "b-vectors of the converted series (FSL).")
 DWI_JSON = Output("dwi.json", "dwi.json", "application/json", "Conversion sidecar of the converted series.")
 
-OUTPUTS: tuple[Output, ...] = (REPORT, LABELS, SEG, FA, MD, AD, RD, B0, QC_PNG, DWI, DWI_BVAL, DWI_BVEC, DWI_JSON)
+OUTPUTS: tuple[Output, ...] = (
+    REPORT, LABELS, SEG, SR, QC_DCM, FA, MD, AD, RD, B0, QC_PNG, DWI, DWI_BVAL, DWI_BVEC, DWI_JSON
+)
 BY_KEY: dict[str, Output] = {o.key: o for o in OUTPUTS}
 MAPS: dict[str, Output] = {"fa": FA, "md": MD, "ad": AD, "rd": RD}
 """The tensor maps by the name of their :class:`~core.tensor.fit.TensorMaps` attribute."""

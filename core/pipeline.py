@@ -182,6 +182,7 @@ def analyze(
             sections = measure_stage(analysis)
         report = build.assemble(
             study.dwi,
+            series=study.dicom.series if study.dicom is not None else None,
             measures=sections,
             refinement=refinement_section(refinement, segmentation.labels),
             model=build.model_section(segmenter),
@@ -191,7 +192,7 @@ def analyze(
             timings_s=clock.timings,
         )
         with clock.stage("write"):
-            report["qc"]["warnings"] += write_outputs(analysis, out=tmp, software_version=core.__version__)
+            report["qc"]["warnings"] += write_outputs(analysis, report=report, out=tmp, software_version=core.__version__)
             shutil.rmtree(tmp / ".ingest", ignore_errors=True)
         report["timings_s"] = dict(clock.timings)
         validate_report(report)

@@ -15,12 +15,16 @@ from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
 LPS = np.diag([-1.0, -1.0, 1.0])
 
 
-def write_dicom_series(image: Path, bvals: np.ndarray, bvecs_world: np.ndarray, out_dir: Path, *, series_description: str = "DTI cervical", manufacturer: str = "SCSNET-TEST") -> list[Path]:
+def write_dicom_series(
+    image: Path, bvals: np.ndarray, bvecs_world: np.ndarray, out_dir: Path, *, series_description: str = "DTI cervical",
+    manufacturer: str = "SCSNET-TEST", float_pixels: bool = False,
+) -> list[Path]:
     """Write every slice of every volume of ``image`` as one DICOM file into ``out_dir``.
 
     bvals : (N,) s/mm^2; bvecs_world : (N, 3) unit directions in world RAS+.
     Returns the written paths. Pixel values are the image rounded to uint16 after scaling to
-    0..4000 (RescaleSlope carries the scale back).
+    0..4000 (RescaleSlope carries the scale back); with ``float_pixels`` they are the image's
+    own values as 32-bit floats in Float Pixel Data (7FE0,0008), as some exports write them.
     """
     img = nib.load(str(image))
     data = np.asarray(img.dataobj, dtype=np.float64)
@@ -77,10 +81,14 @@ def write_dicom_series(image: Path, bvals: np.ndarray, bvecs_world: np.ndarray, 
             ds.SamplesPerPixel = 1
             ds.PhotometricInterpretation = "MONOCHROME2"
             ds.Rows, ds.Columns = ny, nx
-            ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
-            ds.RescaleIntercept, ds.RescaleSlope = 0.0, slope
-            pixels = np.clip(np.round(data[:, :, k, v] / slope), 0, 65535).astype(np.uint16).T  # (rows=j, cols=i)
-            ds.PixelData = np.ascontiguousarray(pixels).tobytes()
+            if float_pixels:
+                ds.BitsAllocated = 32
+                ds.FloatPixelData = np.ascontiguousarray(data[:, :, k, v].astype(np.float32).T).tobytes()
+            else:
+                ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+                ds.RescaleIntercept, ds.RescaleSlope = 0.0, slope
+                pixels = np.clip(np.round(data[:, :, k, v] / slope), 0, 65535).astype(np.uint16).T  # (rows=j, cols=i)
+                ds.PixelData = np.ascontiguousarray(pixels).tobytes()
             ds.DiffusionBValue = float(bvals[v])
             if bvals[v] >= 50:
                 ds.DiffusionDirectionality = "DIRECTIONAL"

@@ -52,7 +52,7 @@ def test_ge_zip_through_the_cli(tmp_path: Path, decoder_dir: Path, capsys: pytes
     assert labels.shape == dwi.shape[:3]
     np.testing.assert_allclose(labels.affine, dwi.affine, atol=1e-5)
     seg = hd.seg.segread(out / "seg.dcm")
-    assert seg.number_of_segments == 8
+    assert seg.number_of_segments == 9  # the eight regions and the whole cord
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +81,7 @@ def test_cervical_dicom_matches_its_nifti_original(cervical_dicom, real_dwi_path
     assert agree > 0.95
 
     seg = hd.seg.segread(tmp_path / "dicom" / "seg.dcm")
-    assert seg.number_of_segments == 8
+    assert seg.number_of_segments == 9  # the eight regions and the whole cord
     referenced = {uid for _, _, uid in seg.get_source_image_uids()}
     assert len(referenced) == 15  # one b=0 image per slice
     # every labelled voxel of slice k is in the SEG frame that references slice k's b=0 image
@@ -89,6 +89,10 @@ def test_cervical_dicom_matches_its_nifti_original(cervical_dicom, real_dwi_path
         source_sop_instance_uids=[uid], segment_numbers=[code], assert_missing_frames_are_empty=True, ignore_spatial_locations=True
     ).sum()) for uid in referenced for code in range(1, 9))
     assert total == int((np.asarray(lab_d.dataobj) > 0).sum())
+    cord = sum(int(seg.get_pixels_by_source_instance(
+        source_sop_instance_uids=[uid], segment_numbers=[9], assert_missing_frames_are_empty=True, ignore_spatial_locations=True
+    ).sum()) for uid in referenced)
+    assert cord == total
 
 
 def test_convert_a_dicom_folder_names_the_series(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -55,8 +55,8 @@ def _seg_world_points(seg: hd.seg.Segmentation) -> dict[int, set[tuple[float, fl
 
 def _label_world_points(labels: np.ndarray, affine: np.ndarray) -> dict[int, set[tuple[float, float, float]]]:
     points: dict[int, set[tuple[float, float, float]]] = {}
-    for code in range(1, 9):
-        ijk = np.argwhere(labels == code)
+    for code in range(1, 10):  # the regions 1-8, and segment 9: the whole cord
+        ijk = np.argwhere(labels == code if code < 9 else labels > 0)
         xyz = ijk @ affine[:3, :3].T + affine[:3, 3]
         points[code] = {tuple(np.round(p, 1)) for p in xyz}
     return points
@@ -71,7 +71,10 @@ def test_seg_segments_and_references(ge: DicomIngest, tmp_path: Path) -> None:
     labels = _labels(ge.dwi.shape)
     seg = _write_and_read(ge, labels, ge.dwi.affine, tmp_path / "seg.dcm")
     assert seg.SegmentationType == "BINARY"
-    assert len(seg.SegmentSequence) == 8
+    assert len(seg.SegmentSequence) == 9
+    cord = seg.SegmentSequence[8]
+    assert int(cord.SegmentNumber) == 9 and cord.SegmentLabel == "spinal cord"
+    assert cord.SegmentedPropertyTypeCodeSequence[0].CodeValue == "2748008"
     for item, region in zip(seg.SegmentSequence, REGIONS):
         assert int(item.SegmentNumber) == region.code
         assert item.SegmentLabel == region.name

@@ -182,6 +182,50 @@ def test_scsnet_submit_downloads_what_analyze_writes(served: h.Served, tenants, 
     assert bad_key.returncode == 2 and "401" in bad_key.stderr
 
 
+def test_a_dicom_study_gets_seg_sr_and_qc_in_dicom_by_api_and_submit(served: h.Served, tenants, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """The real GE DICOM (a de-identified export: no Patient ID, Birth Date or Accession Number)
+    sent by ``scsnet submit``: the job offers seg.dcm, sr.dcm and qc.dcm as application/dicom
+    with digests, submit downloads them, and report.json files them against the source study."""
+    import tarfile
+
+    import pydicom
+
+    with tarfile.open(Path(__file__).parent / "data" / "dicom" / "dcm_qa_ge.tar.xz") as tar:
+        tar.extractall(tmp_path, filter="data")
+    study = tmp_path / "dcm_qa_ge" / "In"
+    for path in study.rglob("*"):
+        if path.is_file():
+            ds = pydicom.dcmread(path)
+            for keyword in ("PatientID", "PatientBirthDate", "AccessionNumber"):
+                if keyword in ds:
+                    delattr(ds, keyword)
+            ds.save_as(path)
+    out = tmp_path / "result"
+    result = subprocess.run(
+        [*h.SCSNET, "submit", str(study), "--server", served.url, "--api-key", tenants["north"][0], "--out", str(out)],
+        capture_output=True, text=True, timeout=180, check=False, env=h.env_for(served.data_dir),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert {"seg.dcm", "sr.dcm", "qc.dcm"} <= {p.name for p in out.iterdir()}
+    report = json.loads((out / "report.json").read_text())
+    source = next(p for p in study.rglob("*") if p.is_file())
+    assert report["input"]["study_instance_uid"] == pydicom.dcmread(source).StudyInstanceUID
+    assert report["input"]["accession_number"] is None
+    job_id = result.stderr.split("submitted: job ")[1].split()[0]
+    with httpx.Client(base_url=served.url, headers={"Authorization": f"Bearer {tenants['north'][0]}"}, timeout=30) as client:
+        job = client.get(f"/v1/jobs/{job_id}").json()
+        for key, name in (("seg", "seg.dcm"), ("sr", "sr.dcm"), ("qc.dcm", "qc.dcm")):
+            assert job["links"][key] == f"/v1/jobs/{job_id}/{key}"
+            response = client.get(job["links"][key])
+            assert response.status_code == 200 and response.headers["content-type"] == "application/dicom"
+            assert response.headers["repr-digest"].startswith("sha-256=:")
+            assert response.content == (out / name).read_bytes()
+            ds = pydicom.dcmread(out / name, stop_before_pixels=True)
+            assert ds.StudyInstanceUID == report["input"]["study_instance_uid"]
+            entry = report["dicom_outputs"][key.removesuffix(".dcm")]
+            assert (entry["series_instance_uid"], entry["sop_instance_uid"]) == (ds.SeriesInstanceUID, ds.SOPInstanceUID)
+
+
 def test_distributed_mode_gateway_only_and_a_separate_worker_share_redis(decoder_dir: Path) -> None:
     root = h.short_tmpdir("scsd")
     redis_server = h.start_redis(root / "redis")

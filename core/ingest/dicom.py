@@ -96,6 +96,7 @@ class DicomSeriesInfo:
     sop_class_uid: str
     frame_of_reference_uid: str | None
     layout: Layout
+    accession_number: str | None
     files: tuple[Path, ...]
     b0_sources: tuple[SourceFrame, ...] = ()
     seg_unsupported_reason: str | None = None
@@ -200,12 +201,15 @@ def locate_b0_sources(
         return "single-frame", (), "the converted series is not a 4D volume"
     matcher = _Matcher(raw=raw, b0_volumes=np.flatnonzero(bvals < B0_THRESHOLD), affine=np.asarray(img.affine))
     layout: Layout = "single-frame"
+    enhanced = False
     for n, path in enumerate(files):
         try:
-            # Multi-frame files need their functional groups: read them whole.
-            ds = pydicom.dcmread(path, force=True, specific_tags=None if layout == "multi-frame" or n == 0 else list(PIXEL_TAGS))
+            # Enhanced (multi-frame) files, even of one frame each, keep their geometry in their
+            # functional groups: read them whole.
+            ds = pydicom.dcmread(path, force=True, specific_tags=None if enhanced or n == 0 else list(PIXEL_TAGS))
             if n == 0:
                 layout = _layout(ds, matcher.shape)
+                enhanced = "PerFrameFunctionalGroupsSequence" in ds or layout == "multi-frame"
                 if layout == "mosaic":
                     return layout, (), MOSAIC_REASON
             _offer_dataset(matcher, ds, path)
@@ -255,6 +259,7 @@ def series_info(group: SeriesGroup, volume: ConvertedVolume, bvals: NDArray[np.f
         sop_class_uid=group.sop_class_uid,
         frame_of_reference_uid=str(first.FrameOfReferenceUID) if "FrameOfReferenceUID" in first else None,
         layout=layout,
+        accession_number=str(first.get("AccessionNumber") or "") or None,
         files=group.files,
         b0_sources=sources,
         seg_unsupported_reason=reason,

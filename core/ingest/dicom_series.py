@@ -27,7 +27,7 @@ headers full of private sequences)."""
 PIXEL_TAGS = GROUPING_TAGS + (
     "ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing", "SamplesPerPixel",
     "PhotometricInterpretation", "BitsAllocated", "BitsStored", "HighBit", "PixelRepresentation",
-    "PlanarConfiguration", "PixelData",
+    "PlanarConfiguration", "PixelData", "FloatPixelData", "DoubleFloatPixelData",
 )  # fmt: skip
 """The attributes needed to place and compare a single-frame source image."""
 

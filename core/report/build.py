@@ -16,6 +16,7 @@ import core
 from core.ingest.dwi import DWI
 
 if TYPE_CHECKING:
+    from core.ingest.dicom import DicomSeriesInfo
     from core.segment.runtime import Segmenter
 
 SCHEMA_VERSION = "2.0"
@@ -69,14 +70,17 @@ def software_versions() -> dict[str, str]:
     return out
 
 
-def input_section(dwi: DWI) -> dict[str, Any]:
-    """The ``input`` section: what was read, in the orientation it was stored."""
+def input_section(dwi: DWI, series: DicomSeriesInfo | None = None) -> dict[str, Any]:
+    """The ``input`` section: what was read, in the orientation it was stored; for DICOM input
+    (``series``) also the study it belongs to, so results can be filed against the order."""
     prov = dwi.provenance
     return {
         "format": prov.format,
         "files": [{"name": f.name, "sha256": f.sha256} for f in prov.files],
         "series_description": prov.series_description,
         "series_instance_uid": prov.series_instance_uid,
+        "study_instance_uid": (series.study_instance_uid or None) if series is not None else None,
+        "accession_number": series.accession_number if series is not None else None,
         "manufacturer": prov.manufacturer,
         "shape": [int(s) for s in dwi.data.shape],
         "voxel_size_mm": [round(z, 6) for z in dwi.zooms],
@@ -123,23 +127,26 @@ def fit_section(*, method: str, full_maps: bool, margin_mm: float, voxels: int) 
 def assemble(
     dwi: DWI,
     *,
+    series: DicomSeriesInfo | None,
     measures: dict[str, Any],
     refinement: dict[str, Any],
     model: dict[str, Any],
     fit: dict[str, Any],
     timings_s: dict[str, float],
 ) -> dict[str, Any]:
-    """The whole report of a study as read (``dwi``, its own orientation), from its sections.
-
-    ``measures`` holds ``regions``, ``cord``, ``slices``, ``most_compressed_slice`` and ``qc``.
+    """The whole report of a study as read (``dwi``, its own orientation; ``series``: the
+    DICOM series it came from), from its sections. ``measures`` holds ``regions``, ``cord``,
+    ``slices``, ``most_compressed_slice`` and ``qc``; ``dicom_outputs`` is filled in once the
+    DICOM objects are written.
     """
     return {
         "schema_version": SCHEMA_VERSION,
         "created": now_iso(),
-        "input": input_section(dwi),
+        "input": input_section(dwi, series),
         "acquisition": acquisition_section(dwi),
         "units": UNITS,
         **measures,
+        "dicom_outputs": {},
         "refinement": refinement,
         "model": model,
         "software": software_versions(),

@@ -11,20 +11,25 @@ assumed about axis order.
 Source layouts:
 
 - single-frame series (GE, Philips, Canon classic): one source image per slice, the b=0 ones;
-- enhanced multi-frame (Canon enhanced, Siemens XA): the file holding the b=0 frames is the
-  source; frames of other volumes stay empty (and are omitted), so the SEG references exactly
-  the b=0 frames;
+- enhanced multi-frame (Canon enhanced, Siemens XA; all volumes in one file, one file per
+  volume, or one frame per file): the SEG holds one frame per slice of the grid, placed by the
+  b=0 source frame's own position (highdicom matches it to the source frames at that position),
+  so frames of other volumes at the same position never make duplicate planes;
 - mosaics (Siemens ``MOSAIC``, UIH ``VFRAME``) pack several slices in one image; their frame
   geometry does not describe the tiles, so **no SEG is written**: :func:`write_seg` raises
   :class:`~core.errors.UnsupportedInputError` with the reason from
   :attr:`DicomSeriesInfo.seg_unsupported_reason`; the pipeline should check
   ``series.seg_supported`` first and report the reason as a warning.
 
-Segments are BINARY (widest PACS support), numbered by the public label codes 1-8.
+Segments are BINARY (widest PACS support), numbered by the public label codes 1-8, plus segment
+9, the whole spinal cord (the union of 1-8), which the measurement report's whole-cord group
+references. Patient and study attributes come from the source headers, completed with empty
+type-2 values where a de-identified source lacks them (:mod:`core.report.dicom_source`).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import highdicom as hd
@@ -38,12 +43,20 @@ from core.errors import UnsupportedInputError
 from core.ingest.dicom import DicomSeriesInfo, SourceFrame
 from core.ingest.dicom_geometry import PlaneGeometry, frame_planes, frame_voxel_indices
 from core.labels import LATERALITY_SNOMED, REGIONS, Region
+from core.report.dicom_source import (
+    ALGORITHM_NAME,
+    ANATOMICAL_STRUCTURE,
+    CORD_SEGMENT_NUMBER,
+    CORD_TRACKING_ID,
+    MANUFACTURER,
+    SEG_SERIES_NUMBER_OFFSET,
+    SPINAL_CORD,
+    complete_for_derivation,
+    series_description,
+    source_header,
+)
 
-ALGORITHM_NAME = "SCS-Net"
-ANATOMICAL_STRUCTURE = hd.sr.CodedConcept("91723000", "SCT", "Anatomical Structure")
-SPINAL_CORD = hd.sr.CodedConcept("2748008", "SCT", "Spinal cord")
-SEG_SERIES_NUMBER_OFFSET = 1000
-"""The SEG's series number is the source's plus this, so it sorts next to it in a PACS."""
+CORD_COLOUR = (255, 255, 255)
 
 
 def segment_description(region: Region, *, software_version: str) -> hd.seg.SegmentDescription:
@@ -70,6 +83,25 @@ def segment_description(region: Region, *, software_version: str) -> hd.seg.Segm
     return description
 
 
+def cord_segment_description(*, software_version: str) -> hd.seg.SegmentDescription:
+    """The SegmentDescription of the whole spinal cord (segment 9, the union of 1-8)."""
+    return hd.seg.SegmentDescription(
+        segment_number=CORD_SEGMENT_NUMBER,
+        segment_label="spinal cord",
+        segmented_property_category=ANATOMICAL_STRUCTURE,
+        segmented_property_type=SPINAL_CORD,
+        algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+        algorithm_identification=hd.AlgorithmIdentificationSequence(
+            name=ALGORITHM_NAME,
+            family=codes.cid7162.ArtificialIntelligence,
+            version=software_version,
+        ),
+        tracking_id=CORD_TRACKING_ID,
+        tracking_uid=hd.UID(),
+        display_color=hd.color.CIELabColor.from_rgb(*CORD_COLOUR),
+    )
+
+
 def _frame_labels(
     labels: NDArray[np.uint8], plane: PlaneGeometry | None, affine: NDArray[np.float64]
 ) -> NDArray[np.uint8]:
@@ -84,7 +116,7 @@ def _frame_labels(
 def _single_frame_sources(
     sources: tuple[SourceFrame, ...], labels: NDArray[np.uint8], affine: NDArray[np.float64]
 ) -> tuple[list[Dataset], NDArray[np.uint8]]:
-    datasets: list[Dataset] = [pydicom.dcmread(s.path, stop_before_pixels=True) for s in sources]
+    datasets: list[Dataset] = [source_header(s.path) for s in sources]
     frames = [_frame_labels(labels, frame_planes(ds)[0], affine) for ds in datasets]
     _share_orientation(datasets)
     return datasets, np.stack(frames)
@@ -103,24 +135,74 @@ def _share_orientation(datasets: list[Dataset], *, tolerance: float = 1e-4) -> N
         ds.ImageOrientationPatient = datasets[0].ImageOrientationPatient
 
 
-def _multi_frame_source(
+@dataclass(frozen=True)
+class _Placed:
+    """SEG frames placed by position: one per slice, with the geometry highdicom needs."""
+
+    source: Dataset
+    others: list[Dataset]
+    pixel_array: NDArray[np.uint8]
+    plane_positions: list[hd.PlanePositionSequence]
+    plane_orientation: hd.PlaneOrientationSequence
+    pixel_measures: hd.PixelMeasuresSequence
+
+
+def _multi_frame_sources(
     sources: tuple[SourceFrame, ...], labels: NDArray[np.uint8], affine: NDArray[np.float64]
-) -> tuple[list[Dataset], NDArray[np.uint8]]:
-    paths = {s.path for s in sources}
-    if len(paths) != 1:
-        raise UnsupportedInputError(
-            "the b=0 images are spread over several multi-frame files, which one DICOM segmentation "
-            "cannot reference"
-        )
-    ds = pydicom.dcmread(next(iter(paths)), stop_before_pixels=True)
-    _share_frame_geometry(ds)
-    planes = frame_planes(ds)
-    pixel_array = np.zeros((len(planes), int(ds.Rows), int(ds.Columns)), dtype=np.uint8)
+) -> _Placed:
+    """One SEG frame per source b=0 frame, placed by that frame's position. highdicom takes one
+    multi-frame source image: the first file is it, the others (one file per volume or per
+    frame) are added to the references afterwards."""
+    headers: dict[Path, Dataset] = {}
     for source in sources:
-        assert source.frame_number is not None
-        f = source.frame_number - 1
-        pixel_array[f] = _frame_labels(labels, planes[f], affine)
-    return [ds], pixel_array
+        if source.path not in headers:
+            headers[source.path] = complete_for_derivation(pydicom.dcmread(source.path, stop_before_pixels=True, force=True))
+            _share_frame_geometry(headers[source.path])
+    frames, positions, planes = [], [], []
+    for source in sources:
+        plane = frame_planes(headers[source.path])[(source.frame_number or 1) - 1]
+        frames.append(_frame_labels(labels, plane, affine))
+        assert plane is not None  # _frame_labels refused a frame without one
+        planes.append(plane)
+        positions.append(hd.PlanePositionSequence(hd.CoordinateSystemNames.PATIENT, [float(v) for v in plane.position]))
+    first = planes[0]
+    if any(not np.allclose(p.orientation, first.orientation, atol=1e-4) for p in planes):
+        raise UnsupportedInputError("the source b=0 images are not parallel, so one DICOM segmentation cannot cover them")
+    slice_spacing = float(np.linalg.norm(planes[1].position - first.position)) if len(planes) > 1 else None
+    thickness = _slice_thickness(headers[sources[0].path]) or slice_spacing or 1.0
+    ordered = list(headers.values())
+    return _Placed(
+        source=ordered[0],
+        others=ordered[1:],
+        pixel_array=np.stack(frames),
+        plane_positions=positions,
+        plane_orientation=hd.PlaneOrientationSequence(hd.CoordinateSystemNames.PATIENT, [float(v) for v in first.orientation]),
+        pixel_measures=hd.PixelMeasuresSequence(pixel_spacing=[float(v) for v in first.spacing], slice_thickness=thickness),
+    )
+
+
+def _slice_thickness(ds: Dataset) -> float | None:
+    """SliceThickness (mm) of a multi-frame image: its shared pixel measures, else its first
+    frame's, else the top-level attribute."""
+    for groups in (ds.get("SharedFunctionalGroupsSequence"), ds.get("PerFrameFunctionalGroupsSequence")):
+        if groups and "PixelMeasuresSequence" in groups[0] and "SliceThickness" in groups[0].PixelMeasuresSequence[0]:
+            return float(groups[0].PixelMeasuresSequence[0].SliceThickness)
+    return float(ds.SliceThickness) if ds.get("SliceThickness") else None
+
+
+def _reference_others(seg: hd.seg.Segmentation, others: list[Dataset]) -> None:
+    """List the source files highdicom was not given (one per volume or per frame) among the
+    SEG's referenced instances of the source series."""
+    if not others:
+        return
+    instances = seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence
+    known = {str(item.ReferencedSOPInstanceUID) for item in instances}
+    for ds in others:
+        if str(ds.SOPInstanceUID) not in known:
+            item = Dataset()
+            item.ReferencedSOPClassUID = ds.SOPClassUID
+            item.ReferencedSOPInstanceUID = ds.SOPInstanceUID
+            instances.append(item)
 
 
 def _share_frame_geometry(ds: Dataset) -> None:
@@ -173,8 +255,8 @@ def write_seg(
     series: DicomSeriesInfo,
     out_path: Path,
     software_version: str,
-) -> None:
-    """Write the label map as a DICOM Segmentation referencing the source b=0 images.
+) -> hd.seg.Segmentation:
+    """Write the label map as a DICOM Segmentation referencing the source b=0 images; returns it.
 
     Parameters
     ----------
@@ -195,25 +277,50 @@ def write_seg(
     if not series.seg_supported:
         raise UnsupportedInputError(series.seg_unsupported_reason or "the series has no source b=0 images")
     affine = np.asarray(affine, dtype=np.float64)
-    if series.layout == "multi-frame":
-        source_images, pixel_array = _multi_frame_source(series.b0_sources, array, affine)
-    else:
-        source_images, pixel_array = _single_frame_sources(series.b0_sources, array, affine)
-    seg = hd.seg.Segmentation(
-        source_images=source_images,
-        pixel_array=pixel_array,
+    descriptions = [segment_description(r, software_version=software_version) for r in REGIONS]
+    descriptions.append(cord_segment_description(software_version=software_version))
+    common = dict(
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
-        segment_descriptions=[segment_description(r, software_version=software_version) for r in REGIONS],
+        segment_descriptions=descriptions,
         series_instance_uid=hd.UID(),
         series_number=(series.series_number or 0) + SEG_SERIES_NUMBER_OFFSET,
         sop_instance_uid=hd.UID(),
         instance_number=1,
-        manufacturer="scsnet",
+        manufacturer=MANUFACTURER,
         manufacturer_model_name=ALGORITHM_NAME,
         software_versions=software_version,
         device_serial_number="none",
         content_label="CORD_REGIONS",
-        content_description="Eight cervical spinal cord regions (SCS-Net)",
-        series_description=f"Cord regions (SCS-Net) on {series.series_description}"[:64],
+        content_description="Eight cervical spinal cord regions and the whole cord (SCS-Net)",
+        series_description=series_description("Cord regions", series.series_description),
     )
+    if _is_multi_frame(series):
+        placed = _multi_frame_sources(series.b0_sources, array, affine)
+        seg = hd.seg.Segmentation(
+            source_images=[placed.source],
+            pixel_array=_segments(placed.pixel_array),
+            plane_positions=placed.plane_positions,
+            plane_orientation=placed.plane_orientation,
+            pixel_measures=placed.pixel_measures,
+            **common,  # type: ignore[arg-type]
+        )
+        _reference_others(seg, placed.others)
+    else:
+        source_images, pixel_array = _single_frame_sources(series.b0_sources, array, affine)
+        seg = hd.seg.Segmentation(source_images=source_images, pixel_array=_segments(pixel_array), **common)  # type: ignore[arg-type]
     seg.save_as(Path(out_path))
+    return seg
+
+
+def _is_multi_frame(series: DicomSeriesInfo) -> bool:
+    """Whether the sources are enhanced (multi-frame) images, even of one frame each."""
+    if series.layout == "multi-frame":
+        return True
+    first = pydicom.dcmread(series.b0_sources[0].path, stop_before_pixels=True, force=True, specific_tags=["NumberOfFrames"])
+    return "NumberOfFrames" in first
+
+
+def _segments(frames: NDArray[np.uint8]) -> NDArray[np.bool_]:
+    """(frames, rows, columns, 9) one boolean plane per segment: the regions 1-8, then the cord."""
+    planes = [frames == region.code for region in REGIONS] + [frames > 0]
+    return np.stack(planes, axis=-1)

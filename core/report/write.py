@@ -1,23 +1,25 @@
 """Writing an analysis's files, named by the one table of outputs (:mod:`core.outputs`).
 
 Masks and maps go back to the input's own voxel grid and affine; DICOM inputs also get the
-converted series and a DICOM SEG over the source b=0 images.
+converted series and, in the source study, a DICOM SEG over the source b=0 images, a TID 1500
+measurement report and the QC picture as a Secondary Capture.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import nibabel as nib
 import numpy as np
 from numpy.typing import NDArray
 
 from core import outputs
-from core.errors import InputError
+from core.errors import ScsnetError
 from core.ingest.dwi import DWI, Reorientation
 from core.ingest.gradients import world_to_fsl, write_fsl
 from core.ingest.study import Study
@@ -25,6 +27,9 @@ from core.report.build import acquisition_section, input_section
 from core.report.qc import write_qc_png
 from core.segment.runtime import Segmentation
 from core.tensor.fit import TensorMaps
+
+if TYPE_CHECKING:
+    from core.ingest.dicom import DicomSeriesInfo
 
 
 @dataclass(frozen=True)
@@ -68,7 +73,7 @@ def write_ingest(study: Study, out: Path) -> dict[str, Any]:
         bvec_path=out / outputs.DWI_BVEC.filename,
     )
     sidecar = {
-        "input": input_section(dwi),
+        "input": input_section(dwi, study.dicom.series if study.dicom is not None else None),
         "acquisition": acquisition_section(dwi),
         "warnings": list(dwi.provenance.warnings),
     }
@@ -78,11 +83,11 @@ def write_ingest(study: Study, out: Path) -> dict[str, Any]:
     return sidecar
 
 
-def write_outputs(analysis: Analysis, *, out: Path, software_version: str) -> list[str]:
-    """Write masks, maps, the QC picture and (DICOM input) the converted series and the SEG into
-    ``out``; returns warnings about outputs that could not be written."""
+def write_outputs(analysis: Analysis, *, report: dict[str, Any], out: Path, software_version: str) -> list[str]:
+    """Write masks, maps, the QC picture and (DICOM input) the converted series and the DICOM
+    objects into ``out``; fills ``report["dicom_outputs"]`` and returns warnings about outputs
+    that could not be written."""
     affine, backward = analysis.study.dwi.affine, analysis.reorientation.backward
-    warnings: list[str] = []
     labels_in = backward(analysis.segmentation.labels)
     save_nifti(labels_in, affine, out / outputs.LABELS.filename, np.uint8)
     save_nifti(backward(analysis.b0), affine, out / outputs.B0.filename, np.float32)
@@ -95,21 +100,76 @@ def write_outputs(analysis: Analysis, *, out: Path, software_version: str) -> li
         out / outputs.QC_PNG.filename,
         zooms_mm=analysis.canonical.zooms,
     )
-    if analysis.study.dicom is not None:
-        write_ingest(analysis.study, out)
-        from core.report.seg import write_seg  # highdicom: only for DICOM input
+    if analysis.study.dicom is None:
+        return []
+    write_ingest(analysis.study, out)
+    return write_dicom_outputs(
+        labels_in, affine=affine, series=analysis.study.dicom.series, report=report, out=out, software_version=software_version
+    )
 
+
+def write_dicom_outputs(
+    labels: NDArray[np.uint8],
+    *,
+    affine: NDArray[np.float64],
+    series: DicomSeriesInfo,
+    report: dict[str, Any],
+    out: Path,
+    software_version: str,
+) -> list[str]:
+    """Write ``seg.dcm`` (the regions over the source b=0 images), ``sr.dcm`` (the measures as a
+    TID 1500 Measurement Report referencing the SEG) and ``qc.dcm`` (the QC picture as a
+    Secondary Capture) into the source study.
+
+    Each is optional: one that cannot be written (a mosaic source, a source missing what the
+    object needs, a bug in a DICOM library) becomes a warning naming it, and the others and the
+    analysis stand. A failing disk is not such a case and is raised. ``labels`` (X, Y, Z) are on
+    the converted series' grid (``affine``). Fills ``report["dicom_outputs"]``.
+    """
+    from core.report.sc import write_qc_sc  # highdicom: only for DICOM input
+    from core.report.seg import write_seg
+    from core.report.sr import write_sr
+
+    warnings: list[str] = []
+    seg_path = out / outputs.SEG.filename
+    steps: list[tuple[str, outputs.Output, str, Callable[[Path], object]]] = [
+        ("seg", outputs.SEG, "DICOM SEG", lambda path: write_seg(
+            labels, affine=affine, series=series, out_path=path, software_version=software_version)),
+        ("sr", outputs.SR, "DICOM measurement report (SR)", lambda path: write_sr(
+            report, series=series, seg_path=seg_path, out_path=path, software_version=software_version)),
+        ("qc", outputs.QC_DCM, "DICOM QC picture", lambda path: write_qc_sc(
+            out / outputs.QC_PNG.filename, series=series, out_path=path, software_version=software_version)),
+    ]
+    for key, output, what, write in steps:
+        path = out / output.filename
+        if key == "sr" and not seg_path.is_file():
+            warnings.append(f"no {what} was written: it refers to the regions of the DICOM SEG, which was not written")
+            continue
         try:
-            write_seg(
-                labels_in,
-                affine=affine,
-                series=analysis.study.dicom.series,
-                out_path=out / outputs.SEG.filename,
-                software_version=software_version,
-            )
-        except InputError as exc:
-            warnings.append(f"no DICOM SEG was written: {exc.detail}")
+            write(path)
+        except Exception as exc:  # noqa: BLE001 - an optional output: any failure is a warning, the analysis stands
+            if isinstance(exc, OSError) and exc.errno is not None:
+                raise  # the disk failed (full, read-only): the operator's problem, not this output's
+            path.unlink(missing_ok=True)
+            warnings.append(f"no {what} was written: {_reason(exc)}")
+            continue
+        report["dicom_outputs"][key] = _identify(path)
     return warnings
+
+
+def _reason(exc: Exception) -> str:
+    """One sentence on why an optional output failed (a library's own words, bounded)."""
+    if isinstance(exc, ScsnetError):
+        return exc.detail
+    return f"{type(exc).__name__}: {str(exc)[:300]}"
+
+
+def _identify(path: Path) -> dict[str, str]:
+    """The file name and UIDs of a written DICOM object."""
+    import pydicom
+
+    ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SeriesInstanceUID", "SOPInstanceUID"])
+    return {"file": path.name, "series_instance_uid": str(ds.SeriesInstanceUID), "sop_instance_uid": str(ds.SOPInstanceUID)}
 
 
 def write_report(report: dict[str, Any], out: Path) -> None:

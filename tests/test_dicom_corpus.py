@@ -1,0 +1,175 @@
+"""Every DICOM diffusion series under tests/data, and the real cervical DWI written as DICOM,
+each as exported and de-identified three ways, through ``scsnet analyze``: exit 0 with every
+DICOM output the series allows, or exit 2 with one line saying why; never exit 1.
+
+De-identification variants, as hospitals export studies:
+- ``identifiers-deleted``: the Patient and Study identifiers deleted outright (Patient's Name,
+  ID, Birth Date, Sex, Study ID, Accession Number, Referring Physician, Study Date and Time);
+- ``private-removed``: every private tag removed (vendors keep diffusion gradients there, so
+  GE, Siemens mosaic and UIH studies then have none: exit 2 is right for them);
+- ``dicognito``: the PS3.15-style anonymisation of ``dicognito`` (new names, IDs, UIDs, dates).
+"""
+
+from __future__ import annotations
+
+import tarfile
+from collections.abc import Callable
+from pathlib import Path
+
+import pydicom
+import pytest
+from dicognito.anonymizer import Anonymizer
+from dicom_synth import write_dicom_series
+from dicom_validate import dciodvfy
+
+from cli.main import main
+from core.ingest.nifti import load_nifti_dwi
+
+DATA = Path(__file__).parent / "data" / "dicom"
+SERIES = {
+    "ge": ("dcm_qa_ge", "In"),
+    "canon-classic": ("dcm_qa_canon_61", "In/cl"),
+    "canon-enhanced": ("dcm_qa_canon_61", "In/enh"),
+    "siemens-hfp-mosaic": ("dcm_qa_decubitus", "In/HFP"),
+    "siemens-hfs-mosaic": ("dcm_qa_decubitus", "In/HFS"),
+    "philips": ("dcm_qa_philips_dwi", "In"),
+    "siemens-sagittal-mosaic": ("dcm_qa_sag", "In"),
+    "uih": ("dcm_qa_uih", "In"),
+    "siemens-xa30": ("dcm_qa_xa30", "In"),
+}
+MOSAIC = {"siemens-hfp-mosaic", "siemens-hfs-mosaic", "siemens-sagittal-mosaic", "uih"}
+IDENTIFIERS = (
+    "PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyID", "AccessionNumber",
+    "ReferringPhysicianName", "StudyDate", "StudyTime",
+)  # fmt: skip
+VARIANTS = ("as-exported", "identifiers-deleted", "private-removed", "dicognito")
+pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::UserWarning")]
+
+
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory: pytest.TempPathFactory, real_dwi_paths: dict[str, Path]) -> dict[str, Path]:
+    """Each series' folder, unpacked once; and the real cervical DWI as classic DICOM."""
+    root = tmp_path_factory.mktemp("corpus")
+    for archive in {a for a, _ in SERIES.values()}:
+        with tarfile.open(DATA / f"{archive}.tar.xz") as tar:
+            tar.extractall(root, filter="data")
+    folders = {name: root / archive / sub for name, (archive, sub) in SERIES.items()}
+    dwi = load_nifti_dwi(real_dwi_paths["image"], bval=real_dwi_paths["bval"], bvec=real_dwi_paths["bvec"])
+    folders["cervical-dwi"] = root / "cervical" / "series5"
+    write_dicom_series(real_dwi_paths["image"], dwi.bvals, dwi.bvecs, folders["cervical-dwi"])
+    return folders
+
+
+def _float_series(dest: Path) -> Path:
+    """The real cervical DWI as classic DICOM with 32-bit float pixels."""
+    real = Path(__file__).parent / "data" / "sct_tutorial_dmri"
+    dwi = load_nifti_dwi(real / "dmri.nii.gz", bval=real / "bvals.txt", bvec=real / "bvecs.txt")
+    write_dicom_series(real / "dmri.nii.gz", dwi.bvals, dwi.bvecs, dest, float_pixels=True)
+    return dest
+
+
+def _variant(source: Path, variant: str, dest: Path) -> Path:
+    """A copy of the DICOM files under ``source`` (non-DICOM files left out), de-identified."""
+    anonymizer = Anonymizer(seed="scsnet-corpus")  # one per study: consistent new UIDs across its files
+    for n, path in enumerate(sorted(p for p in source.rglob("*") if p.is_file())):
+        try:
+            ds = pydicom.dcmread(path, force=True)
+        except Exception:  # noqa: BLE001 - not DICOM (DICOMDIR parts, text): left out
+            continue
+        if "SOPInstanceUID" not in ds:
+            continue
+        if variant == "identifiers-deleted":
+            for keyword in IDENTIFIERS:
+                if keyword in ds:
+                    delattr(ds, keyword)
+        elif variant == "private-removed":
+            ds.remove_private_tags()
+        elif variant == "dicognito":
+            _blank_unparseable_dates(ds)  # dicognito itself fails on UIH's "***" dates
+            anonymizer.anonymize(ds)
+        dest.mkdir(parents=True, exist_ok=True)
+        ds.save_as(dest / f"{n:05d}.dcm", enforce_file_format=False)
+    return dest
+
+
+def _blank_unparseable_dates(ds: pydicom.Dataset) -> None:
+    """Empty every date/time holding anything but digits and separators (UIH's "***")."""
+    for element in ds:
+        if element.VR in ("DA", "TM", "DT") and element.value and str(element.value).strip("0123456789.+-: "):
+            element.value = ""
+
+
+def _one_frame_per_file(source: Path, dest: Path) -> Path:
+    """The enhanced multi-frame files under ``source`` split into Enhanced MR objects of one
+    frame each (as some archives store them): each keeps its frame's functional groups."""
+    dest.mkdir(parents=True)
+    n = 0
+    for path in sorted(p for p in source.rglob("*") if p.is_file()):
+        ds = pydicom.dcmread(path)
+        frames = ds.pixel_array.reshape(int(ds.NumberOfFrames), int(ds.Rows), int(ds.Columns))
+        for f, item in enumerate(ds.PerFrameFunctionalGroupsSequence):
+            one = ds.copy()
+            one.NumberOfFrames = 1
+            one.PerFrameFunctionalGroupsSequence = [item]
+            one.PixelData = frames[f].tobytes()
+            one.SOPInstanceUID = one.file_meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
+            one.InstanceNumber = n + 1
+            one.save_as(dest / f"{n:05d}.dcm", enforce_file_format=True)
+            n += 1
+    return dest
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        pytest.param(lambda sources, dest: _one_frame_per_file(sources["siemens-xa30"], dest), id="enhanced-one-frame-per-file"),
+        pytest.param(lambda sources, dest: _float_series(dest), id="float32-pixels"),
+    ],
+)
+def test_unusual_encodings_get_every_dicom_output(
+    sources: dict[str, Path], make: Callable[[dict[str, Path], Path], Path], tmp_path: Path,
+    capsys: pytest.CaptureFixture[str], real_dwi_paths: dict[str, Path],
+) -> None:
+    """Enhanced MR objects of one frame each (highdicom takes a single multi-frame source) and
+    32-bit float pixels (Float Pixel Data, which pydicom decodes): SEG, SR and QC all written."""
+    study = make(sources, tmp_path / "in")
+    code = main(["analyze", str(study), "--out", str(tmp_path / "out")])
+    printed = capsys.readouterr()
+    assert code == 0, printed.err
+    for name in ("seg.dcm", "sr.dcm", "qc.dcm"):
+        assert (tmp_path / "out" / name).is_file(), (name, printed.out)
+        assert not dciodvfy(tmp_path / "out" / name), name
+    seg = pydicom.dcmread(tmp_path / "out" / "seg.dcm", stop_before_pixels=True)
+    referenced = {i.ReferencedSOPInstanceUID for s in seg.ReferencedSeriesSequence for i in s.ReferencedInstanceSequence}
+    assert len(referenced) > 1  # every b=0 source file, not only the one highdicom was given
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("series", [*SERIES, "cervical-dwi"])
+def test_every_export_is_analysed_or_refused_in_one_line(
+    sources: dict[str, Path], series: str, variant: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    study = sources[series] if variant == "as-exported" else _variant(sources[series], variant, tmp_path / "in")
+    out = tmp_path / "out"
+    capsys.readouterr()
+    code = main(["analyze", str(study), "--out", str(out)])
+    printed = capsys.readouterr()
+    err = printed.err.strip()
+    assert code in (0, 2), f"{series}/{variant}: exit {code}: {err}"
+    if code == 2:
+        assert len(err.splitlines()) == 1 and err.startswith("scsnet: error: "), err
+        assert "gradient" in err or "diffusion" in err, err  # the only right reason to refuse these studies
+        return
+    written = {p.name for p in out.iterdir()}
+    if series in MOSAIC:
+        assert {"qc.dcm"} <= written and "seg.dcm" not in written and "sr.dcm" not in written, written
+    else:
+        assert {"seg.dcm", "sr.dcm", "qc.dcm"} <= written, (written, err)
+        for name in ("seg.dcm", "sr.dcm", "qc.dcm"):
+            ds = pydicom.dcmread(out / name, stop_before_pixels=True)
+            for keyword in IDENTIFIERS[:4]:  # type 2 in every IOD: present, empty where the source had none
+                assert keyword in ds, (name, keyword)
+            errors = dciodvfy(out / name)
+            assert not errors, (series, variant, name, errors)
+    if series == "cervical-dwi":
+        assert printed.out.startswith("cord FA "), printed.out
