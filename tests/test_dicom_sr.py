@@ -94,7 +94,8 @@ def test_sr_is_a_tid1500_report_in_the_source_study(sr: hd.sr.Comprehensive3DSR,
     assert sr.SeriesNumber == 5 + SR_SERIES_NUMBER_OFFSET
     assert sr.SeriesDescription == "Cord DTI measures (SCS-Net) DTI cervical"
     assert sr.Manufacturer == "scsnet"
-    assert sr.SoftwareVersions == "0.1.0-test"
+    model = analysed.report["model"]
+    assert sr.SoftwareVersions == f"0.1.0-test (model {model['name']} {model['version']})"
     assert sr.ContentTemplateSequence[0].TemplateIdentifier == "1500"
     evidence = {uid for _, _, uid, _ in sr.get_evidence()}  # (study, series, instance, class)
     seg = pydicom.dcmread(analysed.seg_path, stop_before_pixels=True)

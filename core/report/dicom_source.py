@@ -13,6 +13,7 @@ files themselves are never modified.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import highdicom as hd
 import pydicom
@@ -20,6 +21,9 @@ from pydicom import valuerep
 from pydicom.dataset import Dataset
 
 from core.errors import UnsupportedInputError
+
+if TYPE_CHECKING:
+    from core.ingest.dicom import DicomSeriesInfo
 
 TYPE2_PATIENT_STUDY = (
     "PatientName",
@@ -82,6 +86,30 @@ def _valid(ds: Dataset, keyword: str) -> bool:
 def source_header(path: Path) -> Dataset:
     """The header (no pixel data) of the source image at ``path``, completed for derivation."""
     return complete_for_derivation(pydicom.dcmread(Path(path), stop_before_pixels=True, force=True))
+
+
+def new_series(series: DicomSeriesInfo, *, offset: int, kind: str, software_version: str) -> dict[str, Any]:
+    """The attributes of a new derived object in a new series of the source study, as
+    highdicom's constructors take them: fresh Series and SOP Instance UIDs, the series number
+    (the source's plus ``offset``), a description naming ``kind``, and who made it."""
+    return {
+        "series_instance_uid": hd.UID(),
+        "series_number": (series.series_number or 0) + offset,
+        "sop_instance_uid": hd.UID(),
+        "instance_number": 1,
+        "manufacturer": MANUFACTURER,
+        "manufacturer_model_name": ALGORITHM_NAME,
+        "software_versions": software_version,
+        "series_description": series_description(kind, series.series_description),
+    }
+
+
+def software_versions(software_version: str, model: dict[str, Any]) -> str:
+    """Software Versions of a derived object: scsnet's and the model's, e.g.
+    ``"0.2.0 (model scsnet 0.5.0)"`` (``model``: report.json's ``model`` section)."""
+    if not model.get("name"):
+        return software_version
+    return f"{software_version} (model {model['name']} {model.get('version', '')})".replace(" )", ")")[:64]
 
 
 def series_description(kind: str, source_description: str) -> str:

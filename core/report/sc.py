@@ -25,10 +25,8 @@ from pydicom.dataset import Dataset
 from core.errors import UnsupportedInputError
 from core.ingest.dicom import DicomSeriesInfo
 from core.report.dicom_source import (
-    ALGORITHM_NAME,
-    MANUFACTURER,
     SC_SERIES_NUMBER_OFFSET,
-    series_description,
+    new_series,
     source_header,
 )
 
@@ -82,14 +80,7 @@ def qc_sc_image(
             bits_allocated=8,
             coordinate_system=hd.CoordinateSystemNames.PATIENT,
             patient_orientation=QC_PATIENT_ORIENTATION,
-            series_instance_uid=hd.UID(),
-            series_number=(series.series_number or 0) + SC_SERIES_NUMBER_OFFSET,
-            sop_instance_uid=hd.UID(),
-            instance_number=1,
-            manufacturer=MANUFACTURER,
-            manufacturer_model_name=ALGORITHM_NAME,
-            software_versions=software_version,
-            series_description=series_description("QC", series.series_description),
+            **new_series(series, offset=SC_SERIES_NUMBER_OFFSET, kind="QC", software_version=software_version),
             transfer_syntax_uid=hd.UID("1.2.840.10008.1.2.1"),  # Explicit VR Little Endian
         )
     except ValueError as exc:

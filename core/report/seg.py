@@ -48,11 +48,10 @@ from core.report.dicom_source import (
     ANATOMICAL_STRUCTURE,
     CORD_SEGMENT_NUMBER,
     CORD_TRACKING_ID,
-    MANUFACTURER,
     SEG_SERIES_NUMBER_OFFSET,
     SPINAL_CORD,
     complete_for_derivation,
-    series_description,
+    new_series,
     source_header,
 )
 
@@ -282,17 +281,10 @@ def write_seg(
     common = dict(
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
         segment_descriptions=descriptions,
-        series_instance_uid=hd.UID(),
-        series_number=(series.series_number or 0) + SEG_SERIES_NUMBER_OFFSET,
-        sop_instance_uid=hd.UID(),
-        instance_number=1,
-        manufacturer=MANUFACTURER,
-        manufacturer_model_name=ALGORITHM_NAME,
-        software_versions=software_version,
         device_serial_number="none",
         content_label="CORD_REGIONS",
         content_description="Eight cervical spinal cord regions and the whole cord (SCS-Net)",
-        series_description=series_description("Cord regions", series.series_description),
+        **new_series(series, offset=SEG_SERIES_NUMBER_OFFSET, kind="Cord regions", software_version=software_version),
     )
     if _is_multi_frame(series):
         placed = _multi_frame_sources(series.b0_sources, array, affine)

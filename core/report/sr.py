@@ -61,7 +61,8 @@ from core.report.dicom_source import (
     MANUFACTURER,
     SPINAL_CORD,
     SR_SERIES_NUMBER_OFFSET,
-    series_description,
+    new_series,
+    software_versions,
     source_header,
 )
 
@@ -288,20 +289,15 @@ def write_sr(
             for group in region_groups(report)
         ],
     )
-    series_uid = hd.UID()
+    attributes = new_series(
+        series, offset=SR_SERIES_NUMBER_OFFSET, kind="Cord DTI measures", software_version=software_versions(software_version, model)
+    )
     sr = hd.sr.Comprehensive3DSR(
         evidence=[*headers, seg],
         content=content[0],
-        series_instance_uid=series_uid,
-        series_number=(series.series_number or 0) + SR_SERIES_NUMBER_OFFSET,
-        sop_instance_uid=hd.UID(),
-        instance_number=1,
-        manufacturer=MANUFACTURER,
         is_complete=True,
-        series_description=series_description("Cord DTI measures", series.series_description),
-        manufacturer_model_name=ALGORITHM_NAME,
-        software_versions=software_version,
         device_serial_number="none",
+        **attributes,
     )
     sr.save_as(Path(out_path))
-    return str(series_uid)
+    return str(attributes["series_instance_uid"])

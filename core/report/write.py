@@ -130,15 +130,18 @@ def write_dicom_outputs(
     from core.report.seg import write_seg
     from core.report.sr import write_sr
 
+    from core.report.dicom_source import software_versions
+
     warnings: list[str] = []
     seg_path = out / outputs.SEG.filename
+    versions = software_versions(software_version, report["model"])
     steps: list[tuple[str, outputs.Output, str, Callable[[Path], object]]] = [
         ("seg", outputs.SEG, "DICOM SEG", lambda path: write_seg(
-            labels, affine=affine, series=series, out_path=path, software_version=software_version)),
+            labels, affine=affine, series=series, out_path=path, software_version=versions)),
         ("sr", outputs.SR, "DICOM measurement report (SR)", lambda path: write_sr(
             report, series=series, seg_path=seg_path, out_path=path, software_version=software_version)),
         ("qc", outputs.QC_DCM, "DICOM QC picture", lambda path: write_qc_sc(
-            out / outputs.QC_PNG.filename, series=series, out_path=path, software_version=software_version)),
+            out / outputs.QC_PNG.filename, series=series, out_path=path, software_version=versions)),
     ]
     for key, output, what, write in steps:
         path = out / output.filename
