@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from service.links import job_links
-from service.store import Job, JobState, Store, aware
+from service.store import NOTE_MAX_CHARS, Job, JobState, Review, Store, Verdict, aware
+
+# a note is plain text shown on the QC page: tabs and line breaks, but no other control characters
+_NOTE_PATTERN = r"^[^\x00-\x08\x0b\x0c\x0e-\x1f\x7f]*$"
 
 
 class Delivery(BaseModel):
@@ -20,6 +23,32 @@ class Delivery(BaseModel):
     error: str | None = None
     delivered: bool
     gave_up: bool = Field(default=False, description="true on a failed attempt after which no more are made")
+
+
+ReviewFilter = Literal["pass", "fail", "artifact", "none"]
+"""The job list's ``review`` filter: a latest verdict, or ``none`` for jobs nobody reviewed."""
+
+
+class ReviewIn(BaseModel):
+    """A reviewer's verdict on a succeeded job."""
+
+    model_config = ConfigDict(extra="forbid")
+    verdict: Verdict = Field(description="pass: the result holds; fail: it is wrong; artifact: the images are unusable")
+    note: str = Field(
+        default="",
+        max_length=NOTE_MAX_CHARS,
+        pattern=_NOTE_PATTERN,
+        description="free text (no control characters but tab and line breaks)",
+    )
+
+
+class ReviewOut(BaseModel):
+    """One recorded review."""
+
+    verdict: Verdict
+    note: str
+    at: datetime
+    key_id: str = Field(description="public id of the API key that recorded it")
 
 
 class JobOut(BaseModel):
@@ -38,6 +67,8 @@ class JobOut(BaseModel):
     callback_url: str | None = None
     deliveries: list[Delivery] = Field(default_factory=list)
     problem: dict[str, Any] | None = Field(default=None, description="RFC 9457 problem object when failed")
+    review: ReviewOut | None = Field(default=None, description="the latest review (succeeded jobs only); null until reviewed")
+    reviews: list[ReviewOut] = Field(default_factory=list, description="every review, oldest first")
     links: dict[str, str]
 
 
@@ -49,8 +80,17 @@ class JobPage(BaseModel):
     links: dict[str, str] = Field(default_factory=dict)
 
 
-def job_out(job: Job, store: Store) -> JobOut:
-    """The API view of a job record."""
+def review_out(review: Review) -> ReviewOut:
+    """The API view of a review record."""
+    return ReviewOut(verdict=review.verdict, note=review.note, at=aware(review.at), key_id=review.key_id)  # type: ignore[arg-type]
+
+
+def job_out(job: Job, store: Store, *, reviews: list[Review] | None = None) -> JobOut:
+    """The API view of a job record; ``reviews`` (oldest first) are read from the store unless
+    given (only a succeeded job can have any)."""
+    if reviews is None:
+        reviews = store.reviews(job.id) if job.state == JobState.succeeded else []
+    history = [review_out(r) for r in reviews]
     return JobOut(
         id=job.id,
         state=JobState(job.state),
@@ -65,6 +105,8 @@ def job_out(job: Job, store: Store) -> JobOut:
         callback_url=job.callback_url,
         deliveries=[Delivery.model_validate(d) for d in job.deliveries],
         problem=job.problem,
+        review=history[-1] if history else None,
+        reviews=history,
         links=job_links(job.id, job.artifacts if job.state == JobState.succeeded else {}),
     )
 

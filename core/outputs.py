@@ -38,13 +38,14 @@ AD = Output("maps/ad", "ad.nii.gz", NIFTI_GZ, "Axial diffusivity map (mm^2/s).")
 RD = Output("maps/rd", "rd.nii.gz", NIFTI_GZ, "Radial diffusivity map (mm^2/s).")
 B0 = Output("b0", "b0.nii.gz", NIFTI_GZ, "Mean of every b=0 volume.")
 QC_PNG = Output("qc.png", "qc.png", "image/png", "QC picture: regions outlined on b0, and FA.")
+QC_HTML = Output("qc.html", "qc.html", "text/html", "QC page: zoomed slices with region outlines, plots along the cord, the region table and warnings.")
 DWI = Output("dwi", "dwi.nii.gz", NIFTI_GZ, "The converted diffusion series (DICOM input).")
 DWI_BVAL = Output("dwi.bval", "dwi.bval", "text/plain", "b-values of the converted series (FSL).")
 DWI_BVEC = Output("dwi.bvec", "dwi.bvec", "text/plain", "b-vectors of the converted series (FSL).")
 DWI_JSON = Output("dwi.json", "dwi.json", "application/json", "Conversion sidecar of the converted series.")
 
 OUTPUTS: tuple[Output, ...] = (
-    REPORT, LABELS, SEG, SR, QC_DCM, FA, MD, AD, RD, B0, QC_PNG, DWI, DWI_BVAL, DWI_BVEC, DWI_JSON
+    REPORT, LABELS, SEG, SR, QC_DCM, FA, MD, AD, RD, B0, QC_PNG, QC_HTML, DWI, DWI_BVAL, DWI_BVEC, DWI_JSON
 )
 BY_KEY: dict[str, Output] = {o.key: o for o in OUTPUTS}
 MAPS: dict[str, Output] = {"fa": FA, "md": MD, "ad": AD, "rd": RD}

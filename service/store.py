@@ -1,4 +1,4 @@
-"""The job store: tenants, API keys, jobs and worker heartbeats (SQLAlchemy 2).
+"""The job store: tenants, API keys, jobs, their reviews and worker heartbeats (SQLAlchemy 2).
 
 The job record is the truth about a job; Celery's own task state is never read. The gateway and
 the worker both use this module (it imports only SQLAlchemy). A SQLite file is the default;
@@ -10,7 +10,13 @@ State machine (``JobState``)::
     queued | running -> cancelled
     running -> queued          (its broker message was lost: re-sent with a fresh dispatch token)
 
-Every write bumps ``version``, which the gateway turns into the ``ETag``.
+Every write bumps ``version``, which the gateway turns into the ``ETag``; recording a review
+of a job counts as a write of that job.
+
+A succeeded job may be reviewed (``Review``: verdict, note, the reviewer's API key id, time),
+any number of times: every review is kept, the latest is the job's verdict. Reviews live in
+their own table because ``create_all`` adds new tables to an existing database but never new
+columns to an old table.
 """
 
 from __future__ import annotations
@@ -24,20 +30,24 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal, get_args
 
 from sqlalchemy import (
     JSON,
+    Boolean,
     DateTime,
     Float,
     ForeignKey,
+    Index,
     Integer,
     String,
     UniqueConstraint,
     bindparam,
     case,
     create_engine,
+    delete,
     event,
+    exists,
     func,
     select,
     text,
@@ -63,6 +73,13 @@ class JobState(StrEnum):
 
 
 TERMINAL = frozenset({JobState.succeeded, JobState.failed, JobState.cancelled})
+
+Verdict = Literal["pass", "fail", "artifact"]
+"""A reviewer's verdict on a succeeded job: the result holds, is wrong, or the images are unusable."""
+VERDICTS: tuple[str, ...] = get_args(Verdict)
+UNREVIEWED = "none"
+"""The list filter's value for jobs nobody has reviewed."""
+NOTE_MAX_CHARS = 2000
 
 
 def utcnow() -> datetime:
@@ -121,6 +138,21 @@ class Job(Base):
     problem: Mapped[dict[str, Any] | None] = mapped_column(nullable=True)
     artifacts: Mapped[dict[str, Any]] = mapped_column(default=dict)
     deliveries: Mapped[list[Any]] = mapped_column(default=list)
+
+
+class Review(Base):
+    """One review of a succeeded job; ``latest`` marks the job's current verdict (the newest)."""
+
+    __tablename__ = "reviews"
+    # the list filter looks up "the latest review of this job, with this verdict"
+    __table_args__ = (Index("ix_reviews_job_latest", "job_id", "latest", "verdict"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
+    verdict: Mapped[str] = mapped_column(String(16))
+    note: Mapped[str] = mapped_column(String(NOTE_MAX_CHARS), default="")
+    key_id: Mapped[str] = mapped_column(String(32))
+    at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    latest: Mapped[bool] = mapped_column(Boolean, default=True)
 
 
 # Statements of the status-poll path (authenticate, get, queue_position), built once: building
@@ -276,11 +308,18 @@ class Store:
                 return s.scalar(_JOB_BY_ID, {"job_id": job_id})
             return s.scalar(_JOB_BY_ID_OF_TENANT, {"job_id": job_id, "tenant_id": tenant_id})
 
-    def list_jobs(self, tenant_id: int, *, state: str | None, before_seq: int | None, limit: int) -> list[Job]:
-        """The tenant's jobs, newest first, keyset-paginated on ``seq``."""
+    def list_jobs(
+        self, tenant_id: int, *, state: str | None, before_seq: int | None, limit: int, review: str | None = None
+    ) -> list[Job]:
+        """The tenant's jobs, newest first, keyset-paginated on ``seq``; ``review`` keeps those
+        whose latest verdict it is (:data:`UNREVIEWED`: those without a review)."""
         query = select(Job).where(Job.tenant_id == tenant_id)
         if state:
             query = query.where(Job.state == state)
+        if review == UNREVIEWED:
+            query = query.where(~exists().where(Review.job_id == Job.id))
+        elif review:
+            query = query.where(exists().where(Review.job_id == Job.id, Review.latest.is_(True), Review.verdict == review))
         if before_seq is not None:
             query = query.where(Job.seq < before_seq)
         with self.session() as s:
@@ -390,8 +429,10 @@ class Store:
         )
 
     def delete(self, job_id: str) -> None:
-        """Forget a job."""
+        """Forget a job and its reviews."""
         with self.session() as s:
+            # explicit as well as ON DELETE CASCADE: a SQLite connection may have foreign keys off
+            s.execute(delete(Review).where(Review.job_id == job_id))
             job = s.scalar(select(Job).where(Job.id == job_id))
             if job is not None:
                 s.delete(job)
@@ -404,6 +445,49 @@ class Store:
                 job.deliveries = [*job.deliveries, delivery]
                 job.version += 1
                 job.updated_at = utcnow()
+
+    # --- reviews ----------------------------------------------------------------------
+    def add_review(self, job_id: str, *, verdict: str, note: str, key_id: str) -> Review | None:
+        """Record a review of a succeeded job, which becomes its latest; None if there is no
+        such succeeded job (any more). Bumps the job's ``version``."""
+        if verdict not in VERDICTS:
+            raise ValueError(f"verdict must be one of {', '.join(VERDICTS)}, not {verdict!r}")
+        if len(note) > NOTE_MAX_CHARS:
+            raise ValueError(f"a review note holds at most {NOTE_MAX_CHARS} characters")
+        now = utcnow()
+        with self.session() as s:
+            # the job's row first: it takes the write lock, so concurrent reviews of one job
+            # queue up and exactly one review stays the latest
+            bumped = s.execute(
+                update(Job)
+                .where(Job.id == job_id, Job.state == JobState.succeeded)
+                .values(version=Job.version + 1, updated_at=now)
+            )
+            if not bumped.rowcount:  # type: ignore[attr-defined]
+                return None
+            s.execute(update(Review).where(Review.job_id == job_id, Review.latest.is_(True)).values(latest=False))
+            review = Review(job_id=job_id, verdict=verdict, note=note, key_id=key_id, at=now, latest=True)
+            s.add(review)
+        return review
+
+    def reviews(self, job_id: str) -> list[Review]:
+        """Every review of a job, oldest first (the last is the latest); times via :func:`aware`."""
+        return self.reviews_of([job_id]).get(job_id, [])
+
+    def reviews_of(self, job_ids: list[str]) -> dict[str, list[Review]]:
+        """The reviews of each of ``job_ids`` that has any, oldest first (one query for a page)."""
+        found: dict[str, list[Review]] = {}
+        if not job_ids:
+            return found
+        with self.session() as s:
+            for review in s.scalars(select(Review).where(Review.job_id.in_(job_ids)).order_by(Review.id)):
+                found.setdefault(review.job_id, []).append(review)
+        return found
+
+    def latest_review(self, job_id: str) -> Review | None:
+        """A job's latest review, if it has one."""
+        with self.session() as s:
+            return s.scalar(select(Review).where(Review.job_id == job_id, Review.latest.is_(True)))
 
     def existing(self, job_ids: list[str]) -> set[str]:
         """Those of ``job_ids`` the store holds a job for."""

@@ -35,7 +35,7 @@ from onnx import helper, numpy_helper
 from service.store import Store
 
 REAL = Path(__file__).parent / "data" / "sct_tutorial_dmri"
-NIFTI_KEYS = ("report", "labels", "maps/fa", "maps/md", "maps/ad", "maps/rd", "b0", "qc.png")
+NIFTI_KEYS = ("report", "labels", "maps/fa", "maps/md", "maps/ad", "maps/rd", "b0", "qc.png", "qc.html")
 
 
 def slow_decoder_model(out_dir: Path, *, layers: int = 30, channels: int = 64) -> Path:

@@ -147,7 +147,8 @@ def test_unusual_encodings_get_every_dicom_output(
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("series", [*SERIES, "cervical-dwi"])
 def test_every_export_is_analysed_or_refused_in_one_line(
-    sources: dict[str, Path], series: str, variant: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    sources: dict[str, Path], series: str, variant: str, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+    record_property: Callable[[str, object], None],
 ) -> None:
     study = sources[series] if variant == "as-exported" else _variant(sources[series], variant, tmp_path / "in")
     out = tmp_path / "out"
@@ -155,6 +156,7 @@ def test_every_export_is_analysed_or_refused_in_one_line(
     code = main(["analyze", str(study), "--out", str(out)])
     printed = capsys.readouterr()
     err = printed.err.strip()
+    record_property("exit_status", code)  # counted by series and variant with --junitxml
     assert code in (0, 2), f"{series}/{variant}: exit {code}: {err}"
     if code == 2:
         assert len(err.splitlines()) == 1 and err.startswith("scsnet: error: "), err

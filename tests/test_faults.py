@@ -49,7 +49,7 @@ ENV = {
     "SCSNET_WEBHOOK_BACKOFF_S": str(WEBHOOK_BACKOFF_S),
     "SCSNET_WEBHOOK_TIMEOUT_S": "2",
 }
-NIFTI_FILES = {"report.json", "labels.nii.gz", "fa.nii.gz", "md.nii.gz", "ad.nii.gz", "rd.nii.gz", "b0.nii.gz", "qc.png"}
+NIFTI_FILES = {"report.json", "labels.nii.gz", "fa.nii.gz", "md.nii.gz", "ad.nii.gz", "rd.nii.gz", "b0.nii.gz", "qc.png", "qc.html"}
 
 
 @pytest.fixture(scope="module")

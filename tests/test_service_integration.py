@@ -23,7 +23,7 @@ pytestmark = pytest.mark.service
 
 REAL = Path(__file__).parent / "data" / "sct_tutorial_dmri"
 SCHEMA = json.loads((Path(__file__).parents[1] / "core" / "report" / "report.schema.json").read_text())
-NIFTI_OUTPUTS = {"report.json", "labels.nii.gz", "fa.nii.gz", "md.nii.gz", "ad.nii.gz", "rd.nii.gz", "b0.nii.gz", "qc.png"}
+NIFTI_OUTPUTS = {"report.json", "labels.nii.gz", "fa.nii.gz", "md.nii.gz", "ad.nii.gz", "rd.nii.gz", "b0.nii.gz", "qc.png", "qc.html"}
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +71,7 @@ def test_the_real_dwi_goes_from_upload_to_downloaded_report(served: h.Served, te
         assert report.json()["model"]["name"] == "decoder-fixture"
         labels = client.get(job["links"]["labels"])
         assert labels.status_code == 200 and labels.content[:2] == b"\x1f\x8b"
-        assert {k for k in job["links"] if k != "self"} == {"report", "labels", "maps/fa", "maps/md", "maps/ad", "maps/rd", "b0", "qc.png"}
+        assert {k for k in job["links"] if k != "self"} == {"report", "labels", "maps/fa", "maps/md", "maps/ad", "maps/rd", "b0", "qc.png", "qc.html"}
     print(f"\nreal DWI upload-to-succeeded: {elapsed:.2f} s (decoder model)")
 
 

@@ -1,4 +1,4 @@
-"""``/v1/jobs``: submit a study, follow it, list, cancel or delete."""
+"""``/v1/jobs``: submit a study, follow it, list, review, cancel or delete."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from typing import Annotated
 from urllib.parse import urlsplit
 
 import anyio
-from fastapi import APIRouter, Header, Query, Request, Response
+from fastapi import APIRouter, Depends, Header, Query, Request, Response
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials
 
@@ -19,11 +19,11 @@ from app.deps import BearerDep, QueueDep, SettingsDep, StorageDep, StoreDep, Ten
 from app.intake import arrange
 from app.problems import problem_responses
 from app.requeue import dispatch
-from app.schemas import JobOut, JobPage, etag, job_out
+from app.schemas import JobOut, JobPage, ReviewFilter, ReviewIn, etag, job_out
 from app.settings import GatewaySettings
 from app.uploads import drain, receive_form
-from service.errors import InvalidCallbackUrl, InvalidRequest, NotFound
-from service.store import TERMINAL, Job, JobState, Store, Tenant
+from service.errors import InvalidCallbackUrl, InvalidRequest, JobNotFinished, NotFound, Unauthorized
+from service.store import TERMINAL, Job, JobState, Store, Tenant, key_id_of
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
@@ -60,6 +60,15 @@ def _load(store: Store, tenant: Tenant, job_id: str) -> Job:
     if job is None:  # another tenant's job is "not found" too, never "forbidden"
         raise NotFound(f"there is no job {job_id}")
     return job
+
+
+def owned_job(job_id: str, tenant: TenantDep, store: StoreDep) -> Job:
+    """The path's job if the caller's tenant owns it; resolved as a dependency, so another
+    tenant's job is 404 before the request body is even judged (no 422 telling it apart)."""
+    return _load(store, tenant, job_id)
+
+
+OwnedJobDep = Annotated[Job, Depends(owned_job)]
 
 
 def _check_callback(url: str | None, settings: GatewaySettings) -> str | None:
@@ -136,23 +145,29 @@ def list_jobs(
     tenant: TenantDep,
     store: StoreDep,
     state: JobState | None = None,
+    review: ReviewFilter | None = None,
     cursor: Annotated[str | None, Query(max_length=64)] = None,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
 ) -> JobPage:
-    """The tenant's jobs, newest first, optionally of one state."""
+    """The tenant's jobs, newest first, optionally of one state and latest review verdict (or none)."""
     before: int | None = None
     if cursor:
         try:
             before = int(base64.urlsafe_b64decode(cursor.encode() + b"==").decode())
         except ValueError as exc:
             raise InvalidRequest("the cursor is not one this service handed out") from exc
-    jobs = store.list_jobs(tenant.id, state=state.value if state else None, before_seq=before, limit=limit + 1)
+    jobs = store.list_jobs(tenant.id, state=state.value if state else None, review=review, before_seq=before, limit=limit + 1)
     page, more = jobs[:limit], len(jobs) > limit
     next_cursor = base64.urlsafe_b64encode(str(page[-1].seq).encode()).decode().rstrip("=") if more else None
     links = {}
     if next_cursor:
-        links["next"] = f"/v1/jobs?limit={limit}&cursor={next_cursor}" + (f"&state={state.value}" if state else "")
-    return JobPage(items=[job_out(j, store) for j in page], next_cursor=next_cursor, links=links)
+        links["next"] = (
+            f"/v1/jobs?limit={limit}&cursor={next_cursor}"
+            + (f"&state={state.value}" if state else "")
+            + (f"&review={review}" if review else "")
+        )
+    reviews = store.reviews_of([j.id for j in page if j.state == JobState.succeeded])  # one query for the page
+    return JobPage(items=[job_out(j, store, reviews=reviews.get(j.id, [])) for j in page], next_cursor=next_cursor, links=links)
 
 
 def _view(store: Store, credentials: HTTPAuthorizationCredentials | None, job_id: str) -> tuple[Job, JobOut]:
@@ -179,6 +194,25 @@ async def get_job(
     if if_none_match and tag in [t.strip() for t in if_none_match.split(",")]:
         return Response(status_code=304, headers=headers)
     return JSONResponse(view.model_dump(mode="json"), headers=headers)
+
+
+@router.put(
+    "/{job_id}/review",
+    response_model=JobOut,
+    responses=problem_responses(400, 401, 404, 409, 422),
+)
+def review_job(job_id: str, job: OwnedJobDep, body: ReviewIn, credentials: BearerDep, store: StoreDep) -> JSONResponse:
+    """Record a verdict on a succeeded job (the latest wins, all are kept); 200 with the job view and its new ETag."""
+    if job.state != JobState.succeeded:
+        raise JobNotFinished(f"job {job_id} is {job.state}; only a succeeded job can be reviewed")
+    key_id = key_id_of(credentials.credentials.strip()) if credentials else None
+    if key_id is None:  # authentication succeeded, so the key is well formed: never here
+        raise Unauthorized("the API key is malformed")
+    if store.add_review(job.id, verdict=body.verdict, note=body.note, key_id=key_id) is None:
+        raise NotFound(f"there is no job {job_id}")  # deleted meanwhile
+    reviewed = store.get(job.id) or job
+    view = job_out(reviewed, store)
+    return JSONResponse(view.model_dump(mode="json"), headers={"ETag": etag(view, reviewed.version), "Cache-Control": "no-cache"})
 
 
 @router.delete(

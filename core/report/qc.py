@@ -15,8 +15,14 @@ from PIL import Image, ImageDraw, ImageFont
 
 from core.labels import REGIONS
 
-PANEL_PX = 160
+PANEL_PX = 200
 """Target panel width (px); each voxel becomes a whole number of pixels, aspect ratio kept."""
+CORD_PX = 64
+"""Least width of the cord on a panel (px), whatever the voxel size."""
+MAX_VOXEL_PX = 16
+"""Most pixels per voxel, so a small cord on coarse voxels does not make a huge picture."""
+MARGIN_MM = 5.0
+"""Crop margin around the cord (all slices' cord together), mm."""
 
 COLUMNS = 4  # slices per row (each slice: b0 panel + FA panel)
 GAP = 4
@@ -87,14 +93,16 @@ def write_qc_png(
     """Write the QC PNG.
 
     b0, fa, labels : (X, Y, Z) on the canonical RAS grid (axial slices along Z).
-    zooms_mm : voxel size, used to keep the aspect ratio true and size the crop (15 mm margin).
+    zooms_mm : voxel size, used to keep the aspect ratio true and size the crop (cord + 5 mm).
+        Panels are zoomed so the cord is at least ``CORD_PX`` wide.
     """
-    margin = int(np.ceil(15.0 / min(zooms_mm[0], zooms_mm[1])))
+    margin = int(np.ceil(MARGIN_MM / min(zooms_mm[0], zooms_mm[1])))
     si, sj = _crop_box(labels, margin)
     nz = labels.shape[2]
     # Display rows run along y (zooms[1]), columns along x (zooms[0]).
     width_vox = si.stop - si.start
-    col_px = max(1, PANEL_PX // max(width_vox, 1))
+    cord_vox = max(width_vox - 2 * margin, 1)
+    col_px = min(max(1, PANEL_PX // max(width_vox, 1), int(np.ceil(CORD_PX / cord_vox))), MAX_VOXEL_PX)
     row_px = max(1, int(round(col_px * zooms_mm[1] / zooms_mm[0])))
     panel_h, panel_w = (sj.stop - sj.start) * row_px, width_vox * col_px
     ncol = min(nz, COLUMNS)

@@ -8,6 +8,7 @@ measurement report and the QC picture as a Secondary Capture.
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,11 +26,14 @@ from core.ingest.gradients import world_to_fsl, write_fsl
 from core.ingest.study import Study
 from core.report.build import acquisition_section, input_section
 from core.report.qc import write_qc_png
+from core.report.qc_page import write_qc_page
 from core.segment.runtime import Segmentation
 from core.tensor.fit import TensorMaps
 
 if TYPE_CHECKING:
     from core.ingest.dicom import DicomSeriesInfo
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -84,7 +88,7 @@ def write_ingest(study: Study, out: Path) -> dict[str, Any]:
 
 
 def write_outputs(analysis: Analysis, *, report: dict[str, Any], out: Path, software_version: str) -> list[str]:
-    """Write masks, maps, the QC picture and (DICOM input) the converted series and the DICOM
+    """Write masks, maps, the QC picture and page and (DICOM input) the converted series and the DICOM
     objects into ``out``; fills ``report["dicom_outputs"]`` and returns warnings about outputs
     that could not be written."""
     affine, backward = analysis.study.dwi.affine, analysis.reorientation.backward
@@ -100,6 +104,7 @@ def write_outputs(analysis: Analysis, *, report: dict[str, Any], out: Path, soft
         out / outputs.QC_PNG.filename,
         zooms_mm=analysis.canonical.zooms,
     )
+    write_qc_page(analysis, report, out / outputs.QC_HTML.filename)
     if analysis.study.dicom is None:
         return []
     write_ingest(analysis.study, out)
@@ -126,11 +131,10 @@ def write_dicom_outputs(
     analysis stand. A failing disk is not such a case and is raised. ``labels`` (X, Y, Z) are on
     the converted series' grid (``affine``). Fills ``report["dicom_outputs"]``.
     """
+    from core.report.dicom_source import software_versions
     from core.report.sc import write_qc_sc  # highdicom: only for DICOM input
     from core.report.seg import write_seg
     from core.report.sr import write_sr
-
-    from core.report.dicom_source import software_versions
 
     warnings: list[str] = []
     seg_path = out / outputs.SEG.filename
@@ -150,10 +154,12 @@ def write_dicom_outputs(
             continue
         try:
             write(path)
-        except Exception as exc:  # noqa: BLE001 - an optional output: any failure is a warning, the analysis stands
+        except Exception as exc:
             if isinstance(exc, OSError) and exc.errno is not None:
                 raise  # the disk failed (full, read-only): the operator's problem, not this output's
             path.unlink(missing_ok=True)
+            if not isinstance(exc, ScsnetError):
+                log.exception("%s failed", output.filename)  # a library's or our bug: keep its traceback
             warnings.append(f"no {what} was written: {_reason(exc)}")
             continue
         report["dicom_outputs"][key] = _identify(path)
