@@ -52,9 +52,21 @@ def catalogue() -> list[dict[str, Any]]:
     return sorted(entries.values(), key=lambda e: (e["status"], e["type"]))
 
 
+DETAIL_MAX_CHARS = 500
+
+
+def bounded(problem: dict[str, Any]) -> dict[str, Any]:
+    """``problem`` with its ``detail`` cut to :data:`DETAIL_MAX_CHARS` (a detail may quote a
+    client's input: a hostile one must not make the answer large)."""
+    detail = problem.get("detail")
+    if isinstance(detail, str) and len(detail) > DETAIL_MAX_CHARS:
+        return {**problem, "detail": detail[: DETAIL_MAX_CHARS - 1] + "\u2026"}
+    return problem
+
+
 def problem_response(problem: dict[str, Any], *, headers: dict[str, str] | None = None) -> JSONResponse:
-    """A problem+json response for a problem object."""
-    return JSONResponse(jsonable_encoder(problem), status_code=int(problem["status"]), media_type=PROBLEM_JSON, headers=headers)
+    """A problem+json response for a problem object, its detail bounded."""
+    return JSONResponse(jsonable_encoder(bounded(problem)), status_code=int(problem["status"]), media_type=PROBLEM_JSON, headers=headers)
 
 
 def _scsnet_error(request: Request, exc: Exception) -> JSONResponse:
@@ -65,7 +77,7 @@ def _scsnet_error(request: Request, exc: Exception) -> JSONResponse:
 
 def _validation_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
-    errors = [{"loc": list(e.get("loc", ())), "msg": e.get("msg", "")} for e in exc.errors()]
+    errors = [{"loc": [str(p)[:100] for p in e.get("loc", ())][:10], "msg": str(e.get("msg", ""))[:200]} for e in exc.errors()[:20]]
     first = errors[0] if errors else {"loc": [], "msg": "invalid"}
     problem = service_errors.InvalidRequest(f"{'.'.join(str(p) for p in first['loc'])}: {first['msg']}").problem()
     return problem_response({**problem, "instance": request.url.path, "errors": errors})

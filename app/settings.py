@@ -24,4 +24,9 @@ class GatewaySettings(ServiceSettings):
         description="a job folder with no job record, untouched this long (the upload of a gateway killed mid-request), is removed",
     )
     worker_stale_after_s: float = Field(default=60.0, gt=0, description="/readyz wants a worker heartbeat this recent")
+    idempotency_window_s: float = Field(
+        default=24 * 3600.0,
+        gt=0,
+        description="how long an Idempotency-Key is remembered; after it the key is forgotten and starts a new job",
+    )
     allow_http_callbacks: bool = Field(default=True, description="accept http:// callback URLs (not only https://)")

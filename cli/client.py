@@ -22,7 +22,24 @@ from core.digest import sha256_of
 from core.outputs import BY_KEY
 
 Echo = Callable[[str], None]
-EXIT_OK, EXIT_FAILED, EXIT_INPUT, EXIT_MODEL = 0, 1, 2, 3
+EXIT_OK, EXIT_FAILED, EXIT_INPUT, EXIT_MODEL, EXIT_UNREACHABLE = 0, 1, 2, 3, 4
+
+# the server names its form fields; the user of this client typed flags
+_FIELD_TO_FLAG = (
+    ("the bval and bvec fields", "--bval and --bvec"),
+    ("the 'bval' field", "--bval"),
+    ("the 'bvec' field", "--bvec"),
+    ("the 'files' field", "the INPUT arguments"),
+    ("send at most one bval and one bvec file", "give --bval and --bvec at most once each"),
+    ("callback_url", "--callback-url"),
+)
+
+
+def in_client_terms(detail: str) -> str:
+    """A server's problem detail with its form fields named as this client's flags."""
+    for field_words, flag in _FIELD_TO_FLAG:
+        detail = detail.replace(field_words, flag)
+    return detail
 
 
 class SubmitError(Exception):
@@ -40,7 +57,7 @@ def _problem_message(response: httpx.Response) -> SubmitError:
     except ValueError:
         detail, status, slug = response.text[:200], response.status_code, ""
     code = EXIT_MODEL if slug.endswith("/model-unavailable") else EXIT_INPUT if 400 <= status < 500 else EXIT_FAILED
-    return SubmitError(f"{status}: {detail}", code)
+    return SubmitError(f"{status}: {in_client_terms(str(detail))}", code)
 
 
 @contextlib.contextmanager
@@ -128,13 +145,45 @@ def submit(
     echo: Echo = lambda _: None,
     poll_s: float | None = None,
     timeout_s: float = 3600.0,
+    http_timeout_s: float = 60.0,
 ) -> dict[str, Any]:
     """Submit a study, wait for its job and download its outputs into ``out``; returns the job.
 
-    Raises :class:`SubmitError` when the study is refused, the job fails or is cancelled.
+    Raises :class:`SubmitError` when the study is refused, the job fails or is cancelled, or
+    the server cannot be reached (``EXIT_UNREACHABLE``).
     """
+    try:
+        return _submit(
+            inputs, server=server, api_key=api_key, out=out, bval=bval, bvec=bvec, callback_url=callback_url,
+            idempotency_key=idempotency_key, echo=echo, poll_s=poll_s, timeout_s=timeout_s, http_timeout_s=http_timeout_s,
+        )  # fmt: skip
+    except httpx.TimeoutException as exc:
+        raise SubmitError(f"the server at {server} did not answer in time ({type(exc).__name__}); try again later", EXIT_UNREACHABLE) from exc
+    except httpx.TransportError as exc:  # refused, reset, unknown host
+        raise SubmitError(f"cannot reach the server at {server}: {exc or type(exc).__name__}", EXIT_UNREACHABLE) from exc
+    except httpx.InvalidURL as exc:
+        raise SubmitError(f"the server address {server!r} is not a URL like http://host:8000", EXIT_INPUT) from exc
+
+
+def _submit(
+    inputs: Sequence[Path],
+    *,
+    server: str,
+    api_key: str,
+    out: Path,
+    bval: Path | None,
+    bvec: Path | None,
+    callback_url: str | None,
+    idempotency_key: str | None,
+    echo: Echo,
+    poll_s: float | None,
+    timeout_s: float,
+    http_timeout_s: float,
+) -> dict[str, Any]:
+    if not server.startswith(("http://", "https://")):
+        raise SubmitError(f"the server address {server!r} is not a URL like http://host:8000", EXIT_INPUT)
     headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
-    timeout = httpx.Timeout(60.0, connect=10.0)
+    timeout = httpx.Timeout(http_timeout_s, connect=min(10.0, http_timeout_s))
     with httpx.Client(base_url=server.rstrip("/"), headers={"Authorization": f"Bearer {api_key}"}, timeout=timeout) as client:
         with _opened(inputs, bval, bvec) as files:
             data = {"callback_url": callback_url} if callback_url else None
@@ -148,7 +197,7 @@ def submit(
             problem = job.get("problem") or {}
             slug = str(problem.get("type", ""))
             code = EXIT_MODEL if slug.endswith("/model-unavailable") else EXIT_INPUT if int(problem.get("status", 500)) < 500 else EXIT_FAILED
-            raise SubmitError(f"the job failed: {problem.get('detail', 'no detail')}", code)
+            raise SubmitError(f"the job failed: {in_client_terms(str(problem.get('detail', 'no detail')))}", code)
         if job["state"] == "cancelled":
             raise SubmitError("the job was cancelled")
         out = out.absolute()

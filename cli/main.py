@@ -1,7 +1,8 @@
 """The ``scsnet`` command line: ``analyze`` and ``convert`` on local files.
 
 Exit status: 0 success; 2 bad input or usage (one line on stderr saying what is wrong);
-3 the model is unavailable; 1 an unexpected internal error.
+3 the model is unavailable; 1 an unexpected internal error; ``scsnet submit`` also 4 when the
+server cannot be reached (connection refused, no answer in time).
 """
 
 from __future__ import annotations

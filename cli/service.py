@@ -49,8 +49,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
 
     submit = sub.add_parser("submit", help="send a study to a scsnet server, wait, download the outputs")
     submit.add_argument("inputs", nargs="+", type=Path, help="NIfTI, DICOM files or folders, or zips of DICOM")
-    submit.add_argument("--server", required=True, help="base URL, e.g. http://127.0.0.1:8000")
-    submit.add_argument("--api-key", required=True, help="API key (scsnet apikey create)")
+    submit.add_argument("--server", help="base URL, e.g. http://127.0.0.1:8000 (default: $SCSNET_SERVER)")
+    submit.add_argument("--api-key", help="API key from scsnet apikey create (default: $SCSNET_API_KEY)")
     submit.add_argument("--out", required=True, type=Path, help="folder for report.json and the other outputs")
     submit.add_argument("--bval", type=Path)
     submit.add_argument("--bvec", type=Path)
@@ -101,13 +101,21 @@ def _worker(args: argparse.Namespace) -> int:
 
 
 def _submit(args: argparse.Namespace) -> int:
-    from cli.client import SubmitError, submit
+    from cli.client import EXIT_INPUT, SubmitError, submit
 
+    # the client's own configuration: flags first, then the environment (no settings class:
+    # these are the client's, not a service process's)
+    server = args.server or os.environ.get("SCSNET_SERVER", "")
+    api_key = args.api_key or os.environ.get("SCSNET_API_KEY", "")
+    missing = [flag for flag, value in (("--server (or SCSNET_SERVER)", server), ("--api-key (or SCSNET_API_KEY)", api_key)) if not value]
+    if missing:
+        print(f"scsnet: error: submit needs {' and '.join(missing)}", file=sys.stderr)
+        return EXIT_INPUT
     try:
         submit(
             args.inputs,
-            server=args.server,
-            api_key=args.api_key,
+            server=server,
+            api_key=api_key,
             out=args.out,
             bval=args.bval,
             bvec=args.bvec,
@@ -164,7 +172,7 @@ def _serve(args: argparse.Namespace) -> int:
         url = f"http://{args.host}:{args.port}"
         print(f"scsnet serving on {url} (data in {data}; worker log in {data / 'logs' / 'worker.log'})", flush=True)
         print(f"create an API key: SCSNET_DATA_DIR={data} scsnet apikey create --tenant NAME", flush=True)
-        print(f"then: scsnet submit STUDY --server {url} --api-key KEY --out DIR   (Ctrl-C stops)", flush=True)
+        print(f"then: scsnet submit STUDY --server {url} --api-key KEY --out DIR   (or set SCSNET_SERVER, SCSNET_API_KEY; Ctrl-C stops)", flush=True)
         server.run()
     except (KeyboardInterrupt, _Stop):
         pass

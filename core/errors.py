@@ -91,3 +91,26 @@ class ConversionError(ScsnetError):
     type_slug = "conversion-failed"
     title = "DICOM conversion failed"
     status = 422
+
+
+class NoSpinalCordError(InputError):
+    """No spinal cord was found, or what was found is not a cord (too small or large, jumping
+    between slices), or the study is of the head: no numbers are given without a cord."""
+
+    type_slug = "no-spinal-cord"
+    title = "No spinal cord in the study"
+
+
+class ImplausibleMeasuresError(InputError):
+    """The cord's measures are impossible for living tissue (wrong b-value units, wrong
+    intensity scaling): reporting them would mislead."""
+
+    type_slug = "implausible-measures"
+    title = "The measures are not plausible for a spinal cord"
+
+
+class MixedStudiesError(InputError):
+    """An upload holding images of more than one patient or study: one study per job."""
+
+    type_slug = "mixed-studies"
+    title = "The upload mixes several studies"

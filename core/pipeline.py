@@ -29,6 +29,7 @@ import core
 from core.ingest.dwi import DWI
 from core.ingest.rules import DEFAULT_LIMITS, UploadLimits
 from core.ingest.study import load_study
+from core.measures import plausibility
 from core.measures import regions as measures
 from core.report import build
 from core.report.build import validate_report
@@ -82,8 +83,10 @@ class _Clock:
 
 
 def segment_stage(canonical: DWI, segmenter: Segmenter) -> tuple[NDArray[np.float32], Segmentation]:
-    """Mean b0 (X, Y, Z) of the canonical study and its eight-region segmentation."""
+    """Mean b0 (X, Y, Z) of the canonical study and its eight-region segmentation; a b0 that is
+    negative throughout is refused first (:func:`core.measures.plausibility.check_b0_signal`)."""
     b0 = canonical.mean_b0()
+    plausibility.check_b0_signal(b0)
     return b0, segmenter.segment(b0, zooms_mm=canonical.zooms)
 
 
@@ -146,6 +149,14 @@ def measure_stage(analysis: Analysis) -> dict[str, Any]:
     }
 
 
+def check_stage(analysis: Analysis, sections: dict[str, Any]) -> None:
+    """Refuse, before anything is written, a segmentation that is no spinal cord
+    (:class:`~core.errors.NoSpinalCordError`) and cord measures no living cord has
+    (:class:`~core.errors.ImplausibleMeasuresError`); see :mod:`core.measures.plausibility`."""
+    plausibility.check_cord(analysis.segmentation.labels, affine=analysis.canonical.affine)
+    plausibility.check_measures(sections["cord"], b0_snr=sections["qc"]["b0_snr"])
+
+
 def analyze(
     inputs: Sequence[Path],
     *,
@@ -163,12 +174,18 @@ def analyze(
     ``out_dir`` is either absent, the previous complete result, or the new complete result.
     ``limits`` bound what a DICOM upload may unpack to. Returns the report (already validated
     against the schema).
+
+    A study of the head, a b0 negative throughout, a segmentation that is no spinal cord or
+    measures no cord has end the analysis with a :class:`~core.errors.NoSpinalCordError` or
+    :class:`~core.errors.ImplausibleMeasuresError` before anything is written.
     """
     clock = _Clock(progress)
     with staging_dir(out_dir) as tmp:
         with clock.stage("load"):
             study = load_study(inputs, workdir=tmp / ".ingest", bval=bval, bvec=bvec, limits=limits)
             canonical, reorientation = study.dwi.to_canonical()
+            if study.dicom is not None:
+                plausibility.check_body_part(study.dicom.series.body_part, study.dicom.series.series_description)
         with clock.stage("segment"):
             b0, segmentation = segment_stage(canonical, segmenter)
         with clock.stage("fit"):
@@ -180,6 +197,7 @@ def analyze(
         analysis = Analysis(study, canonical, reorientation, b0, segmentation, maps)
         with clock.stage("measure"):
             sections = measure_stage(analysis)
+            check_stage(analysis, sections)
         report = build.assemble(
             study.dwi,
             series=study.dicom.series if study.dicom is not None else None,

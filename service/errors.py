@@ -54,6 +54,18 @@ class InvalidCallbackUrl(ScsnetError):
     status = 422
 
 
+class IdempotencyKeyReused(ScsnetError):
+    type_slug = "idempotency-key-reused"
+    title = "The idempotency key was already used for a different request"
+    status = 422
+
+
+class IdempotencyKeyInUse(ScsnetError):
+    type_slug = "idempotency-key-in-use"
+    title = "A request with this idempotency key is still being received"
+    status = 409
+
+
 class JobNotFinished(ScsnetError):
     type_slug = "job-not-finished"
     title = "The job has no results (yet)"

@@ -28,6 +28,12 @@ class ServiceSettings(IngestSettings):
         default=None,
         description="broker URL (redis://host:6379/0); unset: the embedded Redis on a Unix socket in the data dir",
     )
+    public_url: str | None = Field(
+        default=None,
+        pattern=r"^https?://[^\s/?#]+(/[^\s?#]*)?$",
+        description="the gateway's public base URL (https://scsnet.example.org); webhook links are made absolute "
+        "with it; unset: they stay relative to the gateway",
+    )
     queue_name: str = Field(default="scsnet", description="the broker queue analysis and webhook tasks go through")
 
     @property

@@ -301,6 +301,11 @@ class Store:
         with self.session() as s:
             return s.scalar(select(Job).where(Job.tenant_id == tenant_id, Job.idempotency_key == key))
 
+    def forget_idempotency_key(self, job_id: str) -> None:
+        """Detach its idempotency key from a job (the key expired): the tenant may use it again."""
+        with self.session() as s:
+            s.execute(update(Job).where(Job.id == job_id).values(idempotency_key=None))
+
     def get(self, job_id: str, *, tenant_id: int | None = None) -> Job | None:
         """A job by id; with ``tenant_id``, only if that tenant owns it."""
         with self.session() as s:

@@ -4,9 +4,10 @@ A delivery is ``POST callback_url`` with a small JSON body and the header::
 
     Scsnet-Signature: t=<unix seconds>,v1=<hex HMAC-SHA256(secret, "<t>." + body)>
 
-The secret is the tenant's (``scsnet apikey create`` prints it). Receivers recompute the HMAC
-over the timestamp and the raw body, compare in constant time and reject old timestamps
-(:func:`verify` does all three).
+The key is the tenant's whole secret string as ``scsnet apikey create`` prints it, ``whsec_``
+prefix included, UTF-8 encoded; the message is the decimal timestamp ``t``, one ``.``, and
+the raw body bytes as received (not re-serialised JSON). Receivers recompute the HMAC, compare
+in constant time and reject old timestamps (:func:`verify` does all three).
 """
 
 from __future__ import annotations
@@ -23,9 +24,15 @@ SIGNATURE_HEADER = "Scsnet-Signature"
 TOLERANCE_S = 300
 
 
-def payload(*, job_id: str, state: str, artifacts: dict[str, Any], problem: dict[str, Any] | None) -> bytes:
-    """The JSON body announcing that a job reached a terminal state."""
-    body: dict[str, Any] = {"job_id": job_id, "state": state, "links": job_links(job_id, artifacts)}
+def payload(
+    *, job_id: str, state: str, artifacts: dict[str, Any], problem: dict[str, Any] | None, base_url: str | None = None
+) -> bytes:
+    """The JSON body announcing that a job reached a terminal state; with ``base_url`` (the
+    gateway's public URL, ``SCSNET_PUBLIC_URL``) its links are absolute, else relative to it."""
+    links = job_links(job_id, artifacts)
+    if base_url:
+        links = {key: base_url.rstrip("/") + path for key, path in links.items()}
+    body: dict[str, Any] = {"job_id": job_id, "state": state, "links": links}
     if problem is not None:
         body["problem"] = problem
     return json.dumps(body, separators=(",", ":")).encode()

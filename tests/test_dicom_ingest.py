@@ -190,8 +190,21 @@ def test_too_few_directions_is_explained(dicom_data: Path, tmp_path: Path) -> No
         ingest_dicom([up], workdir=tmp_path / "work")
 
 
+def _as_one_study(source: Path, like: Path, dest: Path) -> Path:
+    """The DICOM files under ``source`` copied into the patient and study of ``like``'s first file."""
+    first = pydicom.dcmread(next(p for p in sorted(like.rglob("*")) if p.is_file()), stop_before_pixels=True)
+    dest.mkdir(parents=True)
+    for n, path in enumerate(sorted(p for p in source.rglob("*") if p.is_file())):
+        ds = pydicom.dcmread(path)
+        ds.PatientID, ds.StudyInstanceUID = first.PatientID, first.StudyInstanceUID
+        ds.save_as(dest / f"{n:05d}.dcm")
+    return dest
+
+
 def test_two_diffusion_series_most_volumes_wins_with_warning(dicom_data: Path, tmp_path: Path) -> None:
-    result = ingest_dicom([dicom_data / "dcm_qa_ge" / "In", dicom_data / "dcm_qa_uih" / "In"], workdir=tmp_path)
+    """Two diffusion series of one study (the UIH series moved into the GE study): one is chosen."""
+    uih = _as_one_study(dicom_data / "dcm_qa_uih" / "In", dicom_data / "dcm_qa_ge" / "In", tmp_path / "uih")
+    result = ingest_dicom([dicom_data / "dcm_qa_ge" / "In", uih], workdir=tmp_path / "work")
     assert result.dwi.bvals.size == 17
     assert result.dwi.provenance.series_description == "dti_tra_dir16_AP_SaveBySlc"
     [warning] = result.warnings

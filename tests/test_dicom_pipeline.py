@@ -17,7 +17,6 @@ from dicom_synth import write_dicom_series
 from cli.main import main
 from core import pipeline
 from core.ingest.nifti import load_nifti_dwi
-from core.report.build import validate_report
 from core.segment.runtime import Segmenter
 from core.settings import SHIPPED_MODEL_DIR
 
@@ -33,26 +32,18 @@ def _zip_folder(folder: Path, target: Path) -> Path:
     return target
 
 
-def test_ge_zip_through_the_cli(tmp_path: Path, decoder_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_ge_zip_through_the_cli_is_refused_as_a_brain_study(tmp_path: Path, decoder_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The GE DICOM is a brain DWI (BodyPartExamined BRAIN): exit 2, one line saying there is
+    no spinal cord, and nothing written (the zip is read, converted and chosen first)."""
     with tarfile.open(DATA / "dcm_qa_ge.tar.xz") as tar:
         tar.extractall(tmp_path, filter="data")
     upload = _zip_folder(tmp_path / "dcm_qa_ge" / "In", tmp_path / "study.zip")
     out = tmp_path / "out"
-    assert main(["analyze", str(upload), "--out", str(out), "--model-dir", str(decoder_dir)]) == 0, capsys.readouterr().err
-    names = {p.name for p in out.iterdir()}
-    assert {"report.json", "labels.nii.gz", "dwi.nii.gz", "dwi.bval", "dwi.bvec", "dwi.json", "seg.dcm", "qc.png"} <= names
-    assert not any(n.startswith(".") for n in names)
-    report = json.loads((out / "report.json").read_text())
-    validate_report(report)
-    assert report["input"]["format"] == "dicom"
-    assert report["input"]["manufacturer"].upper().startswith("GE")
-    assert report["input"]["files"][0]["name"] == "study.zip"
-    labels = nib.load(str(out / "labels.nii.gz"))
-    dwi = nib.load(str(out / "dwi.nii.gz"))
-    assert labels.shape == dwi.shape[:3]
-    np.testing.assert_allclose(labels.affine, dwi.affine, atol=1e-5)
-    seg = hd.seg.segread(out / "seg.dcm")
-    assert seg.number_of_segments == 9  # the eight regions and the whole cord
+    capsys.readouterr()
+    assert main(["analyze", str(upload), "--out", str(out), "--model-dir", str(decoder_dir)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "no spinal cord" in err and "brain" in err, err
+    assert not out.exists() and [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
 
 @pytest.fixture(scope="module")

@@ -5,8 +5,8 @@ Each test breaks one thing in the middle of real jobs on the real cervical DWI a
 a client sees: the worker SIGKILLed (its pool process alone, then the whole worker), Redis
 killed and restarted empty, the gateway killed and restarted, the job area full or read-only,
 a webhook receiver that is down. The jobs are made slow without touching the science: the model
-is the decoder fixture plus convolutions that add exactly zero (``fault_helpers``), so the
-segment stage lasts about a second and a fault can be aimed at a stage.
+is the shipped one plus convolutions that add exactly zero (``fault_helpers.slow_model``), so
+the segment stage lasts long enough for a fault to be aimed at a stage.
 
 Short limits keep the file in CI's budget: a hard time limit of 15 s and a visibility timeout
 of 16 s (Redis hands a dead worker's job to another worker after that), re-enqueue passes
@@ -29,6 +29,8 @@ import fault_helpers as f
 import httpx
 import pytest
 import service_helpers as h
+
+from core.settings import SHIPPED_MODEL_DIR
 
 pytestmark = [pytest.mark.faults, pytest.mark.service]
 
@@ -65,7 +67,7 @@ def disk_problem() -> str | None:
 def cluster(disk_problem: str | None, request: pytest.FixtureRequest) -> Iterator[tuple[f.Cluster, f.Disk | None]]:
     root = h.short_tmpdir("scsk")
     failures_before = request.session.testsfailed
-    model = f.slow_decoder_model(root / "model")
+    model = f.slow_model(SHIPPED_MODEL_DIR, root / "model")
     cluster = f.Cluster(root, model, ENV)
     disk = None
     if disk_problem is None:

@@ -17,6 +17,7 @@ import jsonschema
 import pytest
 import service_helpers as h
 
+from core.settings import SHIPPED_MODEL_DIR
 from service import webhooks
 
 pytestmark = pytest.mark.service
@@ -27,9 +28,11 @@ NIFTI_OUTPUTS = {"report.json", "labels.nii.gz", "fa.nii.gz", "md.nii.gz", "ad.n
 
 
 @pytest.fixture(scope="module")
-def served(decoder_dir: Path) -> Iterator[h.Served]:
+def served() -> Iterator[h.Served]:
+    # The shipped model: the real DWI is the study, and the tiny decoder's labels on it (a
+    # "cord" of 1000 mm^2 a slice) are now refused as no spinal cord, as they should be.
     data = h.short_tmpdir("scsi") / "var"
-    server = h.start_serve(data, model_dir=decoder_dir, extra_env={"SCSNET_WEBHOOK_BACKOFF_S": "0.3"})
+    server = h.start_serve(data, model_dir=SHIPPED_MODEL_DIR, extra_env={"SCSNET_WEBHOOK_BACKOFF_S": "0.3"})
     yield server
     assert server.stop() == 0, server.log_path.read_text()[-3000:]
 
@@ -68,7 +71,7 @@ def test_the_real_dwi_goes_from_upload_to_downloaded_report(served: h.Served, te
         report = client.get(job["links"]["report"])
         assert report.headers["content-type"] == "application/json"
         jsonschema.validate(report.json(), SCHEMA)
-        assert report.json()["model"]["name"] == "decoder-fixture"
+        assert report.json()["model"]["name"] == "scsnet"
         labels = client.get(job["links"]["labels"])
         assert labels.status_code == 200 and labels.content[:2] == b"\x1f\x8b"
         assert {k for k in job["links"] if k != "self"} == {"report", "labels", "maps/fa", "maps/md", "maps/ad", "maps/rd", "b0", "qc.png", "qc.html"}
@@ -183,23 +186,23 @@ def test_scsnet_submit_downloads_what_analyze_writes(served: h.Served, tenants, 
 
 
 def test_a_dicom_study_gets_seg_sr_and_qc_in_dicom_by_api_and_submit(served: h.Served, tenants, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    """The real GE DICOM (a de-identified export: no Patient ID, Birth Date or Accession Number)
-    sent by ``scsnet submit``: the job offers seg.dcm, sr.dcm and qc.dcm as application/dicom
-    with digests, submit downloads them, and report.json files them against the source study."""
-    import tarfile
-
+    """The real cervical DWI written as DICOM and de-identified (no Patient ID, Birth Date or
+    Accession Number) sent by ``scsnet submit``: the job offers seg.dcm, sr.dcm and qc.dcm as
+    application/dicom with digests, submit downloads them, and report.json files them against
+    the source study."""
     import pydicom
+    from dicom_synth import write_dicom_series
 
-    with tarfile.open(Path(__file__).parent / "data" / "dicom" / "dcm_qa_ge.tar.xz") as tar:
-        tar.extractall(tmp_path, filter="data")
-    study = tmp_path / "dcm_qa_ge" / "In"
-    for path in study.rglob("*"):
-        if path.is_file():
-            ds = pydicom.dcmread(path)
-            for keyword in ("PatientID", "PatientBirthDate", "AccessionNumber"):
-                if keyword in ds:
-                    delattr(ds, keyword)
-            ds.save_as(path)
+    from core.ingest.nifti import load_nifti_dwi
+
+    dwi = load_nifti_dwi(REAL / "dmri.nii.gz", bval=REAL / "bvals.txt", bvec=REAL / "bvecs.txt")
+    study = tmp_path / "study"
+    for path in write_dicom_series(REAL / "dmri.nii.gz", dwi.bvals, dwi.bvecs, study):
+        ds = pydicom.dcmread(path)
+        for keyword in ("PatientID", "PatientBirthDate", "AccessionNumber"):
+            if keyword in ds:
+                delattr(ds, keyword)
+        ds.save_as(path)
     out = tmp_path / "result"
     result = subprocess.run(
         [*h.SCSNET, "submit", str(study), "--server", served.url, "--api-key", tenants["north"][0], "--out", str(out)],
@@ -226,23 +229,23 @@ def test_a_dicom_study_gets_seg_sr_and_qc_in_dicom_by_api_and_submit(served: h.S
             assert (entry["series_instance_uid"], entry["sop_instance_uid"]) == (ds.SeriesInstanceUID, ds.SOPInstanceUID)
 
 
-def test_distributed_mode_gateway_only_and_a_separate_worker_share_redis(decoder_dir: Path) -> None:
+def test_distributed_mode_gateway_only_and_a_separate_worker_share_redis() -> None:
     root = h.short_tmpdir("scsd")
     redis_server = h.start_redis(root / "redis")
     data = root / "var"
-    env = {"SCSNET_REDIS_URL": redis_server.url, "SCSNET_MODEL_DIR": str(decoder_dir), "SCSNET_HEARTBEAT_S": "1"}
+    env = {"SCSNET_REDIS_URL": redis_server.url, "SCSNET_MODEL_DIR": str(SHIPPED_MODEL_DIR), "SCSNET_HEARTBEAT_S": "1"}
     with open(root / "worker.log", "w") as sink:
         worker = subprocess.Popen([*h.SCSNET, "worker"], env=h.env_for(data, **env), stdout=sink, stderr=subprocess.STDOUT)
     served = None
     try:
-        served = h.start_serve(data, model_dir=decoder_dir, extra_env=env, extra_args=("--no-worker",))
+        served = h.start_serve(data, model_dir=SHIPPED_MODEL_DIR, extra_env=env, extra_args=("--no-worker",))
         assert served.child_pids() == []  # no embedded Redis, no worker of its own
         key, _ = h.create_key(data, "remote")
         with served.client(key) as client:
             job = client.post("/v1/jobs", **_study()).json()
             assert _wait_state(client, job["id"], {"succeeded", "failed"})["state"] == "succeeded"
             models = client.get("/v1/models").json()
-            assert [m["name"] for m in models["models"]] == ["decoder-fixture"]
+            assert [m["name"] for m in models["models"]] == ["scsnet"]
     finally:
         if served is not None:
             assert served.stop() == 0

@@ -98,7 +98,9 @@ def deliver_webhook(self: Task, job_id: str) -> None:  # type: ignore[type-arg]
     tenant = store.tenant(job.tenant_id) if job is not None else None
     if job is None or tenant is None or not job.callback_url:
         return
-    body = webhooks.payload(job_id=job.id, state=job.state, artifacts=job.artifacts, problem=job.problem)
+    body = webhooks.payload(
+        job_id=job.id, state=job.state, artifacts=job.artifacts, problem=job.problem, base_url=settings.public_url
+    )
     headers = {"Content-Type": "application/json", webhooks.SIGNATURE_HEADER: webhooks.sign(tenant.webhook_secret, body)}
     attempt: dict[str, Any] = {"attempt": self.request.retries + 1, "at": utcnow().isoformat(), "delivered": False}
     try:

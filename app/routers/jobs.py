@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import base64
+import hashlib
+import json
 import logging
 import re
 import shutil
 import uuid
+from datetime import timedelta
 from typing import Annotated
 from urllib.parse import urlsplit
 
@@ -15,15 +18,42 @@ from fastapi import APIRouter, Depends, Header, Query, Request, Response
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials
 
-from app.deps import BearerDep, QueueDep, SettingsDep, StorageDep, StoreDep, TenantDep, tenant_of
+from app.deps import (
+    BearerDep,
+    QueueDep,
+    SettingsDep,
+    StorageDep,
+    StoreDep,
+    TenantDep,
+    tenant_of,
+)
 from app.intake import arrange
 from app.problems import problem_responses
 from app.requeue import dispatch
 from app.schemas import JobOut, JobPage, ReviewFilter, ReviewIn, etag, job_out
 from app.settings import GatewaySettings
-from app.uploads import drain, receive_form
-from service.errors import InvalidCallbackUrl, InvalidRequest, JobNotFinished, NotFound, Unauthorized
-from service.store import TERMINAL, Job, JobState, Store, Tenant, key_id_of
+from app.uploads import Form, receive_form
+from service.errors import (
+    IdempotencyKeyInUse,
+    IdempotencyKeyReused,
+    InvalidCallbackUrl,
+    InvalidRequest,
+    JobNotFinished,
+    NotFound,
+    Unauthorized,
+)
+from service.queue import JobQueue
+from service.storage import Storage
+from service.store import (
+    TERMINAL,
+    Job,
+    JobState,
+    Store,
+    Tenant,
+    aware,
+    key_id_of,
+    utcnow,
+)
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
@@ -71,13 +101,30 @@ def owned_job(job_id: str, tenant: TenantDep, store: StoreDep) -> Job:
 OwnedJobDep = Annotated[Job, Depends(owned_job)]
 
 
+_HOST_MAX = 253  # RFC 1035: a domain name is at most 253 characters written out
+_URL_MAX = 2048  # the job record's column
+
+
 def _check_callback(url: str | None, settings: GatewaySettings) -> str | None:
+    """The callback URL if the service can and may POST to it; :class:`InvalidCallbackUrl`
+    otherwise, whose detail never repeats the URL (it may carry secrets)."""
     if not url:
         return None
-    parts = urlsplit(url)
     schemes = {"https", "http"} if settings.allow_http_callbacks else {"https"}
-    if parts.scheme not in schemes or not parts.hostname:
-        raise InvalidCallbackUrl(f"callback_url must be an absolute {' or '.join(sorted(schemes))} URL")
+    wanted = f"callback_url must be an absolute {' or '.join(sorted(schemes))} URL"
+    if len(url) > _URL_MAX or any(c.isspace() or ord(c) < 0x20 or ord(c) == 0x7F for c in url):
+        raise InvalidCallbackUrl(f"{wanted} of at most {_URL_MAX} characters, with no spaces or control characters")
+    try:
+        parts = urlsplit(url)
+        host, _port = parts.hostname, parts.port  # .port raises on a port that is not a number in range
+    except ValueError as exc:  # a bracket left open, a bad port
+        raise InvalidCallbackUrl(f"{wanted}; this one cannot be parsed") from exc
+    if parts.scheme not in schemes or not host:
+        raise InvalidCallbackUrl(wanted)
+    if len(host) > _HOST_MAX:
+        raise InvalidCallbackUrl(f"{wanted}; its host name is longer than {_HOST_MAX} characters")
+    if parts.username is not None or parts.password is not None:
+        raise InvalidCallbackUrl(f"{wanted} without credentials (user:password@); webhooks are signed instead")
     return url
 
 
@@ -93,7 +140,7 @@ def _accepted(view: JobOut, settings: GatewaySettings, *, replayed: bool) -> JSO
     status_code=202,
     response_model=JobOut,
     openapi_extra=UPLOAD_BODY,
-    responses=problem_responses(400, 401, 413, 415, 422),
+    responses=problem_responses(400, 401, 409, 413, 415, 422),
 )
 async def create_job(
     request: Request,
@@ -105,12 +152,60 @@ async def create_job(
     idempotency_key: Annotated[str | None, Header(max_length=255)] = None,
 ) -> JSONResponse:
     """Submit a study (multipart: files, bval, bvec, callback_url); answered 202 at once."""
-    if idempotency_key:
-        existing = await anyio.to_thread.run_sync(store.find_by_idempotency_key, tenant.id, idempotency_key)
-        if existing is not None:
-            await drain(request.stream(), max_bytes=settings.max_upload_bytes)
-            view = await anyio.to_thread.run_sync(job_out, existing, store)
-            return _accepted(view, settings, replayed=True)
+    if not idempotency_key:
+        return await _create(request, tenant, settings, store, storage, queue, idempotency_key=None)
+    in_flight: set[tuple[int, str]] = request.app.state.idempotency_in_flight
+    slot = (tenant.id, idempotency_key)
+    if slot in in_flight:  # this gateway is still receiving the first request with the key
+        raise IdempotencyKeyInUse("a request with this Idempotency-Key is still being received; retry once it is answered")
+    in_flight.add(slot)
+    try:
+        return await _create(request, tenant, settings, store, storage, queue, idempotency_key=idempotency_key)
+    finally:
+        in_flight.discard(slot)
+
+
+def request_digest(form: Form) -> str:
+    """SHA-256 of what a submission asks for: each file part's field, digest and size (sorted),
+    and the text fields; two requests with one Idempotency-Key must have the same."""
+    parts = sorted((p.field, p.sha256, p.size) for p in form.parts)
+    canonical = json.dumps({"parts": parts, "fields": sorted(form.fields.items())}, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def _same_request(job: Job, digest: str) -> bool:
+    # a job stored before digests were kept cannot be told apart: replay it, as before
+    return job.inputs.get("request_sha256", digest) == digest
+
+
+def _replay(job: Job, digest: str) -> None:
+    if not _same_request(job, digest):
+        raise IdempotencyKeyReused(
+            "this Idempotency-Key was already used for a different request (other files or fields); use a new key"
+        )
+
+
+def _live_job_with_key(store: Store, tenant: Tenant, key: str, window_s: float) -> Job | None:
+    """The tenant's job created with ``key`` within the replay window; an older one loses its
+    key (the draft's expiry: the key may then start a new job)."""
+    job = store.find_by_idempotency_key(tenant.id, key)
+    created = aware(job.created_at) if job is not None else None
+    if job is not None and created is not None and utcnow() - created > timedelta(seconds=window_s):
+        store.forget_idempotency_key(job.id)
+        return None
+    return job
+
+
+async def _create(
+    request: Request,
+    tenant: Tenant,
+    settings: GatewaySettings,
+    store: Store,
+    storage: Storage,
+    queue: JobQueue,
+    *,
+    idempotency_key: str | None,
+) -> JSONResponse:
     job_id = uuid.uuid4().hex
     dest = storage.input_dir(job_id)
     dest.mkdir(parents=True)
@@ -122,14 +217,27 @@ async def create_job(
             dest=dest,
             max_bytes=settings.max_upload_bytes,
         )
+        digest = request_digest(form)
+        if idempotency_key:
+            existing = await anyio.to_thread.run_sync(
+                _live_job_with_key, store, tenant, idempotency_key, settings.idempotency_window_s
+            )
+            if existing is not None:
+                _replay(existing, digest)
+                shutil.rmtree(storage.job_dir(job_id), ignore_errors=True)
+                view = await anyio.to_thread.run_sync(job_out, existing, store)
+                return _accepted(view, settings, replayed=True)
         callback_url = _check_callback(form.fields.get("callback_url"), settings)
         inputs = await anyio.to_thread.run_sync(lambda: arrange(form, dest=dest, limits=settings.upload_limits))
+        inputs["request_sha256"] = digest
         record = Job(id=job_id, tenant_id=tenant.id, idempotency_key=idempotency_key, callback_url=callback_url, inputs=inputs)
         job, created = await anyio.to_thread.run_sync(store.create_job, record)
+        if not created:  # another gateway with the same idempotency key won
+            _replay(job, digest)
     except BaseException:
         shutil.rmtree(storage.job_dir(job_id), ignore_errors=True)
         raise
-    if not created:  # a concurrent request with the same idempotency key won
+    if not created:
         shutil.rmtree(storage.job_dir(job_id), ignore_errors=True)
     else:
         try:
@@ -150,12 +258,7 @@ def list_jobs(
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
 ) -> JobPage:
     """The tenant's jobs, newest first, optionally of one state and latest review verdict (or none)."""
-    before: int | None = None
-    if cursor:
-        try:
-            before = int(base64.urlsafe_b64decode(cursor.encode() + b"==").decode())
-        except ValueError as exc:
-            raise InvalidRequest("the cursor is not one this service handed out") from exc
+    before = _position(cursor) if cursor else None
     jobs = store.list_jobs(tenant.id, state=state.value if state else None, review=review, before_seq=before, limit=limit + 1)
     page, more = jobs[:limit], len(jobs) > limit
     next_cursor = base64.urlsafe_b64encode(str(page[-1].seq).encode()).decode().rstrip("=") if more else None
@@ -168,6 +271,21 @@ def list_jobs(
         )
     reviews = store.reviews_of([j.id for j in page if j.state == JobState.succeeded])  # one query for the page
     return JobPage(items=[job_out(j, store, reviews=reviews.get(j.id, [])) for j in page], next_cursor=next_cursor, links=links)
+
+
+_SEQ = re.compile(r"^[1-9][0-9]{0,17}$")  # a job's seq: positive and well inside a 64-bit integer
+
+
+def _position(cursor: str) -> int:
+    """The list position a cursor stands for; InvalidRequest for anything this service would
+    not have handed out (garbage, negative, beyond any row)."""
+    try:
+        text = base64.urlsafe_b64decode(cursor.encode("ascii") + b"==").decode("ascii")
+    except ValueError:  # not base64, not ASCII (binascii.Error and UnicodeError are ValueErrors)
+        text = ""
+    if not _SEQ.match(text):
+        raise InvalidRequest("the cursor is not one this service handed out; start again without it")
+    return int(text)
 
 
 def _view(store: Store, credentials: HTTPAuthorizationCredentials | None, job_id: str) -> tuple[Job, JobOut]:
@@ -191,7 +309,7 @@ async def get_job(
     headers = {"ETag": tag, "Cache-Control": "no-cache"}
     if job.state not in TERMINAL:
         headers["Retry-After"] = str(settings.retry_after_s)
-    if if_none_match and tag in [t.strip() for t in if_none_match.split(",")]:
+    if if_none_match and (if_none_match.strip() == "*" or tag in [t.strip() for t in if_none_match.split(",")]):
         return Response(status_code=304, headers=headers)
     return JSONResponse(view.model_dump(mode="json"), headers=headers)
 

@@ -41,9 +41,16 @@ from pydicom.dataset import Dataset
 
 from core.errors import UnsupportedInputError
 from core.ingest.archive import collect_inputs
+from core.ingest.dicom_checks import check_one_study, check_series_geometry
 from core.ingest.dicom_convert import ConvertedVolume, choose_series
 from core.ingest.dicom_geometry import PlaneGeometry, frame_planes, frame_voxel_indices
-from core.ingest.dicom_series import PIXEL_TAGS, SeriesGroup, group_series, int_or_none, read_header
+from core.ingest.dicom_series import (
+    PIXEL_TAGS,
+    SeriesGroup,
+    group_series,
+    int_or_none,
+    read_header,
+)
 from core.ingest.dwi import DWI
 from core.ingest.gradients import B0_THRESHOLD, read_bvals
 from core.ingest.nifti import load_nifti_dwi
@@ -100,6 +107,8 @@ class DicomSeriesInfo:
     files: tuple[Path, ...]
     b0_sources: tuple[SourceFrame, ...] = ()
     seg_unsupported_reason: str | None = None
+    body_part: str | None = None
+    """BodyPartExamined of the first image (upper case), None when absent or empty."""
 
     @property
     def seg_supported(self) -> bool:
@@ -263,6 +272,7 @@ def series_info(group: SeriesGroup, volume: ConvertedVolume, bvals: NDArray[np.f
         files=group.files,
         b0_sources=sources,
         seg_unsupported_reason=reason,
+        body_part=str(first.get("BodyPartExamined") or "").strip().upper() or None,
     )
 
 
@@ -310,9 +320,11 @@ def ingest_dicom(
     ------
     ArchiveError, UnreadableFileError : unsafe or corrupt archives and files.
     UnsupportedInputError : no DICOM image in the upload.
+    MixedStudiesError : images of more than one patient or study.
     NoDiffusionSeriesError : no series with a b=0 image and at least 6 directions.
     ConversionError : dcm2niix failed or timed out.
-    GradientError, ImageError : the chosen series' data does not validate as a DWI.
+    GradientError, ImageError : the chosen series' data does not validate as a DWI, or its
+        geometry (pixel spacing, slice positions) is missing or impossible.
     """
     workdir = Path(workdir)
     for ours in ("files", "dcm2niix"):  # a redelivered job starts clean
@@ -324,7 +336,9 @@ def ingest_dicom(
             f"none of the {len(ignored)} uploaded files is a DICOM image; upload the DICOM files "
             "of the diffusion series (or a NIfTI with its .bval and .bvec)"
         )
+    check_one_study(groups)
     volume, warnings = choose_series(groups, workdir=workdir / "dcm2niix", timeout_s=timeout_s)
+    check_series_geometry(volume.group)
     assert volume.bval is not None and volume.bvec is not None  # qualified series have both
     group = volume.group
     dwi = load_nifti_dwi(

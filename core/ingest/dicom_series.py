@@ -19,7 +19,7 @@ from pydicom.errors import InvalidDicomError
 GROUPING_TAGS = (
     "SOPClassUID", "SOPInstanceUID", "SeriesInstanceUID", "StudyInstanceUID", "FrameOfReferenceUID",
     "Rows", "Columns", "InstanceNumber", "NumberOfFrames", "SeriesDescription", "ProtocolName",
-    "SeriesNumber", "Modality", "Manufacturer", "ImageType",
+    "SeriesNumber", "Modality", "Manufacturer", "ImageType", "PatientID",
 )  # fmt: skip
 """The attributes read while sniffing (reading only these is several times faster on Philips
 headers full of private sequences)."""
@@ -71,6 +71,8 @@ class SeriesGroup:
     modality, manufacturer, series_number : as in the header (None when absent).
     files : the DICOM files, sorted by InstanceNumber.
     n_frames : total number of frames (images) over all files.
+    patient_ids, study_instance_uids : the non-empty PatientID and StudyInstanceUID values of
+        its files (one each in a well-formed series; see :mod:`core.ingest.dicom_checks`).
     """
 
     series_instance_uid: str
@@ -81,6 +83,8 @@ class SeriesGroup:
     series_number: int | None
     files: tuple[Path, ...]
     n_frames: int
+    patient_ids: frozenset[str] = frozenset()
+    study_instance_uids: frozenset[str] = frozenset()
 
     @property
     def n_images(self) -> int:
@@ -133,10 +137,17 @@ def group_series(files: Sequence[Path]) -> tuple[list[SeriesGroup], list[Path]]:
                 series_number=int_or_none(first.get("SeriesNumber")),
                 files=tuple(m[1] for m in members),
                 n_frames=sum(int_or_none(m[2].get("NumberOfFrames")) or 1 for m in members),
+                patient_ids=_values(members, "PatientID"),
+                study_instance_uids=_values(members, "StudyInstanceUID"),
             )
         )
     groups.sort(key=lambda g: (-g.n_frames, g.series_number or 0, g.description))
     return groups, ignored
+
+
+def _values(members: Sequence[tuple[int, Path, Dataset]], keyword: str) -> frozenset[str]:
+    """The distinct non-empty values of ``keyword`` over a group's headers."""
+    return frozenset(v for v in (str(m[2].get(keyword) or "").strip() for m in members) if v)
 
 
 def describe_series(groups: Sequence[SeriesGroup], notes: dict[str, str] | None = None) -> str:

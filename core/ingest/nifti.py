@@ -14,6 +14,7 @@ from core.digest import sha256_of
 from core.errors import GradientError, ImageError, UnreadableFileError
 from core.ingest.dwi import DWI, FileDigest, InputFormat, Provenance
 from core.ingest.gradients import fsl_to_world, read_bvals, read_bvecs
+from core.ingest.rules import check_voxel_size
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 
@@ -104,6 +105,7 @@ def load_nifti_image(path: Path) -> tuple[np.ndarray, np.ndarray]:
         usable = np.all(np.isfinite(affine)) and np.all(np.isfinite(np.linalg.norm(affine[:3, :3], axis=0)))
     if not usable:
         raise ImageError(f"{path.name} has an orientation (affine) that is not finite")
+    _check_geometry(img, affine, path=path)
     # the proxy's offset is the file's (the image's own header copy has it reset to 0)
     raw = _read_checked(path, offset=int(getattr(img.dataobj, "offset", 0)), n_bytes=n_voxels * dtype.itemsize)
     try:
@@ -115,6 +117,31 @@ def load_nifti_image(path: Path) -> tuple[np.ndarray, np.ndarray]:
             f"{path.name} is truncated or corrupt: its voxel data cannot be read ({_reason(exc, path)})"
         ) from exc
     return data, np.asarray(affine, dtype=np.float64)
+
+
+def _check_geometry(img: nib.Nifti1Image | nib.Nifti2Image, affine: np.ndarray, *, path: Path) -> None:
+    """Refuse voxel sizes outside the bounds of :func:`core.ingest.rules.check_voxel_size`,
+    before any voxel is read. Without a qform or sform the voxel size is the header's
+    ``pixdim`` itself (zero there is refused, never read as a 1 mm default); with one, the
+    lengths of the affine's columns."""
+    header = img.header
+    if int(header["sform_code"]) == 0 and int(header["qform_code"]) == 0:
+        check_voxel_size(_raw_pixdim(path, type(header)), field="pixdim (the header has no qform or sform)", label=path.name)
+    with np.errstate(all="ignore"):
+        sizes = np.linalg.norm(affine[:3, :3], axis=0)
+    check_voxel_size([float(v) for v in sizes], field="the qform/sform (pixdim)", label=path.name)
+
+
+def _raw_pixdim(path: Path, header_class: type[nib.Nifti1Header]) -> list[float]:
+    """``pixdim[1:4]`` as the file holds them: nibabel's loader silently turns a zero into 1 mm
+    (its header check "fixes" it), which is exactly the default we must not take. The sign is
+    dropped (without a qform the voxel axes' directions are undefined anyway)."""
+    try:
+        with nib.openers.ImageOpener(str(path)) as stream:
+            raw = header_class.from_fileobj(stream, check=False)
+    except _UNREADABLE as exc:
+        raise UnreadableFileError(f"{path.name} is not a readable NIfTI image ({_reason(exc, path)})") from exc
+    return [abs(float(v)) for v in raw["pixdim"][1:4]]
 
 
 def _dtype_name(dtype: np.dtype) -> str:

@@ -20,11 +20,22 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from core.errors import ArchiveError, GradientError
+from core.errors import ArchiveError, GradientError, ImageError
 
 GIB = 1024**3
 MAX_GRADIENT_FILE_BYTES = 1 << 20
 """A gradient table of thousands of volumes is a few tens of kB; anything above 1 MiB is not one."""
+
+MIN_VOXEL_MM = 0.05
+"""Smallest voxel edge (mm) accepted. Clinical cord DTI is 0.5-2 mm in-plane, 2-7 mm thick;
+microscopy-scale spacing (or a header in metres read as mm) is not a diffusion study of a cord."""
+
+MAX_VOXEL_MM = 20.0
+"""Largest voxel edge (mm) accepted: a 20 mm voxel is already twice a cord's width."""
+
+MAX_RESAMPLED_SLICE_PX = 4096
+"""Most pixels along either axis of a slice resampled to the model's spacing (a 4096 x 4096
+float32 slice is 64 MiB, and the network sees batches of them); checked before allocating."""
 
 SKIPPED_ZIP_PREFIXES = ("__MACOSX/",)
 """Zip entries under these folders (and ``._*`` files) are macOS resource forks, never images."""
@@ -198,3 +209,35 @@ def check_gradient_counts(*, n_bvals: int, n_bvecs: int, n_volumes: int) -> None
         raise GradientError(f"the b-value file has {n_bvals} entries but the image has {n_volumes} volumes")
     if n_bvecs != n_volumes:
         raise GradientError(f"the b-vector file has {n_bvecs} entries but the image has {n_volumes} volumes")
+
+
+# --- image geometry ---------------------------------------------------------------------------
+
+
+def check_voxel_size(sizes_mm: Sequence[float], *, field: str, label: str) -> None:
+    """Refuse voxel edges outside [:data:`MIN_VOXEL_MM`, :data:`MAX_VOXEL_MM`] mm (zero,
+    negative, NaN included); ``field`` names where they were read (``pixdim``, ``PixelSpacing``,
+    ``SliceThickness``...), ``label`` the file or series.
+
+    Raises
+    ------
+    ImageError : a sentence naming ``label``, ``field`` and the values.
+    """
+    values = [float(v) for v in sizes_mm]
+    if not values or not all(math.isfinite(v) and MIN_VOXEL_MM <= v <= MAX_VOXEL_MM for v in values):
+        shown = ", ".join(f"{v:g}" for v in values) or "none"
+        what = "a zero voxel size" if 0.0 in values else "voxel size(s)"
+        raise ImageError(
+            f"{label} has {what} ({shown} mm) in {field}, outside the {MIN_VOXEL_MM:g}-"
+            f"{MAX_VOXEL_MM:g} mm a diffusion study of the cord can have; the image geometry is missing or wrong"
+        )
+
+
+def check_resampled_slice(shape: Sequence[int], *, label: str = "the image") -> None:
+    """Refuse a slice that would exceed :data:`MAX_RESAMPLED_SLICE_PX` along an axis once
+    resampled to the model's spacing (called before the resampled array is allocated)."""
+    if max(int(s) for s in shape) > MAX_RESAMPLED_SLICE_PX:
+        raise ImageError(
+            f"{label} would be resampled to slices of {' x '.join(str(int(s)) for s in shape)} pixels, more "
+            f"than the {MAX_RESAMPLED_SLICE_PX} accepted along an axis: the field of view or voxel size is implausible"
+        )

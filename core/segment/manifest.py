@@ -17,7 +17,9 @@ from core.digest import sha256_of
 from core.errors import ModelError
 from core.labels import label_table
 
-Normalisation = Literal["core.segment.preprocess.normalise", "identity"]
+Normalisation = Literal["core.segment.preprocess.normalise", "worker.segment.preprocess.normalise", "identity"]
+"""The input normalisation by the function's dotted name; ``worker.segment...`` is its name before
+scsnet 0.2 moved the science core to ``core/``, kept so models exported earlier still load."""
 
 
 class ModelInput(BaseModel):

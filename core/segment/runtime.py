@@ -29,10 +29,16 @@ from numpy.typing import NDArray
 from scipy import ndimage
 
 from core.errors import ModelError
+from core.ingest.rules import check_resampled_slice
 from core.labels import BACKGROUND, MIRROR_LUT, N_CLASSES
 from core.segment.cord import keep_largest_cord, min_cord_voxels
 from core.segment.manifest import load_manifest
-from core.segment.preprocess import normalise, resample_slice, resample_to_shape
+from core.segment.preprocess import (
+    normalise,
+    resample_slice,
+    resample_to_shape,
+    zoom_factors,
+)
 
 BATCH_PIXELS = 1 << 16
 """Most pixels (images x height x width) per network run; see Segmenter.probabilities."""
@@ -203,6 +209,8 @@ class Segmenter:
         target = (float(self._input.spacing_mm[0]), float(self._input.spacing_mm[1]))
         spacing = (float(zooms_mm[0]), float(zooms_mm[1]))
         nz = b0.shape[2]
+        fx, fy = zoom_factors(spacing, target)
+        check_resampled_slice((round(b0.shape[0] * fx), round(b0.shape[1] * fy)), label="the b0 image")
         slices = np.stack([resample_slice(b0[:, :, z], spacing_mm=spacing, target_mm=target) for z in range(nz)])
         pixel_area = target[0] * target[1]
 

@@ -1,0 +1,117 @@
+"""Checks on a DICOM upload before its diffusion series is analysed: one patient and one study
+per job, and a series whose geometry can be trusted.
+
+- :func:`check_one_study`: every image of the upload belongs to one PatientID and one
+  StudyInstanceUID (a de-identified upload without them is accepted); otherwise
+  :class:`~core.errors.MixedStudiesError` naming the counts and the series, never a name or ID.
+- :func:`check_series_geometry`: every image of the chosen series has a PixelSpacing (classic)
+  or a Pixel Measures functional group (enhanced) within the bounds of
+  :func:`core.ingest.rules.check_voxel_size`, a SliceThickness / SpacingBetweenSlices within
+  them where present, and the images of a non-mosaic series do not all share one
+  ImagePositionPatient (slices that cannot be placed). dcm2niix would otherwise write a 1 mm
+  default or a stack of coincident slices.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import pydicom
+from pydicom.dataset import Dataset
+
+from core.errors import ImageError, MixedStudiesError
+from core.ingest.dicom_geometry import frame_planes
+from core.ingest.dicom_series import SeriesGroup
+from core.ingest.rules import check_voxel_size
+
+GEOMETRY_TAGS = (
+    "Rows", "Columns", "NumberOfFrames", "ImageType", "ImagePositionPatient", "ImageOrientationPatient",
+    "PixelSpacing", "SliceThickness", "SpacingBetweenSlices", "SharedFunctionalGroupsSequence",
+    "PerFrameFunctionalGroupsSequence",
+)  # fmt: skip
+
+SAME_POSITION_MM = 1e-3
+"""Image positions closer than this are one position."""
+
+
+def check_one_study(groups: Sequence[SeriesGroup]) -> None:
+    """Refuse an upload whose images belong to more than one patient or study.
+
+    Raises
+    ------
+    MixedStudiesError : naming how many patients and studies, and the series found.
+    """
+    patients = frozenset().union(*(g.patient_ids for g in groups))
+    studies = frozenset().union(*(g.study_instance_uids for g in groups))
+    if len(patients) <= 1 and len(studies) <= 1:
+        return
+    shown = "; ".join(f"{g.description!r}" for g in groups[:4]) + ("; ..." if len(groups) > 4 else "")
+    raise MixedStudiesError(
+        f"the upload holds images of {len(patients)} patient(s) and {len(studies)} studies "
+        f"({len(groups)} series: {shown}); upload one study of one patient per job"
+    )
+
+
+def check_series_geometry(group: SeriesGroup) -> None:
+    """Refuse a series whose pixel spacing, slice thickness or slice positions are missing or
+    impossible (see the module's docstring).
+
+    Raises
+    ------
+    ImageError : naming the series and the attribute.
+    """
+    label = f"the series {group.description!r}"
+    positions: list[np.ndarray] = []
+    mosaic = False
+    for path in group.files:
+        try:
+            ds = pydicom.dcmread(path, stop_before_pixels=True, force=True, specific_tags=list(GEOMETRY_TAGS))
+        except Exception as exc:
+            raise ImageError(f"{label} has an image ({path.name}) whose header cannot be read") from exc
+        image_type = [str(t).upper() for t in (ds.get("ImageType") or [])]
+        mosaic = mosaic or "MOSAIC" in image_type or "VFRAME" in image_type
+        _check_spacing(ds, label=label)
+        positions += [p.position for p in frame_planes(ds) if p is not None]
+    if not mosaic and len(positions) > 1:
+        spread = np.ptp(np.asarray(positions), axis=0)
+        if float(np.max(spread)) < SAME_POSITION_MM:
+            raise ImageError(
+                f"all {len(positions)} images of {label} lie at one position (ImagePositionPatient): "
+                "its slices cannot be placed"
+            )
+
+
+def _check_spacing(ds: Dataset, *, label: str) -> None:
+    measures = _pixel_measures(ds)
+    spacing = measures.get("PixelSpacing") if measures is not None else None
+    if spacing is None or len(spacing) != 2:
+        raise ImageError(f"{label} has no PixelSpacing: its voxel size is unknown")
+    try:
+        values = [float(v) for v in spacing]
+    except (TypeError, ValueError):
+        raise ImageError(f"{label} has a PixelSpacing that is not a number") from None
+    check_voxel_size(values, field="PixelSpacing", label=label)
+    for keyword in ("SliceThickness", "SpacingBetweenSlices"):
+        value = measures.get(keyword) if measures is not None else None
+        if value is None or not str(value).strip():
+            continue
+        try:
+            size = abs(float(value))  # some writers sign SpacingBetweenSlices by the stacking direction
+        except (TypeError, ValueError):
+            raise ImageError(f"{label} has a {keyword} that is not a number") from None
+        check_voxel_size([size], field=keyword, label=label)
+
+
+def _pixel_measures(ds: Dataset) -> Dataset | None:
+    """Where the spacing lives: the Pixel Measures functional group of an enhanced image
+    (shared, else the first frame's), or the data set itself."""
+    if "SharedFunctionalGroupsSequence" not in ds and "PerFrameFunctionalGroupsSequence" not in ds:
+        return ds
+    for keyword in ("SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence"):
+        items = ds.get(keyword)
+        if items:
+            seq = items[0].get("PixelMeasuresSequence")
+            if seq:
+                return seq[0]
+    return None
