@@ -36,6 +36,14 @@ class InvalidRequest(ScsnetError):
     status = 422
 
 
+class InvalidCursor(ScsnetError):
+    """A list cursor the service did not hand out (opaque: nothing to correct, start again)."""
+
+    type_slug = "invalid-cursor"
+    title = "The list cursor is not valid"
+    status = 400
+
+
 class MalformedUpload(ScsnetError):
     type_slug = "malformed-upload"
     title = "The upload is not a well-formed multipart form"

@@ -125,14 +125,14 @@ class JobMaker:
 # accepted (positive_data_acceptance) is off, and the refusals allowed instead are listed:
 # - an uploaded file is judged by its content (NIfTI, DICOM, zip of DICOM), which a schema of
 #   "string, format binary" cannot express; random bytes are rightly 415;
-# - a list cursor is opaque: a string the service did not hand out is rightly 422.
+# - a list cursor is opaque: a string the service did not hand out is rightly 400 invalid-cursor.
 RELAXED: dict[tuple[str, str], set[tuple[int, str]]] = {
     ("POST", "/v1/jobs"): {
         (415, "unsupported-input"), (422, "invalid-gradients"), (422, "invalid-image"), (422, "invalid-archive"),
         (422, "invalid-request"), (422, "invalid-callback-url"), (413, "upload-too-large"), (400, "malformed-upload"),
         (401, "unauthorized"),
     },
-    ("GET", "/v1/jobs"): {(422, "invalid-request"), (401, "unauthorized")},
+    ("GET", "/v1/jobs"): {(422, "invalid-request"), (400, "invalid-cursor"), (401, "unauthorized")},
 }  # fmt: skip
 
 SCHEMA = schemathesis.openapi.from_path(OPENAPI)

@@ -294,10 +294,8 @@ def _b64(text: bytes) -> str:
 def test_a_cursor_that_is_no_position_is_a_problem_not_a_500(service, cursor: str) -> None:  # type: ignore[no-untyped-def]
     client, store = service
     response = client.get("/v1/jobs", params={"cursor": cursor}, headers=_key(store, "a"))
-    # 422 invalid-request: the status every other malformed query parameter gets (and the one
-    # the committed OpenAPI document and its fuzz test give a cursor)
-    assert response.status_code == 422, response.text
-    assert h.problem_of(response)["type"] == "https://scsnet.dev/problems/invalid-request"
+    assert response.status_code == 400, response.text
+    assert h.problem_of(response)["type"] == "https://scsnet.dev/problems/invalid-cursor"
 
 
 def test_the_cursors_handed_out_still_page_through(service) -> None:  # type: ignore[no-untyped-def]

@@ -37,6 +37,7 @@ from service.errors import (
     IdempotencyKeyInUse,
     IdempotencyKeyReused,
     InvalidCallbackUrl,
+    InvalidCursor,
     InvalidRequest,
     JobNotFinished,
     NotFound,
@@ -248,7 +249,7 @@ async def _create(
     return _accepted(view, settings, replayed=not created)
 
 
-@router.get("", response_model=JobPage, responses=problem_responses(401, 422))
+@router.get("", response_model=JobPage, responses=problem_responses(400, 401, 422))
 def list_jobs(
     tenant: TenantDep,
     store: StoreDep,
@@ -277,14 +278,14 @@ _SEQ = re.compile(r"^[1-9][0-9]{0,17}$")  # a job's seq: positive and well insid
 
 
 def _position(cursor: str) -> int:
-    """The list position a cursor stands for; InvalidRequest for anything this service would
-    not have handed out (garbage, negative, beyond any row)."""
+    """The list position a cursor stands for; InvalidCursor (400) for anything this service
+    would not have handed out (garbage, negative, beyond any row)."""
     try:
         text = base64.urlsafe_b64decode(cursor.encode("ascii") + b"==").decode("ascii")
     except ValueError:  # not base64, not ASCII (binascii.Error and UnicodeError are ValueErrors)
         text = ""
     if not _SEQ.match(text):
-        raise InvalidRequest("the cursor is not one this service handed out; start again without it")
+        raise InvalidCursor("the cursor is not one this service handed out; start again without it")
     return int(text)
 
 
