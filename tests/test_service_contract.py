@@ -35,13 +35,6 @@ from service.store import Job, JobState, Store, utcnow
 REAL = Path(__file__).parent / "data" / "sct_tutorial_dmri"
 
 
-@pytest.fixture(scope="module")
-def redis_server() -> Iterator[h.RedisServer]:
-    server = h.start_redis(h.short_tmpdir("scsc") / "redis")
-    yield server
-    server.stop()
-
-
 @pytest.fixture()
 def settings(tmp_path: Path, redis_server: h.RedisServer) -> GatewaySettings:
     redis_server.client().flushall()

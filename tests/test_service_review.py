@@ -43,13 +43,6 @@ PAGE = (
 )
 
 
-@pytest.fixture(scope="module")
-def redis_server() -> Iterator[h.RedisServer]:
-    server = h.start_redis(h.short_tmpdir("scsv") / "redis")
-    yield server
-    server.stop()
-
-
 @pytest.fixture()
 def service(tmp_path: Path, redis_server: h.RedisServer) -> Iterator[tuple[TestClient, Store, Storage]]:
     redis_server.client().flushall()
