@@ -17,7 +17,9 @@ from __future__ import annotations
 import tarfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pydicom
 import pytest
 from dicognito.anonymizer import Anonymizer
@@ -25,8 +27,12 @@ from dicom_synth import write_dicom_series
 from dicom_validate import dciodvfy
 
 from cli.main import main
+from core.errors import InputError
 from core.ingest.dicom import ingest_dicom
 from core.ingest.nifti import load_nifti_dwi
+from core.labels import REGIONS
+from core.report.qc import write_qc_png
+from core.report.write import write_dicom_outputs
 
 DATA = Path(__file__).parent / "data" / "dicom"
 SERIES = {
@@ -192,3 +198,54 @@ def test_every_export_is_analysed_or_refused_in_one_line(
             assert not errors, (series, variant, name, errors)
     if series == "cervical-dwi":
         assert printed.out.startswith("cord FA "), printed.out
+
+
+def _report_for(labels: np.ndarray, zooms: tuple[float, ...]) -> dict[str, Any]:
+    """The report sections the DICOM writers read, for ``labels`` (made-up tensor values)."""
+    voxel = float(np.prod(zooms[:3]))
+
+    def measured(mask: np.ndarray, fa: float) -> dict[str, Any]:
+        stats = {"fa": fa, "md": 0.8e-3, "ad": 1.5e-3, "rd": 0.45e-3}
+        return {key: {"mean": value if mask.any() else None} for key, value in stats.items()} | {
+            "voxels": int(mask.sum()), "volume_mm3": round(int(mask.sum()) * voxel, 3),
+        }
+
+    regions = [{"code": r.code, "name": r.name} | measured(labels == r.code, 0.5 + r.code / 100) for r in REGIONS]
+    return {"regions": regions, "cord": measured(labels > 0, 0.6), "model": {"name": "scsnet", "version": "test"},
+            "dicom_outputs": {}}  # fmt: skip
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("series", [s for s in SERIES if s not in MOSAIC])
+def test_every_vendor_layout_gets_seg_sr_and_qc_that_pass_dciodvfy(
+    sources: dict[str, Path], series: str, variant: str, tmp_path: Path
+) -> None:
+    """The shared vendor series are brain scans, which the analysis refuses (no spinal cord), so
+    their DICOM layouts (classic, enhanced one file, one file per volume; GE, Canon, Philips,
+    Siemens) are given to the DICOM writers directly, with a made-up region map, as exported
+    and de-identified: SEG, SR and QC written, no warning, no dciodvfy error."""
+    study = sources[series] if variant == "as-exported" else _variant(sources[series], variant, tmp_path / "in")
+    try:
+        ingest = ingest_dicom([study], workdir=tmp_path / "work")
+    except InputError as exc:
+        assert variant == "private-removed" and ("gradient" in exc.detail or "diffusion" in exc.detail), exc.detail
+        return
+    labels = np.zeros(ingest.dwi.shape[:3], dtype=np.uint8)
+    x, y, z = (n // 2 for n in labels.shape)
+    for code in range(1, 9):
+        labels[x - 4 + code, y - 2 : y + 2, z] = code
+    out = tmp_path / "out"
+    out.mkdir()
+    write_qc_png(ingest.dwi.mean_b0(), ingest.dwi.mean_b0() * 0, labels, out / "qc.png", zooms_mm=ingest.dwi.zooms)
+    report = _report_for(labels, ingest.dwi.zooms)
+    warnings = write_dicom_outputs(
+        labels, affine=ingest.dwi.affine, series=ingest.series, report=report, out=out, software_version="test"
+    )
+    assert warnings == []
+    assert set(report["dicom_outputs"]) == {"seg", "sr", "qc"}
+    for name in ("seg.dcm", "sr.dcm", "qc.dcm"):
+        ds = pydicom.dcmread(out / name, stop_before_pixels=True)
+        assert ds.StudyInstanceUID == ingest.series.study_instance_uid
+        for keyword in IDENTIFIERS[:4]:
+            assert keyword in ds, (name, keyword)
+        assert not dciodvfy(out / name), (series, variant, name)
