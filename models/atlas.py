@@ -2,7 +2,7 @@
 
 The source is the PAM50 template and white/gray-matter tract atlas (De Leener et al.,
 NeuroImage 2018; MIT, shipped with the Spinal Cord Toolbox). Its 36 probabilistic tracts are
-grouped into the project's eight regions (see ``../shared/docs/domain.md``)::
+grouped into the project's eight regions (the label codes of :mod:`core.labels`)::
 
     dorsal columns    left 00, 02            right 01, 03
     lateral funiculi  left 04-12 even        right 05-13 odd
@@ -15,7 +15,7 @@ project convention ``[i, j]``: ``i`` along world +x (patient's right is larger `
 along world +y (anterior is larger ``j``). The orientation is derived from the NIfTI affine; an
 assertion checks that the "left" tracts do land at smaller world x.
 
-Build (needs the shared PAM50 copy; the output is committed)::
+Build (needs a copy of the PAM50 template folder; the output is committed)::
 
     python -m models.atlas --pam50 PATH/TO/PAM50 --out models/atlas
 
@@ -152,7 +152,7 @@ def _check_sides(regions: NDArray[np.float32]) -> None:
 
 
 def load_atlas(path: Path = ATLAS_FILE) -> Atlas:
-    """Read the committed compact atlas (never the shared PAM50 copy)."""
+    """Read the committed compact atlas (never the PAM50 source)."""
     with np.load(path) as f:
         return Atlas(
             regions=f["regions"].astype(np.float32) / 255.0,

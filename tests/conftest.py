@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import phantoms
 import pytest
@@ -33,3 +34,17 @@ def redis_server() -> Iterator[h.RedisServer]:
     server = h.start_redis(h.short_tmpdir("scsr") / "redis")
     yield server
     server.stop()
+
+
+@pytest.fixture()
+def service(settings: Any) -> Iterator[tuple[Any, Any]]:
+    """An in-process gateway (FastAPI TestClient) and its job store, on the requesting module's
+    ``settings`` (a GatewaySettings with a real Redis)."""
+    from fastapi.testclient import TestClient
+
+    from app.main import create_app
+    from service.store import Store
+
+    store = Store(settings.store_url)
+    with TestClient(create_app(settings, store=store)) as client:
+        yield client, store

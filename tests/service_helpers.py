@@ -250,3 +250,8 @@ def problem_of(response: httpx.Response) -> dict[str, Any]:
     body = json.loads(response.content)
     assert body["type"].startswith("https://scsnet.dev/problems/") and body["status"] == response.status_code
     return dict(body)
+
+
+def bearer(store: Any, tenant: str) -> dict[str, str]:
+    """The Authorization header of a new API key of ``tenant`` (created in ``store``)."""
+    return {"Authorization": f"Bearer {store.create_api_key(tenant).key}"}

@@ -5,19 +5,17 @@ queued unless a test moves them on through the store, as a worker would."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import service_helpers as h
 from fastapi.testclient import TestClient
 
-from app.main import create_app
 from app.requeue import requeue_lost
 from app.settings import GatewaySettings
 from core.outputs import describe_outputs
 from service.queue import CeleryQueue
-from service.store import JobState, Store
+from service.store import JobState
 
 REAL = Path(__file__).parent / "data" / "sct_tutorial_dmri"
 
@@ -26,17 +24,6 @@ REAL = Path(__file__).parent / "data" / "sct_tutorial_dmri"
 def settings(tmp_path: Path, redis_server: h.RedisServer) -> GatewaySettings:
     redis_server.client().flushall()
     return GatewaySettings(data_dir=tmp_path / "var", redis_url=redis_server.url, max_upload_bytes=8 * 1024 * 1024, max_zip_entries=5)
-
-
-@pytest.fixture()
-def service(settings: GatewaySettings) -> Iterator[tuple[TestClient, Store]]:
-    store = Store(settings.store_url)
-    with TestClient(create_app(settings, store=store)) as client:
-        yield client, store
-
-
-def _key(store: Store, tenant: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {store.create_api_key(tenant).key}"}
 
 
 def _real_files(name: str = "dmri.nii.gz") -> list[tuple[str, tuple[str, bytes]]]:
@@ -53,7 +40,7 @@ def _post(client: TestClient, headers: dict[str, str], files: list, **data: str)
 
 def test_a_nifti_study_is_accepted_at_once_and_queued(service) -> None:  # type: ignore[no-untyped-def]
     client, store = service
-    headers = _key(store, "a")
+    headers = h.bearer(store, "a")
     response = _post(client, headers, _real_files())
     assert response.status_code == 202, response.text
     job = response.json()
@@ -90,7 +77,7 @@ def test_a_revoked_key_stops_working(service) -> None:  # type: ignore[no-untype
 
 def test_tenants_never_see_each_others_jobs(service) -> None:  # type: ignore[no-untyped-def]
     client, store = service
-    a, b = _key(store, "a"), _key(store, "b")
+    a, b = h.bearer(store, "a"), h.bearer(store, "b")
     job = _post(client, a, _real_files()).json()
     for path in (f"/v1/jobs/{job['id']}", f"/v1/jobs/{job['id']}/report", f"/v1/jobs/{job['id']}/maps/fa"):
         response = client.get(path, headers=b)
@@ -102,7 +89,7 @@ def test_tenants_never_see_each_others_jobs(service) -> None:  # type: ignore[no
 
 def test_the_same_idempotency_key_gives_the_same_job_back(service) -> None:  # type: ignore[no-untyped-def]
     client, store = service
-    a, b = _key(store, "a"), _key(store, "b")
+    a, b = h.bearer(store, "a"), h.bearer(store, "b")
     first = client.post("/v1/jobs", files=_real_files(), headers={**a, "Idempotency-Key": "k-1"})
     again = client.post("/v1/jobs", files=_real_files(), headers={**a, "Idempotency-Key": "k-1"})
     other_tenant = client.post("/v1/jobs", files=_real_files(), headers={**b, "Idempotency-Key": "k-1"})
@@ -140,7 +127,7 @@ def test_the_same_idempotency_key_gives_the_same_job_back(service) -> None:  # t
 )
 def test_a_bad_upload_is_refused_at_once_with_problem_json(service, files, status, slug) -> None:  # type: ignore[no-untyped-def]
     client, store = service
-    response = _post(client, _key(store, "a"), files)
+    response = _post(client, h.bearer(store, "a"), files)
     assert response.status_code == status, response.text
     assert h.problem_of(response)["type"].endswith("/" + slug)
     assert list((Path(client.app.state.settings.data_root) / "jobs").iterdir()) == []  # type: ignore[attr-defined]
@@ -148,7 +135,7 @@ def test_a_bad_upload_is_refused_at_once_with_problem_json(service, files, statu
 
 def test_malformed_oversized_and_odd_requests_are_4xx_problems(service) -> None:  # type: ignore[no-untyped-def]
     client, store = service
-    headers = _key(store, "a")
+    headers = h.bearer(store, "a")
     not_multipart = client.post("/v1/jobs", content=b"{}", headers={**headers, "Content-Type": "application/json"})
     assert not_multipart.status_code == 400 and h.problem_of(not_multipart)["type"].endswith("/malformed-upload")
     truncated = client.post(
@@ -171,7 +158,7 @@ def test_malformed_oversized_and_odd_requests_are_4xx_problems(service) -> None:
 
 def test_etag_answers_304_until_the_job_changes(service) -> None:  # type: ignore[no-untyped-def]
     client, store = service
-    headers = _key(store, "a")
+    headers = h.bearer(store, "a")
     job = _post(client, headers, _real_files()).json()
     first = client.get(f"/v1/jobs/{job['id']}", headers=headers)
     tag = first.headers["etag"]
@@ -186,7 +173,7 @@ def test_etag_answers_304_until_the_job_changes(service) -> None:  # type: ignor
 
 def test_listing_pages_with_a_cursor_and_filters_by_state(service) -> None:  # type: ignore[no-untyped-def]
     client, store = service
-    headers = _key(store, "a")
+    headers = h.bearer(store, "a")
     ids = [_post(client, headers, _real_files()).json()["id"] for _ in range(5)]
     store.cancel(ids[0])
     seen, url = [], "/v1/jobs?limit=2"
@@ -201,7 +188,7 @@ def test_listing_pages_with_a_cursor_and_filters_by_state(service) -> None:  # t
 
 def test_cancel_then_delete(service) -> None:  # type: ignore[no-untyped-def]
     client, store = service
-    headers = _key(store, "a")
+    headers = h.bearer(store, "a")
     job = _post(client, headers, _real_files()).json()
     cancelled = client.delete(f"/v1/jobs/{job['id']}", headers=headers)
     assert cancelled.status_code == 200 and cancelled.json()["state"] == "cancelled"
@@ -216,7 +203,7 @@ def test_cancel_then_delete(service) -> None:  # type: ignore[no-untyped-def]
 
 def test_artifacts_are_served_once_succeeded_with_media_types_and_digests(service, tmp_path) -> None:  # type: ignore[no-untyped-def]
     client, store = service
-    headers = _key(store, "a")
+    headers = h.bearer(store, "a")
     job = _post(client, headers, _real_files()).json()
     not_yet = client.get(f"/v1/jobs/{job['id']}/report", headers=headers)
     assert not_yet.status_code == 409 and h.problem_of(not_yet)["type"].endswith("/job-not-finished")
@@ -241,7 +228,7 @@ def test_artifacts_are_served_once_succeeded_with_media_types_and_digests(servic
 
 def test_queued_jobs_the_broker_lost_are_sent_again(service, redis_server) -> None:  # type: ignore[no-untyped-def]
     client, store = service
-    headers = _key(store, "a")
+    headers = h.bearer(store, "a")
     job = _post(client, headers, _real_files()).json()
     queue = client.app.state.queue  # type: ignore[attr-defined]
     assert requeue_lost(store, queue, grace_s=0) == []  # its message is there
@@ -263,13 +250,13 @@ def test_readyz_wants_a_recent_worker_and_models_shows_its_manifest(service) -> 
     manifest = {"name": "scsnet", "version": "1.0.0", "sha256": "ab" * 32}
     store.beat("w1@host", {"model": manifest})
     assert client.get("/readyz").json()["status"] == "ready"
-    models = client.get("/v1/models", headers=_key(store, "a")).json()
+    models = client.get("/v1/models", headers=h.bearer(store, "a")).json()
     assert models["models"] == [manifest] and models["workers"] == 1
 
 
 def test_metrics_count_requests_jobs_by_state_and_queue_depth(service) -> None:  # type: ignore[no-untyped-def]
     client, store = service
-    headers = _key(store, "a")
+    headers = h.bearer(store, "a")
     _post(client, headers, _real_files())
     client.get("/v1/jobs", headers=headers)
     text = client.get("/metrics").text
@@ -281,7 +268,7 @@ def test_metrics_count_requests_jobs_by_state_and_queue_depth(service) -> None: 
 
 def test_problem_types_are_catalogued_once_each(service) -> None:  # type: ignore[no-untyped-def]
     client, store = service
-    entries = client.get("/v1/problems", headers=_key(store, "a")).json()["problems"]
+    entries = client.get("/v1/problems", headers=h.bearer(store, "a")).json()["problems"]
     types = [e["type"] for e in entries]
     assert len(types) == len(set(types))
     for slug in ("unauthorized", "not-found", "invalid-gradients", "upload-too-large", "model-unavailable", "analysis-timed-out"):

@@ -11,7 +11,7 @@ import hashlib
 import hmac
 import json
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from datetime import timedelta
 from email.utils import format_datetime
 from pathlib import Path
@@ -41,17 +41,6 @@ def settings(tmp_path: Path, redis_server: h.RedisServer) -> GatewaySettings:
     return GatewaySettings(data_dir=tmp_path / "var", redis_url=redis_server.url, max_upload_bytes=8 * 1024 * 1024)
 
 
-@pytest.fixture()
-def service(settings: GatewaySettings) -> Iterator[tuple[TestClient, Store]]:
-    store = Store(settings.store_url)
-    with TestClient(create_app(settings, store=store)) as client:
-        yield client, store
-
-
-def _key(store: Store, tenant: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {store.create_api_key(tenant).key}"}
-
-
 def _study(bvals: bytes | None = None) -> list[tuple[str, tuple[str, bytes]]]:
     return [
         ("files", ("dmri.nii.gz", (REAL / "dmri.nii.gz").read_bytes())),
@@ -70,7 +59,7 @@ def _job_folders(settings: GatewaySettings) -> set[str]:
 
 def test_a_reused_idempotency_key_with_another_request_is_422_and_keeps_nothing(service, settings) -> None:  # type: ignore[no-untyped-def]
     client, store = service
-    a = _key(store, "a")
+    a = h.bearer(store, "a")
     first = client.post("/v1/jobs", files=_study(), headers={**a, "Idempotency-Key": "k-1"})
     assert first.status_code == 202
     digest = store.get(first.json()["id"]).inputs["request_sha256"]  # type: ignore[union-attr]
@@ -97,7 +86,7 @@ def test_a_reused_idempotency_key_with_another_request_is_422_and_keeps_nothing(
 def test_a_key_still_being_received_is_409(settings: GatewaySettings) -> None:
     store = Store(settings.store_url)
     app = create_app(settings, store=store)
-    auth = _key(store, "a")
+    auth = h.bearer(store, "a")
     boundary = "b0undary"
     head = (
         f'--{boundary}\r\nContent-Disposition: form-data; name="files"; filename="dmri.nii.gz"\r\n'
@@ -141,7 +130,7 @@ def test_a_key_still_being_received_is_409(settings: GatewaySettings) -> None:
 
 def test_after_the_replay_window_the_key_starts_a_new_job(service, settings) -> None:  # type: ignore[no-untyped-def]
     client, store = service
-    a = _key(store, "a")
+    a = h.bearer(store, "a")
     first = client.post("/v1/jobs", files=_study(), headers={**a, "Idempotency-Key": "k-old"}).json()
     with store.session() as s:  # the first request was made longer ago than the window
         s.execute(update(Job).where(Job.id == first["id"]).values(created_at=utcnow() - timedelta(seconds=settings.idempotency_window_s + 60)))
@@ -162,7 +151,7 @@ def test_the_replay_window_is_a_setting(monkeypatch: pytest.MonkeyPatch) -> None
 
 
 def _succeeded(store: Store, settings: GatewaySettings, tenant: str) -> tuple[str, dict[str, str]]:
-    headers = _key(store, tenant)
+    headers = h.bearer(store, tenant)
     tenant_id = store.authenticate(headers["Authorization"].split()[1]).id  # type: ignore[union-attr]
     job_id = uuid.uuid4().hex
     store.create_job(Job(id=job_id, tenant_id=tenant_id, inputs={"kind": "nifti", "paths": [], "files": []}))
@@ -201,7 +190,7 @@ def test_every_output_answers_if_none_match_if_modified_since_and_head(service, 
         head = client.head(url, headers=auth)
         assert head.status_code == 200 and head.content == b"", url
         assert head.headers["etag"] == tag and int(head.headers["content-length"]) == len(full.content)
-    other = _key(store, "b")
+    other = h.bearer(store, "b")
     assert client.head(f"/v1/jobs/{job_id}/report", headers=other).status_code == 404
     assert client.get(f"/v1/jobs/{job_id}/report", headers={**other, "If-None-Match": "*"}).status_code == 404
 
@@ -228,12 +217,12 @@ def test_the_reviewed_qc_page_is_validated_by_the_digest_of_the_bytes_served(ser
 
 def test_if_none_match_star_on_the_job_view(service) -> None:  # type: ignore[no-untyped-def]
     client, store = service
-    a = _key(store, "a")
+    a = h.bearer(store, "a")
     job = client.post("/v1/jobs", files=_study(), headers=a).json()
     cached = client.get(f"/v1/jobs/{job['id']}", headers={**a, "If-None-Match": "*"})
     assert cached.status_code == 304 and cached.headers["etag"]
     assert client.get(f"/v1/jobs/{'0' * 32}", headers={**a, "If-None-Match": "*"}).status_code == 404
-    assert client.get(f"/v1/jobs/{job['id']}", headers={**_key(store, "b"), "If-None-Match": "*"}).status_code == 404
+    assert client.get(f"/v1/jobs/{job['id']}", headers={**h.bearer(store, "b"), "If-None-Match": "*"}).status_code == 404
 
 
 # --- 3. no 500 for any request ------------------------------------------------------------
@@ -256,7 +245,7 @@ HOSTILE_CALLBACKS = [
 @pytest.mark.parametrize("url", HOSTILE_CALLBACKS)
 def test_a_malformed_callback_url_is_422_never_stored_never_echoed(service, settings, url: str) -> None:  # type: ignore[no-untyped-def]
     client, store = service
-    a = _key(store, "a")
+    a = h.bearer(store, "a")
     response = client.post("/v1/jobs", files=_study(), data={"callback_url": url}, headers=a)
     assert response.status_code == 422, response.text
     problem = h.problem_of(response)
@@ -269,7 +258,7 @@ def test_a_malformed_callback_url_is_422_never_stored_never_echoed(service, sett
 
 def test_a_well_formed_callback_url_is_kept(service) -> None:  # type: ignore[no-untyped-def]
     client, store = service
-    a = _key(store, "a")
+    a = h.bearer(store, "a")
     for url in ("https://[2001:db8::1]:8443/hook?x=1", "http://hooks.example.org/scsnet"):
         response = client.post("/v1/jobs", files=_study(), data={"callback_url": url}, headers=a)
         assert response.status_code == 202 and response.json()["callback_url"] == url
@@ -286,14 +275,14 @@ def _b64(text: bytes) -> str:
 )  # fmt: skip
 def test_a_cursor_that_is_no_position_is_a_problem_not_a_500(service, cursor: str) -> None:  # type: ignore[no-untyped-def]
     client, store = service
-    response = client.get("/v1/jobs", params={"cursor": cursor}, headers=_key(store, "a"))
+    response = client.get("/v1/jobs", params={"cursor": cursor}, headers=h.bearer(store, "a"))
     assert response.status_code == 400, response.text
     assert h.problem_of(response)["type"] == "https://scsnet.dev/problems/invalid-cursor"
 
 
 def test_the_cursors_handed_out_still_page_through(service) -> None:  # type: ignore[no-untyped-def]
     client, store = service
-    a = _key(store, "a")
+    a = h.bearer(store, "a")
     ids = [client.post("/v1/jobs", files=_study(), headers=a).json()["id"] for _ in range(3)]
     first = client.get("/v1/jobs", params={"limit": 2}, headers=a).json()
     rest = client.get("/v1/jobs", params={"limit": 2, "cursor": first["next_cursor"]}, headers=a).json()

@@ -41,7 +41,7 @@ from core.ingest.rules import (
     UploadLimits,
     check_zip_directory,
     is_skipped_entry,
-    open_zip_directory,
+    open_zip,
     zip_file_entries,
 )
 from core.ingest.sniff import GZIP_MAGIC, ZIP_MAGICS
@@ -214,8 +214,8 @@ def _add_gunzipped(
 
 
 def _extract_zip(path: Path, *, label: str, collector: _Collector) -> None:
-    check_zip_directory(open_zip_directory(path, label=label), label=label, limits=collector.limits)
-    with zipfile.ZipFile(path) as archive:
+    with open_zip(path, label=label) as archive:
+        check_zip_directory(archive.infolist(), label=label, limits=collector.limits)
         for info in zip_file_entries(archive.infolist()):
             if is_skipped_entry(info.filename):
                 continue

@@ -122,7 +122,8 @@ MOSAIC_REASON = (
 
 
 def _layout(ds: Dataset, shape: tuple[int, int, int]) -> Layout:
-    if (int_or_none(ds.get("NumberOfFrames")) or 1) > 1:
+    # enhanced images keep their geometry in functional groups, even with one frame per file
+    if (int_or_none(ds.get("NumberOfFrames")) or 1) > 1 or "PerFrameFunctionalGroupsSequence" in ds:
         return "multi-frame"
     image_type = [str(t).upper() for t in (ds.get("ImageType") or [])]
     if "MOSAIC" in image_type or "VFRAME" in image_type:
@@ -210,15 +211,13 @@ def locate_b0_sources(
         return "single-frame", (), "the converted series is not a 4D volume"
     matcher = _Matcher(raw=raw, b0_volumes=np.flatnonzero(bvals < B0_THRESHOLD), affine=np.asarray(img.affine))
     layout: Layout = "single-frame"
-    enhanced = False
     for n, path in enumerate(files):
         try:
             # Enhanced (multi-frame) files, even of one frame each, keep their geometry in their
             # functional groups: read them whole.
-            ds = pydicom.dcmread(path, force=True, specific_tags=None if enhanced or n == 0 else list(PIXEL_TAGS))
+            ds = pydicom.dcmread(path, force=True, specific_tags=None if layout == "multi-frame" or n == 0 else list(PIXEL_TAGS))
             if n == 0:
                 layout = _layout(ds, matcher.shape)
-                enhanced = "PerFrameFunctionalGroupsSequence" in ds or layout == "multi-frame"
                 if layout == "mosaic":
                     return layout, (), MOSAIC_REASON
             _offer_dataset(matcher, ds, path)

@@ -125,13 +125,18 @@ def check_zip_entry(info: zipfile.ZipInfo, *, label: str, limits: UploadLimits) 
             )
 
 
-def open_zip_directory(path: Path, *, label: str) -> list[zipfile.ZipInfo]:
-    """The central directory of the zip at ``path`` (nothing is decompressed)."""
+def open_zip(path: Path, *, label: str) -> zipfile.ZipFile:
+    """The zip at ``path``, opened (its central directory read, nothing decompressed)."""
     try:
-        with zipfile.ZipFile(path) as archive:
-            return archive.infolist()
+        return zipfile.ZipFile(path)
     except (zipfile.BadZipFile, OSError, ValueError, EOFError) as exc:
         raise ArchiveError(f"{label} is not a readable zip archive (it is corrupt or truncated)") from exc
+
+
+def open_zip_directory(path: Path, *, label: str) -> list[zipfile.ZipInfo]:
+    """The central directory of the zip at ``path`` (nothing is decompressed)."""
+    with open_zip(path, label=label) as archive:
+        return archive.infolist()
 
 
 # --- gradient tables --------------------------------------------------------------------------

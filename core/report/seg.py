@@ -286,7 +286,7 @@ def write_seg(
         content_description="Eight cervical spinal cord regions and the whole cord (SCS-Net)",
         **new_series(series, offset=SEG_SERIES_NUMBER_OFFSET, kind="Cord regions", software_version=software_version),
     )
-    if _is_multi_frame(series):
+    if series.layout == "multi-frame":
         placed = _multi_frame_sources(series.b0_sources, array, affine)
         seg = hd.seg.Segmentation(
             source_images=[placed.source],
@@ -302,14 +302,6 @@ def write_seg(
         seg = hd.seg.Segmentation(source_images=source_images, pixel_array=_segments(pixel_array), **common)  # type: ignore[arg-type]
     seg.save_as(Path(out_path))
     return seg
-
-
-def _is_multi_frame(series: DicomSeriesInfo) -> bool:
-    """Whether the sources are enhanced (multi-frame) images, even of one frame each."""
-    if series.layout == "multi-frame":
-        return True
-    first = pydicom.dcmread(series.b0_sources[0].path, stop_before_pixels=True, force=True, specific_tags=["NumberOfFrames"])
-    return "NumberOfFrames" in first
 
 
 def _segments(frames: NDArray[np.uint8]) -> NDArray[np.bool_]:
