@@ -21,12 +21,17 @@ from fastapi.responses import HTMLResponse, JSONResponse
 
 import core
 from app import problems
+from app.cursors import Cursors
 from app.metrics import Metrics, MetricsMiddleware
+from app.middleware import BodyTimeoutMiddleware, NoStoreMiddleware
 from app.requeue import requeue_lost
 from app.routers import artifacts, jobs, system
 from app.settings import GatewaySettings
 from app.sweep import sweep_orphans
+from app.throttle import AuthThrottle
+from service.privacy import secure_service
 from service.queue import CeleryQueue, JobQueue
+from service.retention import purge_expired
 from service.storage import Storage
 from service.store import Store
 
@@ -35,7 +40,8 @@ log = logging.getLogger(__name__)
 
 async def _housekeeping_forever(app: FastAPI) -> None:
     """Every ``requeue_interval_s``: re-send jobs the broker lost, remove folders of uploads cut
-    off mid-way (app.sweep). Each failure is logged and tried again next round."""
+    off mid-way (app.sweep), delete the files of jobs past the retention period and retire
+    expired webhook secrets (service.retention). Each failure is logged and tried again next round."""
     settings: GatewaySettings = app.state.settings
     while True:
         try:
@@ -50,6 +56,14 @@ async def _housekeeping_forever(app: FastAPI) -> None:
             )
         except Exception as exc:  # noqa: BLE001 - store or disk unavailable: try again next round
             log.warning("orphan sweep failed: %s", type(exc).__name__)
+        try:
+            purged = await anyio.to_thread.run_sync(
+                lambda: purge_expired(app.state.store, app.state.storage, settings.retention_days)
+            )
+            if purged:
+                log.info("retention: deleted the files of %d jobs", len(purged))
+        except Exception as exc:  # noqa: BLE001 - store or disk unavailable: try again next round
+            log.warning("retention pass failed: %s", type(exc).__name__)
         await asyncio.sleep(settings.requeue_interval_s)
 
 
@@ -114,6 +128,7 @@ def _add_docs(app: FastAPI) -> None:
 
 def create_app(settings: GatewaySettings, *, store: Store | None = None, queue: JobQueue | None = None) -> FastAPI:
     """The gateway for ``settings``; ``store`` and ``queue`` default to the configured ones."""
+    secure_service(settings.data_root)  # owner-only files, also when uvicorn starts the gateway
     store = store or Store(settings.store_url)
     queue = queue or CeleryQueue(settings.broker_url, queue_name=settings.queue_name)
     app = FastAPI(
@@ -137,12 +152,20 @@ def create_app(settings: GatewaySettings, *, store: Store | None = None, queue: 
     app.state.queue = queue
     app.state.metrics = Metrics(store, queue)
     app.state.idempotency_in_flight = set()  # (tenant id, Idempotency-Key) of uploads being received
+    app.state.auth_throttle = AuthThrottle(
+        limit=settings.auth_failures_max, window_s=settings.auth_failure_window_s, max_addresses=settings.auth_throttle_addresses
+    )
+    signing_key = settings.signing_key.get_secret_value().encode() if settings.signing_key else None
+    app.state.cursors = Cursors(key=signing_key, folder=settings.data_root)
     problems.install(app)
+    app.add_middleware(BodyTimeoutMiddleware, timeout_s=settings.body_timeout_s)
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
+    app.add_middleware(NoStoreMiddleware)  # outermost of ours: also on what the others answer
     app.include_router(jobs.router)
     app.include_router(artifacts.router)
     app.include_router(system.router)
-    _add_docs(app)
+    if settings.docs_enabled:
+        _add_docs(app)
     return app
 
 

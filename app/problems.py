@@ -24,6 +24,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 import service.errors as service_errors
+from app.middleware import NO_STORE_HEADERS
 from core import errors as core_errors
 from core.errors import ScsnetError
 
@@ -71,8 +72,14 @@ def problem_response(problem: dict[str, Any], *, headers: dict[str, str] | None 
 
 def _scsnet_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, ScsnetError)
-    headers = {"WWW-Authenticate": 'Bearer realm="scsnet"'} if exc.status == 401 else None
-    return problem_response({**exc.problem(), "instance": request.url.path}, headers=headers)
+    headers: dict[str, str] = {}
+    if exc.status == 401:
+        headers["WWW-Authenticate"] = 'Bearer realm="scsnet"'
+    if isinstance(exc, service_errors.TooManyFailedAttempts):
+        headers["Retry-After"] = str(exc.retry_after_s)
+    if exc.status == 408:  # RFC 9110 15.5.9: the rest of the body will not be read
+        headers["Connection"] = "close"
+    return problem_response({**exc.problem(), "instance": request.url.path}, headers=headers or None)
 
 
 def _validation_error(request: Request, exc: Exception) -> JSONResponse:
@@ -133,7 +140,9 @@ def _os_error(request: Request, exc: Exception) -> JSONResponse:
 def _unexpected(request: Request, exc: Exception) -> JSONResponse:
     log.exception("unhandled error on %s %s", request.method, request.url.path)
     error = service_errors.InternalError("an unexpected error occurred; it has been logged")
-    return problem_response({**error.problem(), "instance": request.url.path})
+    # answered outside the app's middleware (Starlette's ServerErrorMiddleware): app.middleware's
+    # headers are added here
+    return problem_response({**error.problem(), "instance": request.url.path}, headers=dict(NO_STORE_HEADERS))
 
 
 def install(app: FastAPI) -> None:
@@ -160,5 +169,8 @@ PROBLEM_SCHEMA: dict[str, Any] = {
 
 
 def problem_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
-    """OpenAPI ``responses`` entries documenting problem+json answers."""
+    """OpenAPI ``responses`` entries documenting problem+json answers. An operation that may
+    answer 401 may also answer 429 (failed attempts from one address throttled, app.throttle)."""
+    if 401 in statuses:
+        statuses = tuple(sorted({*statuses, 429}))
     return {s: {"description": "problem", "content": {PROBLEM_JSON: {"schema": PROBLEM_SCHEMA}}} for s in statuses}

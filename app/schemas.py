@@ -8,6 +8,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from service.links import job_links
+from service.retention import files_expire_at
 from service.store import NOTE_MAX_CHARS, Job, JobState, Review, Store, Verdict, aware
 
 # a note is plain text shown on the QC page: tabs and line breaks, but no other control characters
@@ -58,13 +59,25 @@ class JobOut(BaseModel):
     state: JobState
     stage: str | None = Field(default=None, description="pipeline stage while running: load, segment, fit, measure, write")
     progress: float = Field(description="0-1")
-    queue_position: int | None = Field(default=None, description="1 = next to run; only while queued")
+    queue_position: int | None = Field(
+        default=None,
+        description="only while queued: 1 + the tenant's own queued jobs submitted before this one "
+        "(other tenants' jobs are not counted, so it is no promise of the order across tenants)",
+    )
     created_at: datetime
     started_at: datetime | None = None
     finished_at: datetime | None = None
     updated_at: datetime
     input: dict[str, Any] = Field(description="kind (nifti or dicom) and size and SHA-256 of each uploaded file")
     callback_url: str | None = None
+    files_expire_at: datetime | None = Field(
+        default=None,
+        description="when the job's files (inputs and outputs) will be deleted under the service's retention "
+        "period; null: kept (no retention period, the job has not ended, or they are gone already)",
+    )
+    files_deleted_at: datetime | None = Field(
+        default=None, description="when the job's files were deleted (downloads then answer 410); the record stays"
+    )
     deliveries: list[Delivery] = Field(default_factory=list)
     problem: dict[str, Any] | None = Field(default=None, description="RFC 9457 problem object when failed")
     review: ReviewOut | None = Field(default=None, description="the latest review (succeeded jobs only); null until reviewed")
@@ -85,9 +98,10 @@ def review_out(review: Review) -> ReviewOut:
     return ReviewOut(verdict=review.verdict, note=review.note, at=aware(review.at), key_id=review.key_id)  # type: ignore[arg-type]
 
 
-def job_out(job: Job, store: Store, *, reviews: list[Review] | None = None) -> JobOut:
+def job_out(job: Job, store: Store, *, reviews: list[Review] | None = None, retention_days: float | None = None) -> JobOut:
     """The API view of a job record; ``reviews`` (oldest first) are read from the store unless
-    given (only a succeeded job can have any)."""
+    given (only a succeeded job can have any); ``retention_days`` (the setting) dates the
+    deletion of its files."""
     if reviews is None:
         reviews = store.reviews(job.id) if job.state == JobState.succeeded else []
     history = [review_out(r) for r in reviews]
@@ -103,11 +117,13 @@ def job_out(job: Job, store: Store, *, reviews: list[Review] | None = None) -> J
         updated_at=aware(job.updated_at),  # type: ignore[arg-type]
         input={"kind": job.inputs.get("kind"), "files": job.inputs.get("files", [])},
         callback_url=job.callback_url,
+        files_expire_at=files_expire_at(job, retention_days),
+        files_deleted_at=aware(job.files_deleted_at),
         deliveries=[Delivery.model_validate(d) for d in job.deliveries],
         problem=job.problem,
         review=history[-1] if history else None,
         reviews=history,
-        links=job_links(job.id, job.artifacts if job.state == JobState.succeeded else {}),
+        links=job_links(job.id, job.artifacts if job.state == JobState.succeeded and job.files_deleted_at is None else {}),
     )
 
 

@@ -1,4 +1,10 @@
-"""Service subcommands of ``scsnet``: ``serve``, ``worker``, ``apikey``, ``submit``.
+"""Service subcommands of ``scsnet``: ``serve``, ``worker``, ``apikey``, ``tenant``, ``db``,
+``submit``.
+
+Secrets are printed once: an API key when it is made, a tenant's webhook signing secret when the
+tenant is made (``tenant create``, or the ``apikey create`` that creates it) or its secret
+rotated (``tenant rotate-secret``); never again. Every command that opens the job store stops
+with one line and status 2 if its schema is not this scsnet's (``scsnet db upgrade``).
 
 Imports stay inside :func:`run` so ``scsnet analyze`` never loads the web or queue stack.
 """
@@ -20,7 +26,9 @@ if TYPE_CHECKING:
 
     from cli.embedded import Child
 
-COMMANDS: frozenset[str] = frozenset({"serve", "worker", "apikey", "submit"})
+COMMANDS: frozenset[str] = frozenset({"serve", "worker", "apikey", "tenant", "db", "submit"})
+EXIT_STORE = 2
+"""Exit status when the job store's schema is not this scsnet's."""
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -40,17 +48,45 @@ def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
 
     apikey = sub.add_parser("apikey", help="create, revoke or list API keys")
     keys = apikey.add_subparsers(dest="apikey_command", required=True)
-    create = keys.add_parser("create", help="create a key for a tenant (and the tenant if new); prints the key last")
+    create = keys.add_parser(
+        "create",
+        help="create a key for a tenant (and the tenant if new: only then is its webhook secret printed); prints the key last",
+    )
     create.add_argument("--tenant", required=True, help="tenant name (a hospital, a research group)")
     revoke = keys.add_parser("revoke", help="revoke a key, given as its id or the key itself")
     revoke.add_argument("key")
     listing = keys.add_parser("list", help="list keys (ids only, never the keys)")
     listing.add_argument("--tenant")
 
+    tenant = sub.add_parser("tenant", help="create or list tenants, rotate a tenant's webhook signing secret")
+    tenants = tenant.add_subparsers(dest="tenant_command", required=True)
+    tenant_create = tenants.add_parser("create", help="create a tenant; prints its webhook signing secret (shown once)")
+    tenant_create.add_argument("name", help="tenant name (a hospital, a research group)")
+    tenants.add_parser("list", help="list tenants (never their secrets)")
+    rotate = tenants.add_parser(
+        "rotate-secret", help="give a tenant a new webhook signing secret (printed once); the old one signs too for a grace period"
+    )
+    rotate.add_argument("name")
+    rotate.add_argument(
+        "--grace-hours",
+        type=float,
+        default=24.0,
+        help="hours the old secret stays valid: webhooks carry a signature under each (default 24; 0: none)",
+    )
+
+    db = sub.add_parser("db", help="the job store's schema: show its revision, upgrade it")
+    db_commands = db.add_subparsers(dest="db_command", required=True)
+    db_commands.add_parser("current", help="print the schema revision of the job store and the one this scsnet needs")
+    db_commands.add_parser("upgrade", help="migrate the job store to this scsnet's schema (back it up first)")
+
     submit = sub.add_parser("submit", help="send a study to a scsnet server, wait, download the outputs")
     submit.add_argument("inputs", nargs="+", type=Path, help="NIfTI, DICOM files or folders, or zips of DICOM")
     submit.add_argument("--server", help="base URL, e.g. http://127.0.0.1:8000 (default: $SCSNET_SERVER)")
-    submit.add_argument("--api-key", help="API key from scsnet apikey create (default: $SCSNET_API_KEY)")
+    submit.add_argument(
+        "--api-key",
+        help="API key from scsnet apikey create; discouraged: other local users see command lines in ps, so "
+        "set SCSNET_API_KEY instead (the default)",
+    )
     submit.add_argument("--out", required=True, type=Path, help="folder for report.json and the other outputs")
     submit.add_argument("--bval", type=Path)
     submit.add_argument("--bvec", type=Path)
@@ -61,21 +97,102 @@ def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
 
 def run(args: argparse.Namespace) -> int:
     """Run one of :data:`COMMANDS`; returns the exit status."""
-    command = {"serve": _serve, "worker": _worker, "apikey": _apikey, "submit": _submit}[args.command]
-    return command(args)
+    from service.errors import SchemaOutdated
+
+    commands = {"serve": _serve, "worker": _worker, "apikey": _apikey, "tenant": _tenant, "db": _db, "submit": _submit}
+    try:
+        if args.command in ("serve", "worker"):
+            _check_store()  # before a child process starts or Celery is exec'd
+        return commands[args.command](args)
+    except SchemaOutdated as exc:
+        print(f"scsnet: error: {exc}", file=sys.stderr)
+        return EXIT_STORE
 
 
-def _apikey(args: argparse.Namespace) -> int:
+def _check_store() -> None:
+    """Open the job store once: an empty one gets its schema, an outdated one raises
+    :class:`~service.errors.SchemaOutdated`."""
+    from service.privacy import secure_service
     from service.settings import ServiceSettings
     from service.store import Store
 
     settings = ServiceSettings()
-    settings.data_root.mkdir(parents=True, exist_ok=True)
+    secure_service(settings.data_root)  # the SQLite file may be created here: owner-only
+    Store(settings.store_url).engine.dispose()
+
+
+def _tenant(args: argparse.Namespace) -> int:
+    from datetime import timedelta
+
+    from service.privacy import secure_service
+    from service.settings import ServiceSettings
+    from service.store import Store
+
+    settings = ServiceSettings()
+    secure_service(settings.data_root)
+    store = Store(settings.store_url)
+    if args.tenant_command == "create":
+        secret = store.create_tenant(args.name)
+        if secret is None:
+            print(f"scsnet: error: tenant {args.name} exists (rotate its secret: scsnet tenant rotate-secret {args.name})", file=sys.stderr)
+            return 2
+        print(f"tenant: {args.name} (new)")
+        print(f"webhook signing secret of {args.name} (shown once, keep it secret): {secret}")
+        return 0
+    if args.tenant_command == "rotate-secret":
+        if args.grace_hours < 0:
+            print("scsnet: error: --grace-hours must be 0 or more", file=sys.stderr)
+            return 2
+        secret = store.rotate_webhook_secret(args.name, grace=timedelta(hours=args.grace_hours))
+        if secret is None:
+            print(f"scsnet: error: no tenant {args.name}", file=sys.stderr)
+            return 2
+        store.checkpoint()  # the replaced secret, if no grace, leaves no copy in the write-ahead log
+        grace = f"keeps signing webhooks, as a second v1 signature, for {args.grace_hours:g} h" if args.grace_hours else "is no longer valid"
+        print(f"webhook signing secret of {args.name} rotated; the previous one {grace}")
+        print(f"new webhook signing secret of {args.name} (shown once, keep it secret): {secret}")
+        return 0
+    for name, created, live_keys, previous_until in store.list_tenants():
+        rotation = f"  previous secret valid until {previous_until:%Y-%m-%d %H:%M} UTC" if previous_until else ""
+        print(f"{name}  created {created:%Y-%m-%d %H:%M}  {live_keys} live key{'' if live_keys == 1 else 's'}{rotation}")
+    return 0
+
+
+def _db(args: argparse.Namespace) -> int:
+    from service import migrations
+    from service.privacy import secure_service
+    from service.settings import ServiceSettings
+    from service.store import engine_for
+
+    settings = ServiceSettings()
+    secure_service(settings.data_root)
+    engine = engine_for(settings.store_url)
+    try:
+        if args.db_command == "current":
+            print(f"job store schema: {migrations.describe(*migrations.current(engine))}; this scsnet needs {migrations.head()}")
+            return 0
+        before, after = migrations.upgrade(engine)
+    finally:
+        engine.dispose()
+    print(f"job store schema upgraded from {before} to {after}" if before != after else f"job store schema already at {after}")
+    return 0
+
+
+def _apikey(args: argparse.Namespace) -> int:
+    from service.privacy import secure_service
+    from service.settings import ServiceSettings
+    from service.store import Store
+
+    settings = ServiceSettings()
+    secure_service(settings.data_root)  # owner-only: the store holds the webhook secrets
     store = Store(settings.store_url)
     if args.apikey_command == "create":
         new = store.create_api_key(args.tenant)
-        print(f"tenant: {new.tenant}{' (new)' if new.tenant_created else ''}")
-        print(f"webhook signing secret of {new.tenant}: {new.webhook_secret}")
+        if new.webhook_secret is not None:  # the tenant is new: its secret, this once
+            print(f"tenant: {new.tenant} (new)")
+            print(f"webhook signing secret of {new.tenant} (shown once, keep it secret): {new.webhook_secret}")
+        else:
+            print(f"tenant: {new.tenant} (its webhook signing secret is not shown again; a new one: scsnet tenant rotate-secret {new.tenant})")
         print(f"key id: {new.key_id} (revoke with: scsnet apikey revoke {new.key_id})")
         print("API key (shown once, keep it secret):")
         print(new.key)
@@ -94,9 +211,12 @@ def _apikey(args: argparse.Namespace) -> int:
 
 def _worker(args: argparse.Namespace) -> int:
     from cli.embedded import worker_argv
+    from service.privacy import secure_service
     from service.settings import ServiceSettings
 
-    argv = worker_argv(queue_name=ServiceSettings().queue_name, concurrency=args.concurrency, loglevel=args.loglevel)
+    settings = ServiceSettings()
+    secure_service(settings.data_root)  # the umask survives the exec into Celery
+    argv = worker_argv(queue_name=settings.queue_name, concurrency=args.concurrency, loglevel=args.loglevel)
     os.execv(argv[0], argv)  # become the Celery worker: its signals, its exit status
 
 
@@ -145,13 +265,14 @@ def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from app.main import create_app
+    from app.server import uvicorn_config
     from app.settings import GatewaySettings
     from cli.embedded import start_redis, start_worker
+    from service.privacy import secure_service
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = GatewaySettings()
-    data = settings.data_root
-    data.mkdir(parents=True, exist_ok=True)
+    data = secure_service(settings.data_root)  # owner-only, for this process and its children
     # the worker inherits this process's configuration, with the data dir made absolute
     env = {**os.environ, "SCSNET_DATA_DIR": str(data)}
     children: list[Child] = []
@@ -165,14 +286,14 @@ def _serve(args: argparse.Namespace) -> int:
             children.append(
                 start_worker(queue_name=settings.queue_name, env=env, log_path=data / "logs" / "worker.log", shutdown_timeout_s=args.shutdown_timeout)
             )
-        # uvicorn picks httptools and uvloop (dependencies) over h11 and asyncio by itself
-        config = uvicorn.Config(create_app(settings), host=args.host, port=args.port, log_level="info", access_log=args.access_log)
+        # timeouts, connection limit and trusted proxy from the settings (app.server)
+        config = uvicorn_config(create_app(settings), settings, host=args.host, port=args.port, log_level="info", access_log=args.access_log)
         server = uvicorn.Server(config)
         threading.Thread(target=_watch, args=(children, server, failed), daemon=True).start()
         url = f"http://{args.host}:{args.port}"
         print(f"scsnet serving on {url} (data in {data}; worker log in {data / 'logs' / 'worker.log'})", flush=True)
         print(f"create an API key: SCSNET_DATA_DIR={data} scsnet apikey create --tenant NAME", flush=True)
-        print(f"then: scsnet submit STUDY --server {url} --api-key KEY --out DIR   (or set SCSNET_SERVER, SCSNET_API_KEY; Ctrl-C stops)", flush=True)
+        print(f"then: SCSNET_API_KEY=KEY scsnet submit STUDY --server {url} --out DIR   (Ctrl-C stops)", flush=True)
         server.run()
     except (KeyboardInterrupt, _Stop):
         pass

@@ -10,8 +10,10 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     SCSNET_DATA_DIR=/data
 
 WORKDIR /opt/scsnet
-COPY docker/gateway-requirements.txt ./
-RUN pip install -r gateway-requirements.txt
+# The `gateway` and `postgres` extras at the exact versions of requirements/gateway.lock, each file
+# checked against its sha256 (the lock is made by bash .ci/lock; tests/test_locks.py keeps it in step).
+COPY requirements/gateway.lock ./requirements/
+RUN pip install --require-hashes -r requirements/gateway.lock
 
 # Only what the gateway runs: the command line, the gateway, the shared service layer and the
 # core (whose light modules the gateway imports: errors, upload rules, the output table); the

@@ -18,18 +18,22 @@ RUN apt-get update \
 ENV PATH=/opt/venv/bin:$PATH
 
 WORKDIR /opt/scsnet
+# scsnet's dependencies and the PostgreSQL driver at the exact versions of the locks, each file
+# checked against its sha256 (made by bash .ci/lock), then the CUDA build of ONNX Runtime in
+# place of the CPU one, locked too (both install the onnxruntime module, so only one may be
+# present; onnxruntime-gpu may lag the CPU release, hence its own lock). scsnet itself goes in
+# below with --no-deps, so nothing brings the CPU build back.
+COPY requirements/service.lock requirements/postgres.lock requirements/onnxruntime-gpu.lock ./requirements/
+RUN pip install --require-hashes -r requirements/service.lock -r requirements/postgres.lock \
+    && pip uninstall -y onnxruntime \
+    && pip install --require-hashes -r requirements/onnxruntime-gpu.lock
 COPY pyproject.toml README.md ./
 COPY cli ./cli
 COPY worker ./worker
 COPY service ./service
 COPY core ./core
 COPY models ./models
-# scsnet with the PostgreSQL driver, then the CUDA build of ONNX Runtime in place of the CPU
-# one (both install the onnxruntime module, so only one may be present; installing through
-# scsnet's requirements would bring the CPU build back, hence the plain install).
-RUN pip install ".[postgres]" \
-    && pip uninstall -y onnxruntime \
-    && pip install "onnxruntime-gpu>=1.18,<2" \
+RUN pip install --no-deps . \
     && useradd --system --uid 10001 --home-dir /data scsnet \
     && mkdir -p /data \
     && chown scsnet /data

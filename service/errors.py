@@ -18,6 +18,27 @@ class Unauthorized(ScsnetError):
     status = 401
 
 
+class TooManyFailedAttempts(ScsnetError):
+    """Too many requests with a wrong or missing API key from one client address (app.throttle);
+    answered with ``Retry-After``. A valid key is still accepted from that address."""
+
+    type_slug = "too-many-failed-attempts"
+    title = "Too many failed authentication attempts from this address"
+    status = 429
+
+    def __init__(self, detail: str, *, retry_after_s: int) -> None:
+        super().__init__(detail)
+        self.retry_after_s = retry_after_s
+
+
+class RequestTimeout(ScsnetError):
+    """The request body stalled longer than the gateway waits between two of its pieces."""
+
+    type_slug = "request-timeout"
+    title = "The request body arrived too slowly"
+    status = 408
+
+
 class NotFound(ScsnetError):
     type_slug = "not-found"
     title = "No such resource"
@@ -86,6 +107,14 @@ class ArtifactUnavailable(ScsnetError):
     status = 404
 
 
+class FilesDeleted(ScsnetError):
+    """The job's files were deleted (the retention period ran out, or its inputs after a cancel)."""
+
+    type_slug = "files-deleted"
+    title = "The job's files have been deleted"
+    status = 410
+
+
 class NotReady(ScsnetError):
     type_slug = "not-ready"
     title = "The service is not ready"
@@ -131,3 +160,10 @@ class InternalError(ScsnetError):
     type_slug = "internal-error"
     title = "Internal error"
     status = 500
+
+
+class SchemaOutdated(Exception):
+    """The job store's schema is not the one this scsnet needs (older: ``scsnet db upgrade``;
+    newer: a newer scsnet). Raised when a process opens the store, never inside a request:
+    a start-up refusal for the operator, told in one line by the command line, not a problem
+    object for a client."""

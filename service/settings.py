@@ -35,6 +35,18 @@ class ServiceSettings(IngestSettings):
         "with it; unset: they stay relative to the gateway",
     )
     queue_name: str = Field(default="scsnet", description="the broker queue analysis and webhook tasks go through")
+    retention_days: float | None = Field(
+        default=None,
+        gt=0,
+        description="days after a job ends (succeeded, failed or cancelled) that its files (uploaded inputs and "
+        "outputs) are deleted; the job record stays, marked with files_deleted_at, and downloads answer 410 Gone; "
+        "unset: files are kept until the job is deleted",
+    )
+    keep_inputs: bool = Field(
+        default=True,
+        description="keep a job's uploaded inputs after it succeeded; false: they are deleted as soon as the "
+        "analysis succeeded (the outputs and the inputs' digests stay)",
+    )
 
     @property
     def data_root(self) -> Path:

@@ -58,6 +58,10 @@ class Storage:
         """Remove everything stored for the job."""
         shutil.rmtree(self.job_dir(job_id), ignore_errors=True)
 
+    def remove_inputs(self, job_id: str) -> None:
+        """Remove the job's upload (a cancelled job, or a succeeded one with ``keep_inputs`` off)."""
+        shutil.rmtree(self.input_dir(job_id), ignore_errors=True)
+
     def remove_outputs(self, job_id: str) -> None:
         """Remove the job's outputs (a cancelled job keeps none)."""
         shutil.rmtree(self.out_dir(job_id), ignore_errors=True)

@@ -2,7 +2,9 @@
 
 The job record is the truth about a job; Celery's own task state is never read. The gateway and
 the worker both use this module (it imports only SQLAlchemy). A SQLite file is the default;
-PostgreSQL works through ``SCSNET_DATABASE_URL``. The schema is created on first use.
+PostgreSQL works through ``SCSNET_DATABASE_URL``. The schema is made and changed only by the
+migrations in :mod:`service.migrations`: an empty database gets it on first use, an older one
+is refused (:class:`~service.errors.SchemaOutdated`) until ``scsnet db upgrade``.
 
 State machine (``JobState``)::
 
@@ -57,6 +59,8 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
+from service import migrations
+
 KEY_PREFIX = "scsnet"
 # an analysis of a typical study takes a few seconds (benchmarks/RESULTS.md): resolve those too
 DURATION_BUCKETS_S = (1.0, 2.0, 3.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0)
@@ -99,6 +103,17 @@ class Tenant(Base):
     name: Mapped[str] = mapped_column(String(100), unique=True)
     webhook_secret: Mapped[str] = mapped_column(String(100))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    # the secret replaced by the last rotation: it signs webhooks too until it expires
+    previous_webhook_secret: Mapped[str | None] = mapped_column(String(100), nullable=True)
+    previous_secret_expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+
+    def signing_secrets(self, now: datetime | None = None) -> list[str]:
+        """The secrets a webhook is signed with: the current one, then the previous one while
+        its grace period lasts."""
+        expires = _aware(self.previous_secret_expires_at)
+        if self.previous_webhook_secret and expires is not None and expires > (now or utcnow()):
+            return [self.webhook_secret, self.previous_webhook_secret]
+        return [self.webhook_secret]
 
 
 class ApiKey(Base):
@@ -128,7 +143,7 @@ class Job(Base):
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     enqueued_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
-    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True, index=True)
     duration_s: Mapped[float | None] = mapped_column(Float, nullable=True)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     dispatch_token: Mapped[str] = mapped_column(String(32), default="")
@@ -138,6 +153,8 @@ class Job(Base):
     problem: Mapped[dict[str, Any] | None] = mapped_column(nullable=True)
     artifacts: Mapped[dict[str, Any]] = mapped_column(default=dict)
     deliveries: Mapped[list[Any]] = mapped_column(default=list)
+    # the retention pass deleted the job's folder then (the record stays)
+    files_deleted_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
 
 
 class Review(Base):
@@ -165,7 +182,11 @@ _AUTHENTICATE = (
 )
 _JOB_BY_ID = select(Job).where(Job.id == bindparam("job_id"))
 _JOB_BY_ID_OF_TENANT = _JOB_BY_ID.where(Job.tenant_id == bindparam("tenant_id"))
-_QUEUED_AHEAD = select(func.count()).select_from(Job).where(Job.state == JobState.queued.value, Job.seq < bindparam("seq"))
+_QUEUED_AHEAD = (
+    select(func.count())
+    .select_from(Job)
+    .where(Job.tenant_id == bindparam("tenant_id"), Job.state == JobState.queued.value, Job.seq < bindparam("seq"))
+)
 
 
 class WorkerBeat(Base):
@@ -179,13 +200,14 @@ class WorkerBeat(Base):
 
 @dataclass(frozen=True)
 class NewKey:
-    """What ``apikey create`` tells the operator (the key is shown once, never stored)."""
+    """What ``apikey create`` tells the operator (the key is shown once, never stored; the
+    webhook secret only when the tenant is created with it, None otherwise)."""
 
     key_id: str
     key: str
     tenant: str
     tenant_created: bool
-    webhook_secret: str
+    webhook_secret: str | None
 
 
 def hash_key(key: str) -> str:
@@ -213,12 +235,8 @@ class Store:
 
     def __init__(self, url: str) -> None:
         self.url = url
-        self.engine: Engine = create_engine(url, pool_pre_ping=True)
-        if self.engine.dialect.name == "sqlite":
-            event.listen(self.engine, "connect", _sqlite_pragmas)
-            if self.engine.url.database and self.engine.url.database != ":memory:":
-                Path(self.engine.url.database).parent.mkdir(parents=True, exist_ok=True)
-        Base.metadata.create_all(self.engine)
+        self.engine: Engine = engine_for(url)
+        migrations.ensure_current(self.engine)  # or SchemaOutdated: the operator runs scsnet db upgrade
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
 
     @contextmanager
@@ -232,20 +250,76 @@ class Store:
         with self.engine.connect() as conn:
             conn.execute(text("SELECT 1"))
 
+    def checkpoint(self) -> None:
+        """After deleting data: copy SQLite's write-ahead log into the database file and empty
+        it, so deleted rows and retired secrets do not linger in ``scsnet.db-wal`` (freed pages
+        are zeroed: ``secure_delete``). Nothing to do on PostgreSQL."""
+        if self.engine.dialect.name == "sqlite":
+            with self.engine.connect() as conn:
+                conn.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)")
+
     # --- tenants and keys -------------------------------------------------------------
+    def create_tenant(self, tenant_name: str) -> str | None:
+        """Create a tenant; returns its webhook secret (to be shown once), None if it exists."""
+        secret = _new_webhook_secret()
+        try:
+            with self.session() as s:
+                s.add(Tenant(name=tenant_name, webhook_secret=secret))
+        except IntegrityError:
+            return None
+        return secret
+
+    def list_tenants(self) -> list[tuple[str, datetime, int, datetime | None]]:
+        """(name, created, live keys, previous secret valid until or None) of every tenant."""
+        live = func.count(ApiKey.id).filter(ApiKey.revoked_at.is_(None))
+        query = (
+            select(Tenant.name, Tenant.created_at, live, Tenant.previous_webhook_secret, Tenant.previous_secret_expires_at)
+            .outerjoin(ApiKey, ApiKey.tenant_id == Tenant.id)
+            .group_by(Tenant.id)
+            .order_by(Tenant.name)
+        )
+        now = utcnow()
+        with self.session() as s:
+            rows = list(s.execute(query))
+        grace = [_aware(r[4]) if r[3] and (_aware(r[4]) or now) > now else None for r in rows]
+        return [(r[0], _aware(r[1]), int(r[2]), g) for r, g in zip(rows, grace, strict=True)]  # type: ignore[misc]
+
+    def rotate_webhook_secret(self, tenant_name: str, *, grace: timedelta) -> str | None:
+        """Give the tenant a new webhook secret (returned, to be shown once); the current one
+        keeps signing, as a second signature, for ``grace``. None if there is no such tenant."""
+        with self.session() as s:
+            tenant = s.scalar(select(Tenant).where(Tenant.name == tenant_name).with_for_update())
+            if tenant is None:
+                return None
+            tenant.previous_webhook_secret = tenant.webhook_secret if grace > timedelta(0) else None
+            tenant.previous_secret_expires_at = utcnow() + grace if grace > timedelta(0) else None
+            tenant.webhook_secret = _new_webhook_secret()
+            return tenant.webhook_secret
+
+    def retire_expired_secrets(self, *, now: datetime | None = None) -> int:
+        """Forget previous webhook secrets whose grace period is over; how many were."""
+        with self.session() as s:
+            done = s.execute(
+                update(Tenant)
+                .where(Tenant.previous_webhook_secret.is_not(None), Tenant.previous_secret_expires_at <= (now or utcnow()))
+                .values(previous_webhook_secret=None, previous_secret_expires_at=None)
+            )
+            return int(done.rowcount)  # type: ignore[attr-defined]
+
     def create_api_key(self, tenant_name: str) -> NewKey:
-        """Create a key for ``tenant_name`` (and the tenant with its webhook secret if new)."""
+        """Create a key for ``tenant_name`` (and the tenant with its webhook secret if new: only
+        then is the secret in the answer)."""
         key_id = secrets.token_hex(6)
         key = f"{KEY_PREFIX}_{key_id}_{secrets.token_urlsafe(32)}"
         with self.session() as s:
             tenant = s.scalar(select(Tenant).where(Tenant.name == tenant_name))
             created = tenant is None
             if tenant is None:
-                tenant = Tenant(name=tenant_name, webhook_secret="whsec_" + secrets.token_urlsafe(32))
+                tenant = Tenant(name=tenant_name, webhook_secret=_new_webhook_secret())
                 s.add(tenant)
                 s.flush()
             s.add(ApiKey(id=key_id, tenant_id=tenant.id, sha256=hash_key(key)))
-            return NewKey(key_id, key, tenant.name, created, tenant.webhook_secret)
+            return NewKey(key_id, key, tenant.name, created, tenant.webhook_secret if created else None)
 
     def revoke_api_key(self, key_or_id: str) -> bool:
         """Revoke a key given as its id or the full key; False if there was no such live key."""
@@ -331,9 +405,10 @@ class Store:
             return list(s.scalars(query.order_by(Job.seq.desc()).limit(limit)))
 
     def queue_position(self, job: Job) -> int:
-        """1 for the next job to run: queued jobs (any tenant) created before this one, plus 1."""
+        """1 for the tenant's next job to run: the tenant's own queued jobs created before this
+        one, plus 1 (other tenants' jobs are not counted: a tenant learns nothing of them)."""
         with self.engine.connect() as conn:
-            ahead = conn.execute(_QUEUED_AHEAD, {"seq": job.seq}).scalar()
+            ahead = conn.execute(_QUEUED_AHEAD, {"tenant_id": job.tenant_id, "seq": job.seq}).scalar()
         return int(ahead or 0) + 1
 
     def _update(
@@ -441,6 +516,28 @@ class Store:
             job = s.scalar(select(Job).where(Job.id == job_id))
             if job is not None:
                 s.delete(job)
+
+    def files_due(self, *, ended_before: datetime, limit: int) -> list[str]:
+        """Ids of up to ``limit`` ended jobs (any terminal state) whose files are still there and
+        which ended before ``ended_before``, oldest end first."""
+        query = (
+            select(Job.id)
+            .where(Job.state.in_([s.value for s in TERMINAL]), Job.files_deleted_at.is_(None), Job.finished_at < ended_before)
+            .order_by(Job.finished_at)
+            .limit(limit)
+        )
+        with self.session() as s:
+            return list(s.scalars(query))
+
+    def mark_files_deleted(self, job_ids: list[str]) -> None:
+        """Record that the folders of ``job_ids`` were deleted (a write: bumps ``version``)."""
+        now = utcnow()
+        with self.session() as s:
+            s.execute(
+                update(Job)
+                .where(Job.id.in_(job_ids), Job.files_deleted_at.is_(None))
+                .values(files_deleted_at=now, version=Job.version + 1, updated_at=now)
+            )
 
     def add_delivery(self, job_id: str, delivery: dict[str, Any]) -> None:
         """Append a webhook delivery attempt to the job's record."""
@@ -572,6 +669,21 @@ class Store:
             return list(s.scalars(select(WorkerBeat).where(WorkerBeat.seen_at >= cutoff).order_by(WorkerBeat.seen_at.desc())))
 
 
+def engine_for(url: str) -> Engine:
+    """The SQLAlchemy engine of the job store at ``url`` (SQLite: its folder made, its pragmas
+    set on every connection)."""
+    engine = create_engine(url, pool_pre_ping=True)
+    if engine.dialect.name == "sqlite":
+        event.listen(engine, "connect", _sqlite_pragmas)
+        if engine.url.database and engine.url.database != ":memory:":
+            Path(engine.url.database).parent.mkdir(parents=True, exist_ok=True)
+    return engine
+
+
+def _new_webhook_secret() -> str:
+    return "whsec_" + secrets.token_urlsafe(32)
+
+
 def aware(value: datetime | None) -> datetime | None:
     """A stored time as timezone-aware UTC (SQLite drops the zone)."""
     return _aware(value)
@@ -584,4 +696,7 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.execute("PRAGMA journal_mode=WAL")
     cursor.execute("PRAGMA busy_timeout=10000")
     cursor.execute("PRAGMA foreign_keys=ON")
+    # deleted rows (a deleted job, a retired secret) are overwritten with zeros, not left in
+    # free pages of the file
+    cursor.execute("PRAGMA secure_delete=ON")
     cursor.close()

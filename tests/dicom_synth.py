@@ -4,7 +4,9 @@ patient (LPS) frame, so that a real cervical study can go through the DICOM path
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import nibabel as nib
 import numpy as np
@@ -17,7 +19,7 @@ LPS = np.diag([-1.0, -1.0, 1.0])
 
 def write_dicom_series(
     image: Path, bvals: np.ndarray, bvecs_world: np.ndarray, out_dir: Path, *, series_description: str = "DTI cervical",
-    manufacturer: str = "SCSNET-TEST", float_pixels: bool = False,
+    manufacturer: str = "SCSNET-TEST", float_pixels: bool = False, attributes: Mapping[str, Any] | None = None,
 ) -> list[Path]:
     """Write every slice of every volume of ``image`` as one DICOM file into ``out_dir``.
 
@@ -25,6 +27,7 @@ def write_dicom_series(
     Returns the written paths. Pixel values are the image rounded to uint16 after scaling to
     0..4000 (RescaleSlope carries the scale back); with ``float_pixels`` they are the image's
     own values as 32-bit floats in Float Pixel Data (7FE0,0008), as some exports write them.
+    ``attributes`` (keyword -> value) are set on every file last, e.g. patient identifiers.
     """
     img = nib.load(str(image))
     data = np.asarray(img.dataobj, dtype=np.float64)
@@ -97,6 +100,8 @@ def write_dicom_series(
                 ds.DiffusionGradientDirectionSequence = [item]
             else:
                 ds.DiffusionDirectionality = "NONE"
+            for keyword, value in (attributes or {}).items():
+                setattr(ds, keyword, value)
             path = out_dir / f"IM{v:03d}_{k:03d}"
             ds.save_as(str(path), enforce_file_format=True)
             paths.append(path)

@@ -4,6 +4,7 @@ small multipart/zip builders. Every wait is bounded; every process is stopped in
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import http.server
 import io
@@ -17,7 +18,7 @@ import tempfile
 import threading
 import time
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -59,12 +60,13 @@ def env_for(data_dir: Path, **extra: str) -> dict[str, str]:
     return env
 
 
-def create_key(data_dir: Path, tenant: str) -> tuple[str, str]:
-    """Run ``scsnet apikey create``; returns (key, webhook secret)."""
+def create_key(data_dir: Path, tenant: str) -> tuple[str, str | None]:
+    """Run ``scsnet apikey create``; returns (key, webhook secret), the secret only if this
+    created the tenant (it is printed once, when the tenant is made)."""
     out = subprocess.run(
         [*SCSNET, "apikey", "create", "--tenant", tenant], env=env_for(data_dir), capture_output=True, text=True, timeout=60, check=True
     ).stdout.strip().splitlines()
-    secret = next(line.split(": ", 1)[1] for line in out if line.startswith("webhook signing secret"))
+    secret = next((line.split(": ", 1)[1] for line in out if line.startswith("webhook signing secret")), None)
     return out[-1], secret
 
 
@@ -255,3 +257,26 @@ def problem_of(response: httpx.Response) -> dict[str, Any]:
 def bearer(store: Any, tenant: str) -> dict[str, str]:
     """The Authorization header of a new API key of ``tenant`` (created in ``store``)."""
     return {"Authorization": f"Bearer {store.create_api_key(tenant).key}"}
+
+
+@contextlib.contextmanager
+def gateway_in_thread(settings: Any, store: Any = None) -> Iterator[str]:
+    """The real gateway (``create_app``) served by uvicorn with ``scsnet serve``'s configuration
+    (``app.server.uvicorn_config``) on 127.0.0.1 and a free port, in a thread; yields its URL."""
+    import uvicorn
+
+    from app.main import create_app
+    from app.server import uvicorn_config
+
+    port = free_port()
+    app = create_app(settings, store=store)
+    server = uvicorn.Server(uvicorn_config(app, settings, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, name=f"gateway-{port}", daemon=True)
+    thread.start()
+    try:
+        wait_until(lambda: server.started or not thread.is_alive(), timeout_s=30, what="the gateway to listen")
+        assert server.started, "the gateway did not start"
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(30)

@@ -10,13 +10,21 @@ import functools
 import logging
 import os
 import socket
+import sys
 import threading
 from pathlib import Path
 from typing import Any
 
 from celery import Celery
-from celery.signals import worker_process_init, worker_ready, worker_shutdown
+from celery.signals import (
+    worker_init,
+    worker_process_init,
+    worker_ready,
+    worker_shutdown,
+)
 
+from service.errors import SchemaOutdated
+from service.privacy import secure_service
 from service.queue import ANALYZE_TASK, WEBHOOK_TASK
 from service.storage import Storage
 from service.store import Store
@@ -117,6 +125,24 @@ def _heartbeat(hostname: str) -> None:
                 if store is not None:
                     store.engine.dispose()  # no open connection for a fork to inherit
         _stop.wait(settings.heartbeat_s)
+
+
+@worker_init.connect
+def _secure(**_: Any) -> None:
+    """Owner-only files (umask 077, data dir 0700) also when celery is started directly, set in
+    the main process before it forks the pool (not at import: importing must not touch disk)."""
+    secure_service(settings.data_root)
+
+
+@worker_init.connect
+def _check_store(**_: Any) -> None:
+    """Refuse to start, in one line and with status 2, on a job store whose schema is not this
+    scsnet's (an empty store gets its schema here, before any pool process exists)."""
+    try:
+        Store(settings.store_url).engine.dispose()
+    except SchemaOutdated as exc:
+        print(f"scsnet: error: {exc}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
 
 
 @worker_ready.connect

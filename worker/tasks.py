@@ -65,10 +65,16 @@ def analyze(job_id: str, token: str) -> None:
     except TRANSIENT:
         raise
     except Exception as exc:  # noqa: BLE001 - a storage fault or a bug, told apart and logged below
+        if _cancelled(store, job_id):  # the cancel deleted the inputs under the running analysis
+            _drop_outputs_if_cancelled(store, storage, job_id)
+            return
         state, problem = JobState.failed, _unexpected_problem(job_id, exc)
     if not store.finish(job_id, state, problem=problem, artifacts=artifacts, token=token):
         _drop_outputs_if_cancelled(store, storage, job_id)  # cancelled while finishing
-    elif job.callback_url:
+        return
+    if state == JobState.succeeded and not settings.keep_inputs:
+        storage.remove_inputs(job_id)  # SCSNET_KEEP_INPUTS=false: the record keeps their digests
+    if job.callback_url:
         deliver_webhook.delay(job_id)
 
 
@@ -83,11 +89,18 @@ def _unexpected_problem(job_id: str, exc: Exception) -> dict[str, Any]:
     return InternalError("the analysis failed unexpectedly; the error has been logged").problem()
 
 
+def _cancelled(store: Store, job_id: str) -> bool:
+    current = store.get(job_id)
+    return current is None or current.state == JobState.cancelled
+
+
 def _drop_outputs_if_cancelled(store: Store, storage: Storage, job_id: str) -> None:
     # A job re-sent to another run keeps its folder: that run writes (or wrote) the outputs.
-    current = store.get(job_id)
-    if current is None or current.state == JobState.cancelled:
+    # A cancelled one keeps neither outputs nor inputs (the gateway deleted those already,
+    # unless the worker was still writing into the folder).
+    if _cancelled(store, job_id):
         storage.remove_outputs(job_id)
+        storage.remove_inputs(job_id)
 
 
 @celery_app.task(name=WEBHOOK_TASK, bind=True, autoretry_for=TRANSIENT, max_retries=settings.webhook_max_retries)
@@ -101,7 +114,7 @@ def deliver_webhook(self: Task, job_id: str) -> None:  # type: ignore[type-arg]
     body = webhooks.payload(
         job_id=job.id, state=job.state, artifacts=job.artifacts, problem=job.problem, base_url=settings.public_url
     )
-    headers = {"Content-Type": "application/json", webhooks.SIGNATURE_HEADER: webhooks.sign(tenant.webhook_secret, body)}
+    headers = {"Content-Type": "application/json", webhooks.SIGNATURE_HEADER: webhooks.sign(tenant.signing_secrets(), body)}
     attempt: dict[str, Any] = {"attempt": self.request.retries + 1, "at": utcnow().isoformat(), "delivered": False}
     try:
         response = httpx.post(job.callback_url, content=body, headers=headers, timeout=settings.webhook_timeout_s)

@@ -26,7 +26,7 @@ from app.problems import problem_responses
 from app.routers.jobs import _load
 from core.outputs import OUTPUTS, Output
 from core.report.page_policy import content_security_policy, with_review
-from service.errors import ArtifactUnavailable, JobNotFinished
+from service.errors import ArtifactUnavailable, FilesDeleted, JobNotFinished
 from service.storage import Storage
 from service.store import Job, JobState, Review, Store, aware
 
@@ -120,6 +120,12 @@ def _handler(artifact: Output) -> Callable[..., Response]:
         job = _load(store, tenant, job_id)
         if job.state != JobState.succeeded:
             raise JobNotFinished(f"job {job_id} is {job.state}; its outputs exist only once it has succeeded")
+        deleted = aware(job.files_deleted_at)
+        if deleted is not None:
+            raise FilesDeleted(
+                f"the files of job {job_id} were deleted on {deleted:%Y-%m-%d %H:%M} UTC, at the end of the service's "
+                "retention period; the job record (state, digests) remains"
+            )
         facts = job.artifacts.get(artifact.key)
         if facts is None:
             raise ArtifactUnavailable(f"job {job_id} has no {artifact.filename} (see the job's links)")
@@ -159,7 +165,7 @@ def add_download_route(target: APIRouter, artifact: Output) -> None:
         responses={
             200: {"content": {artifact.media_type: {}}},
             304: {"description": "not modified (If-None-Match, If-Modified-Since)"},
-            **problem_responses(401, 404, 409),
+            **problem_responses(401, 404, 409, 410),
         },
     )
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import json
 import logging
@@ -20,11 +19,14 @@ from fastapi.security import HTTPAuthorizationCredentials
 
 from app.deps import (
     BearerDep,
+    CursorsDep,
     QueueDep,
     SettingsDep,
     StorageDep,
     StoreDep,
     TenantDep,
+    ThrottleDep,
+    client_address,
     tenant_of,
 )
 from app.intake import arrange
@@ -32,13 +34,12 @@ from app.problems import problem_responses
 from app.requeue import dispatch
 from app.schemas import JobOut, JobPage, ReviewFilter, ReviewIn, etag, job_out
 from app.settings import GatewaySettings
+from app.throttle import AuthThrottle
 from app.uploads import Form, receive_form
 from service.errors import (
     IdempotencyKeyInUse,
     IdempotencyKeyReused,
     InvalidCallbackUrl,
-    InvalidCursor,
-    InvalidRequest,
     JobNotFinished,
     NotFound,
     Unauthorized,
@@ -226,7 +227,7 @@ async def _create(
             if existing is not None:
                 _replay(existing, digest)
                 shutil.rmtree(storage.job_dir(job_id), ignore_errors=True)
-                view = await anyio.to_thread.run_sync(job_out, existing, store)
+                view = await anyio.to_thread.run_sync(lambda: job_out(existing, store, retention_days=settings.retention_days))
                 return _accepted(view, settings, replayed=True)
         callback_url = _check_callback(form.fields.get("callback_url"), settings)
         inputs = await anyio.to_thread.run_sync(lambda: arrange(form, dest=dest, limits=settings.upload_limits))
@@ -245,7 +246,7 @@ async def _create(
             await anyio.to_thread.run_sync(dispatch, store, queue, job.id)
         except Exception as exc:  # noqa: BLE001 - the job is stored: the re-enqueue loop will send it
             log.warning("job %s stored but not sent to the broker (%s); it will be re-sent", job.id, type(exc).__name__)
-    view = await anyio.to_thread.run_sync(job_out, job, store)
+    view = await anyio.to_thread.run_sync(lambda: job_out(job, store, retention_days=settings.retention_days))
     return _accepted(view, settings, replayed=not created)
 
 
@@ -253,16 +254,18 @@ async def _create(
 def list_jobs(
     tenant: TenantDep,
     store: StoreDep,
+    cursors: CursorsDep,
+    settings: SettingsDep,
     state: JobState | None = None,
     review: ReviewFilter | None = None,
     cursor: Annotated[str | None, Query(max_length=64)] = None,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
 ) -> JobPage:
     """The tenant's jobs, newest first, optionally of one state and latest review verdict (or none)."""
-    before = _position(cursor) if cursor else None
+    before = cursors.read(tenant.id, cursor) if cursor else None
     jobs = store.list_jobs(tenant.id, state=state.value if state else None, review=review, before_seq=before, limit=limit + 1)
     page, more = jobs[:limit], len(jobs) > limit
-    next_cursor = base64.urlsafe_b64encode(str(page[-1].seq).encode()).decode().rstrip("=") if more else None
+    next_cursor = cursors.make(tenant.id, page[-1].seq) if more else None
     links = {}
     if next_cursor:
         links["next"] = (
@@ -271,43 +274,40 @@ def list_jobs(
             + (f"&review={review}" if review else "")
         )
     reviews = store.reviews_of([j.id for j in page if j.state == JobState.succeeded])  # one query for the page
-    return JobPage(items=[job_out(j, store, reviews=reviews.get(j.id, [])) for j in page], next_cursor=next_cursor, links=links)
+    items = [job_out(j, store, reviews=reviews.get(j.id, []), retention_days=settings.retention_days) for j in page]
+    return JobPage(items=items, next_cursor=next_cursor, links=links)
 
 
-_SEQ = re.compile(r"^[1-9][0-9]{0,17}$")  # a job's seq: positive and well inside a 64-bit integer
-
-
-def _position(cursor: str) -> int:
-    """The list position a cursor stands for; InvalidCursor (400) for anything this service
-    would not have handed out (garbage, negative, beyond any row)."""
-    try:
-        text = base64.urlsafe_b64decode(cursor.encode("ascii") + b"==").decode("ascii")
-    except ValueError:  # not base64, not ASCII (binascii.Error and UnicodeError are ValueErrors)
-        text = ""
-    if not _SEQ.match(text):
-        raise InvalidCursor("the cursor is not one this service handed out; start again without it")
-    return int(text)
-
-
-def _view(store: Store, credentials: HTTPAuthorizationCredentials | None, job_id: str) -> tuple[Job, JobOut]:
-    job = _load(store, tenant_of(store, credentials), job_id)
-    return job, job_out(job, store)
+def _view(
+    store: Store,
+    credentials: HTTPAuthorizationCredentials | None,
+    job_id: str,
+    throttle: AuthThrottle,
+    address: str,
+    retention_days: float | None,
+) -> tuple[Job, JobOut]:
+    job = _load(store, tenant_of(store, credentials, throttle=throttle, address=address), job_id)
+    return job, job_out(job, store, retention_days=retention_days)
 
 
 @router.get("/{job_id}", response_model=JobOut, responses={304: {"description": "not modified"}, **problem_responses(401, 404)})
 async def get_job(
+    request: Request,
     job_id: str,
     credentials: BearerDep,
     store: StoreDep,
     settings: SettingsDep,
+    throttle: ThrottleDep,
     if_none_match: Annotated[str | None, Header()] = None,
 ) -> Response:
     """A job's state, stage, progress, queue position, problem and links (ETag for polling)."""
     # The hot path of polling clients: authentication and every store read in one trip to the
     # thread pool (TenantDep would add a second one).
-    job, view = await anyio.to_thread.run_sync(_view, store, credentials, job_id)
+    job, view = await anyio.to_thread.run_sync(
+        _view, store, credentials, job_id, throttle, client_address(request), settings.retention_days
+    )
     tag = etag(view, job.version)
-    headers = {"ETag": tag, "Cache-Control": "no-cache"}
+    headers = {"ETag": tag}  # Cache-Control: no-store comes from app.middleware
     if job.state not in TERMINAL:
         headers["Retry-After"] = str(settings.retry_after_s)
     if if_none_match and (if_none_match.strip() == "*" or tag in [t.strip() for t in if_none_match.split(",")]):
@@ -320,7 +320,9 @@ async def get_job(
     response_model=JobOut,
     responses=problem_responses(400, 401, 404, 409, 422),
 )
-def review_job(job_id: str, job: OwnedJobDep, body: ReviewIn, credentials: BearerDep, store: StoreDep) -> JSONResponse:
+def review_job(
+    job_id: str, job: OwnedJobDep, body: ReviewIn, credentials: BearerDep, store: StoreDep, settings: SettingsDep
+) -> JSONResponse:
     """Record a verdict on a succeeded job (the latest wins, all are kept); 200 with the job view and its new ETag."""
     if job.state != JobState.succeeded:
         raise JobNotFinished(f"job {job_id} is {job.state}; only a succeeded job can be reviewed")
@@ -330,8 +332,8 @@ def review_job(job_id: str, job: OwnedJobDep, body: ReviewIn, credentials: Beare
     if store.add_review(job.id, verdict=body.verdict, note=body.note, key_id=key_id) is None:
         raise NotFound(f"there is no job {job_id}")  # deleted meanwhile
     reviewed = store.get(job.id) or job
-    view = job_out(reviewed, store)
-    return JSONResponse(view.model_dump(mode="json"), headers={"ETag": etag(view, reviewed.version), "Cache-Control": "no-cache"})
+    view = job_out(reviewed, store, retention_days=settings.retention_days)
+    return JSONResponse(view.model_dump(mode="json"), headers={"ETag": etag(view, reviewed.version)})
 
 
 @router.delete(
@@ -340,17 +342,24 @@ def review_job(job_id: str, job: OwnedJobDep, body: ReviewIn, credentials: Beare
     response_model=JobOut,
     responses={204: {"description": "the finished job and its data were deleted"}, **problem_responses(401, 404)},
 )
-def delete_job(job_id: str, tenant: TenantDep, store: StoreDep, storage: StorageDep, queue: QueueDep) -> Response:
-    """Cancel a queued or running job (200 with the job), or delete a finished job's data (204)."""
+def delete_job(
+    job_id: str, tenant: TenantDep, store: StoreDep, storage: StorageDep, queue: QueueDep, settings: SettingsDep
+) -> Response:
+    """Cancel a queued or running job (200 with the job; its upload is deleted), or delete a finished job and its data (204)."""
     job = _load(store, tenant, job_id)
     if job.state not in TERMINAL:
-        if store.cancel(job.id) and job.callback_url:
+        cancelled = store.cancel(job.id)
+        if cancelled:  # a running analysis stops at its next stage and removes what it wrote
+            storage.remove_inputs(job.id)
+        if cancelled and job.callback_url:
             try:
                 queue.send_webhook(job.id)
             except Exception as exc:  # noqa: BLE001 - the cancellation stands without its webhook
                 log.warning("webhook for cancelled job %s not sent: %s", job.id, type(exc).__name__)
         # cancelled now, or finished just before: either way show it; a second DELETE deletes
-        return JSONResponse(job_out(_load(store, tenant, job_id), store).model_dump(mode="json"))
+        view = job_out(_load(store, tenant, job_id), store, retention_days=settings.retention_days)
+        return JSONResponse(view.model_dump(mode="json"))
     storage.delete(job.id)
     store.delete(job.id)
+    store.checkpoint()  # the deleted record leaves no copy in SQLite's write-ahead log
     return Response(status_code=204)

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import hmac
 from typing import Any
 
-from fastapi import APIRouter, Response
+from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from app.deps import MetricsDep, QueueDep, SettingsDep, StorageDep, StoreDep, TenantDep
 from app.problems import catalogue, problem_response, problem_responses
-from service.errors import NotReady
+from app.settings import GatewaySettings
+from service.errors import NotReady, Unauthorized
 
 router = APIRouter(tags=["service"])
 
@@ -43,9 +45,25 @@ def readyz(settings: SettingsDep, store: StoreDep, storage: StorageDep, queue: Q
     return JSONResponse({"status": "ready", "checks": checks})
 
 
-@router.get("/metrics", response_class=Response, responses={200: {"content": {CONTENT_TYPE_LATEST: {}}}})
-def metrics(registry: MetricsDep) -> Response:
-    """Prometheus metrics: requests, jobs by state, job duration, queue depth."""
+def _check_metrics_token(request: Request, settings: GatewaySettings) -> None:
+    """With ``metrics_token`` set, /metrics wants ``Authorization: Bearer <token>`` (compared in
+    constant time); unset, it is open (keep it then on a network only the scraper reaches)."""
+    if settings.metrics_token is None:
+        return
+    wanted = f"Bearer {settings.metrics_token.get_secret_value()}".encode()
+    given = request.headers.get("authorization", "").strip().encode("utf-8", "surrogateescape")
+    if not hmac.compare_digest(given, wanted):
+        raise Unauthorized("/metrics wants 'Authorization: Bearer <metrics token>' (SCSNET_METRICS_TOKEN)")
+
+
+@router.get(
+    "/metrics",
+    response_class=Response,
+    responses={200: {"content": {CONTENT_TYPE_LATEST: {}}}, 401: problem_responses(401)[401]},
+)
+def metrics(request: Request, registry: MetricsDep, settings: SettingsDep) -> Response:
+    """Prometheus metrics: requests, jobs by state, job duration, queue depth (Bearer token if configured)."""
+    _check_metrics_token(request, settings)
     return Response(generate_latest(registry.registry), media_type=CONTENT_TYPE_LATEST)
 
 

@@ -92,7 +92,9 @@ def convert_group(group: SeriesGroup, *, workdir: Path, timeout_s: float) -> lis
     out.mkdir(parents=True, exist_ok=True)
     for i, path in enumerate(group.files):
         _link_or_copy(path, src / f"{i:06d}.dcm")
-    cmd = [dcm2niix_binary(), "-z", "y", "-b", "y", "-ba", "n", "-f", "%s_%d", "-o", str(out), str(src)]
+    # -ba y: the sidecar without patient name, ID, birth date, ... (core.ingest.sidecar then keeps
+    # acquisition fields only: the anonymisation leaves the institution and device serial in)
+    cmd = [dcm2niix_binary(), "-z", "y", "-b", "y", "-ba", "y", "-f", "%s_%d", "-o", str(out), str(src)]
     try:
         subprocess.run(cmd, capture_output=True, timeout=max(timeout_s, 1.0), check=False)
     except subprocess.TimeoutExpired as exc:

@@ -23,6 +23,7 @@ from core import outputs
 from core.errors import ScsnetError
 from core.ingest.dwi import DWI, Reorientation
 from core.ingest.gradients import world_to_fsl, write_fsl
+from core.ingest.sidecar import acquisition_fields
 from core.ingest.study import Study
 from core.report.build import acquisition_section, input_section
 from core.report.qc import write_qc_png
@@ -82,7 +83,8 @@ def write_ingest(study: Study, out: Path) -> dict[str, Any]:
         "warnings": list(dwi.provenance.warnings),
     }
     if study.dicom is not None and study.dicom.sidecar is not None:
-        sidecar["dcm2niix"] = json.loads(Path(study.dicom.sidecar).read_text())
+        # derived files carry no patient identifiers: acquisition fields only (allow-list)
+        sidecar["dcm2niix"] = acquisition_fields(json.loads(Path(study.dicom.sidecar).read_text()))
     (out / outputs.DWI_JSON.filename).write_text(json.dumps(sidecar, indent=2))
     return sidecar
 
