@@ -26,6 +26,8 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
+import sqlite3
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -36,6 +38,7 @@ from typing import Any, ClassVar, Literal, get_args
 
 from sqlalchemy import (
     JSON,
+    BigInteger,
     Boolean,
     DateTime,
     Float,
@@ -131,7 +134,10 @@ class Job(Base):
     """One analysis request and everything known about its progress and outcome."""
 
     __tablename__ = "jobs"
-    __table_args__ = (UniqueConstraint("tenant_id", "idempotency_key", name="uq_jobs_tenant_idempotency"),)
+    __table_args__ = (
+        UniqueConstraint("tenant_id", "idempotency_key", name="uq_jobs_tenant_idempotency"),
+        Index("ix_jobs_tenant_study", "tenant_id", "study_uid"),
+    )
     seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     id: Mapped[str] = mapped_column(String(32), unique=True, index=True)
     tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id"), index=True)
@@ -155,6 +161,11 @@ class Job(Base):
     deliveries: Mapped[list[Any]] = mapped_column(default=list)
     # the retention pass deleted the job's folder then (the record stays)
     files_deleted_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    # the Study Instance UID of a DICOM job (GET /v1/jobs?study_uid=), known at intake for STOW-RS
+    study_uid: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    # storing the job's DICOM results in the tenant's DICOMweb destination: {"state": "pending" |
+    # "delivered" | "failed", "attempts", "last_error", "at"}; None when there is nothing to deliver
+    delivery: Mapped[dict[str, Any] | None] = mapped_column(nullable=True)
 
 
 class Review(Base):
@@ -170,6 +181,37 @@ class Review(Base):
     key_id: Mapped[str] = mapped_column(String(32))
     at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     latest: Mapped[bool] = mapped_column(Boolean, default=True)
+
+
+class Destination(Base):
+    """A tenant's DICOMweb destination (its PACS), set by the operator: after a DICOM job of the
+    tenant succeeds, its SEG, SR and SC are stored there by STOW-RS. ``headers`` (an
+    ``Authorization``, say) are secrets: stored, never printed back."""
+
+    __tablename__ = "destinations"
+    tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id"), primary_key=True)
+    url: Mapped[str] = mapped_column(String(2048))
+    headers: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class StowBatch(Base):
+    """Instances of one study that one tenant sent by STOW-RS, gathered in ``stow/<id>/`` until
+    none has arrived for the settle time; then a job starts on them (``job_id``). ``gathering``
+    is ``"<tenant id>/<study uid>"`` while the batch takes instances and NULL once its job
+    started: the unique index lets one batch per tenant and study gather at a time."""
+
+    __tablename__ = "stow_batches"
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id"), index=True)
+    study_uid: Mapped[str] = mapped_column(String(64))
+    gathering: Mapped[str | None] = mapped_column(String(120), unique=True, nullable=True)
+    first_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    last_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, index=True)
+    instances: Mapped[int] = mapped_column(Integer, default=0)
+    size: Mapped[int] = mapped_column(BigInteger, default=0)
+    job_id: Mapped[str | None] = mapped_column(String(32), nullable=True)
 
 
 # Statements of the status-poll path (authenticate, get, queue_position), built once: building
@@ -693,10 +735,26 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     # The gateway and the worker are separate processes writing one file: WAL lets readers
     # and a writer proceed together, and the busy timeout waits for a lock instead of failing.
     cursor = dbapi_connection.cursor()
-    cursor.execute("PRAGMA journal_mode=WAL")
     cursor.execute("PRAGMA busy_timeout=10000")
+    _use_wal(cursor)
     cursor.execute("PRAGMA foreign_keys=ON")
     # deleted rows (a deleted job, a retired secret) are overwritten with zeros, not left in
     # free pages of the file
     cursor.execute("PRAGMA secure_delete=ON")
     cursor.close()
+
+
+def _use_wal(cursor: Any, *, tries: int = 100) -> None:
+    """Switch the file to WAL (a setting the file keeps). Switching takes an exclusive lock that
+    processes opening a new store together contend for, and SQLite may refuse it at once
+    ("database is locked") rather than wait: try again for a few seconds."""
+    for attempt in range(tries):
+        try:
+            if cursor.execute("PRAGMA journal_mode").fetchone()[0] == "wal":
+                return
+            cursor.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or attempt == tries - 1:
+                raise
+            time.sleep(0.05)

@@ -25,7 +25,7 @@ from service.errors import SchemaOutdated
 from service.store import Base, JobState, Store
 
 SCSNET_BIN = Path(sys.executable).parent / "scsnet"
-OUTDATED = "scsnet: error: the job store's schema is at revision 0001 (scsnet 0.2.0), this scsnet needs 0002: run 'scsnet db upgrade'"
+OUTDATED = "scsnet: error: the job store's schema is at revision 0001 (scsnet 0.2.0), this scsnet needs 0003: run 'scsnet db upgrade'"
 
 # What scsnet 0.2.0's Base.metadata.create_all made on SQLite (sqlite_master.sql), frozen here.
 DDL_0_2_0 = [
@@ -172,7 +172,7 @@ def test_revision_0001_is_the_schema_scsnet_0_2_0_released(tmp_path: Path) -> No
 
 def test_a_new_store_is_migrated_to_the_head_and_matches_the_models(tmp_path: Path) -> None:
     store = Store(f"sqlite:///{tmp_path / 'new.db'}")
-    assert migrations.current(store.engine) == (migrations.head(), True) and migrations.head() == "0002"
+    assert migrations.current(store.engine) == (migrations.head(), True) and migrations.head() == "0003"
     assert _differences(store.url) == []
     # the models' own DDL (what create_all would make) compares equal too: both paths agree
     models = create_engine(f"sqlite:///{tmp_path / 'models.db'}")
@@ -207,12 +207,12 @@ def test_a_0_2_0_store_is_refused_then_upgraded_by_scsnet_db_upgrade_keeping_eve
         Store(f"sqlite:///{path}")
     assert f"scsnet: error: {refused.value}" == OUTDATED
     current = _run(data, "db", "current")
-    assert current.returncode == 0 and current.stdout.strip() == "job store schema: 0001 (scsnet 0.2.0); this scsnet needs 0002"
+    assert current.returncode == 0 and current.stdout.strip() == "job store schema: 0001 (scsnet 0.2.0); this scsnet needs 0003"
     upgraded = _run(data, "db", "upgrade")
     assert upgraded.returncode == 0, upgraded.stderr
-    assert upgraded.stdout.strip() == "job store schema upgraded from 0001 (scsnet 0.2.0) to 0002 (this scsnet)"
+    assert upgraded.stdout.strip() == "job store schema upgraded from 0001 (scsnet 0.2.0) to 0003 (this scsnet)"
     again = _run(data, "db", "upgrade")
-    assert again.returncode == 0 and again.stdout.strip() == "job store schema already at 0002 (this scsnet)"
+    assert again.returncode == 0 and again.stdout.strip() == "job store schema already at 0003 (this scsnet)"
 
     store = Store(f"sqlite:///{path}")
     assert _differences(store.url) == []
@@ -237,7 +237,7 @@ def test_the_migrations_go_down_to_0001_and_up_again_keeping_rows(tmp_path: Path
         command.downgrade(migrations._config(conn), "0001")
     assert _schema(path) == set(DDL_0_2_0)
     assert {c["name"] for c in inspect(engine).get_columns("jobs")} >= {"seq", "id", "deliveries"}
-    assert migrations.upgrade(engine) == ("0001 (scsnet 0.2.0)", "0002 (this scsnet)")
+    assert migrations.upgrade(engine) == ("0001 (scsnet 0.2.0)", "0003 (this scsnet)")
     engine.dispose()
     with sqlite3.connect(path) as conn:
         assert conn.execute("SELECT count(*) FROM jobs").fetchone() == (3,)
