@@ -2,7 +2,8 @@
 
 It stores uploads, records jobs and enqueues them by task name; it never imports the worker's
 heavy modules and never waits on a task. At start and every ``requeue_interval_s`` it re-sends
-queued jobs the broker has lost and removes upload folders no job owns (``app.sweep``). Run it
+queued jobs the broker has lost and removes upload folders no job owns (``app.sweep``); a second
+loop starts a job on each study sent by STOW-RS once it has settled (``app.stow``). Run it
 with ``scsnet serve`` (or ``uvicorn --factory app.main:app_from_env``).
 """
 
@@ -25,8 +26,10 @@ from app.cursors import Cursors
 from app.metrics import Metrics, MetricsMiddleware
 from app.middleware import BodyTimeoutMiddleware, NoStoreMiddleware
 from app.requeue import requeue_lost
-from app.routers import artifacts, jobs, system
+from app.routers import artifacts, dicomweb, jobs, system
 from app.settings import GatewaySettings
+from app.stow import StowArea, settle
+from app.stow import sweep as sweep_stow
 from app.sweep import sweep_orphans
 from app.throttle import AuthThrottle
 from service.privacy import secure_service
@@ -57,6 +60,12 @@ async def _housekeeping_forever(app: FastAPI) -> None:
         except Exception as exc:  # noqa: BLE001 - store or disk unavailable: try again next round
             log.warning("orphan sweep failed: %s", type(exc).__name__)
         try:
+            await anyio.to_thread.run_sync(
+                lambda: sweep_stow(app.state.store, app.state.stow, grace_s=settings.orphan_grace_s)
+            )
+        except Exception as exc:  # noqa: BLE001 - store or disk unavailable: try again next round
+            log.warning("STOW-RS sweep failed: %s", type(exc).__name__)
+        try:
             purged = await anyio.to_thread.run_sync(
                 lambda: purge_expired(app.state.store, app.state.storage, settings.retention_days)
             )
@@ -67,15 +76,35 @@ async def _housekeeping_forever(app: FastAPI) -> None:
         await asyncio.sleep(settings.requeue_interval_s)
 
 
+async def _settle_forever(app: FastAPI) -> None:
+    """Start a job on each study sent by STOW-RS once its instances have settled (app.stow),
+    checking a few times per settle period (at most every 5 s). Each failure is logged and tried
+    again next round."""
+    settings: GatewaySettings = app.state.settings
+    interval_s = min(5.0, max(settings.stow_settle_s / 4, 0.2))
+    while True:
+        try:
+            await anyio.to_thread.run_sync(
+                lambda: settle(
+                    app.state.store, app.state.storage, app.state.stow, app.state.queue, settle_s=settings.stow_settle_s
+                )
+            )
+        except Exception as exc:  # noqa: BLE001 - store, broker or disk unavailable: try again next round
+            log.warning("STOW-RS settle pass failed: %s", type(exc).__name__)
+        await asyncio.sleep(interval_s)
+
+
 @contextlib.asynccontextmanager
 async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
-    task = asyncio.create_task(_housekeeping_forever(app))
+    tasks = [asyncio.create_task(_housekeeping_forever(app)), asyncio.create_task(_settle_forever(app))]
     try:
         yield
     finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
 
 
 DOCS_POLICY = "default-src 'none'; style-src 'unsafe-inline'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
@@ -149,6 +178,7 @@ def create_app(settings: GatewaySettings, *, store: Store | None = None, queue: 
     app.state.settings = settings
     app.state.store = store
     app.state.storage = Storage(settings.data_root)
+    app.state.stow = StowArea(settings.data_root)
     app.state.queue = queue
     app.state.metrics = Metrics(store, queue)
     app.state.idempotency_in_flight = set()  # (tenant id, Idempotency-Key) of uploads being received
@@ -163,6 +193,7 @@ def create_app(settings: GatewaySettings, *, store: Store | None = None, queue: 
     app.add_middleware(NoStoreMiddleware)  # outermost of ours: also on what the others answer
     app.include_router(jobs.router)
     app.include_router(artifacts.router)
+    app.include_router(dicomweb.router)
     app.include_router(system.router)
     if settings.docs_enabled:
         _add_docs(app)

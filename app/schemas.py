@@ -16,14 +16,28 @@ _NOTE_PATTERN = r"^[^\x00-\x08\x0b\x0c\x0e-\x1f\x7f]*$"
 
 
 class Delivery(BaseModel):
-    """One webhook delivery attempt."""
+    """One webhook delivery attempt: only whether it arrived (the receiver's status code or
+    the kind of connection error would let a tenant probe the service's network; they are in
+    the worker's log for the operator)."""
 
     attempt: int
     at: datetime
-    status_code: int | None = None
-    error: str | None = None
     delivered: bool
     gave_up: bool = Field(default=False, description="true on a failed attempt after which no more are made")
+
+
+class DicomDelivery(BaseModel):
+    """Storing the job's DICOM results (SEG, SR, SC) in the tenant's DICOMweb destination (STOW-RS)."""
+
+    state: Literal["pending", "delivered", "failed"] = Field(
+        description="pending: an attempt is due or under way; delivered; failed: every attempt failed "
+        "(POST /v1/jobs/{id}/deliver tries again). The job's own state is unaffected."
+    )
+    attempts: int = Field(description="attempts made so far")
+    last_error: str | None = Field(
+        default=None, description="why the last attempt failed, e.g. 'the destination answered HTTP 503', 'could not connect'"
+    )
+    at: datetime = Field(description="when the delivery was started or its last attempt made")
 
 
 ReviewFilter = Literal["pass", "fail", "artifact", "none"]
@@ -69,6 +83,9 @@ class JobOut(BaseModel):
     finished_at: datetime | None = None
     updated_at: datetime
     input: dict[str, Any] = Field(description="kind (nifti or dicom) and size and SHA-256 of each uploaded file")
+    study_uid: str | None = Field(
+        default=None, description="Study Instance UID of a DICOM job (known at once for one sent by STOW-RS)"
+    )
     callback_url: str | None = None
     files_expire_at: datetime | None = Field(
         default=None,
@@ -78,7 +95,10 @@ class JobOut(BaseModel):
     files_deleted_at: datetime | None = Field(
         default=None, description="when the job's files were deleted (downloads then answer 410); the record stays"
     )
-    deliveries: list[Delivery] = Field(default_factory=list)
+    deliveries: list[Delivery] = Field(default_factory=list, description="webhook delivery attempts")
+    delivery: DicomDelivery | None = Field(
+        default=None, description="storing the DICOM results in the tenant's DICOMweb destination; null: none is made"
+    )
     problem: dict[str, Any] | None = Field(default=None, description="RFC 9457 problem object when failed")
     review: ReviewOut | None = Field(default=None, description="the latest review (succeeded jobs only); null until reviewed")
     reviews: list[ReviewOut] = Field(default_factory=list, description="every review, oldest first")
@@ -116,10 +136,12 @@ def job_out(job: Job, store: Store, *, reviews: list[Review] | None = None, rete
         finished_at=aware(job.finished_at),
         updated_at=aware(job.updated_at),  # type: ignore[arg-type]
         input={"kind": job.inputs.get("kind"), "files": job.inputs.get("files", [])},
+        study_uid=job.study_uid,
         callback_url=job.callback_url,
         files_expire_at=files_expire_at(job, retention_days),
         files_deleted_at=aware(job.files_deleted_at),
         deliveries=[Delivery.model_validate(d) for d in job.deliveries],
+        delivery=DicomDelivery.model_validate(job.delivery) if job.delivery else None,
         problem=job.problem,
         review=history[-1] if history else None,
         reviews=history,

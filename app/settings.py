@@ -30,6 +30,11 @@ class GatewaySettings(ServiceSettings):
         description="how long an Idempotency-Key is remembered; after it the key is forgotten and starts a new job",
     )
     allow_http_callbacks: bool = Field(default=True, description="accept http:// callback URLs (not only https://)")
+    stow_settle_s: float = Field(
+        default=30.0,
+        ge=0,
+        description="a job starts on the instances of a study sent by STOW-RS once none has arrived for this many seconds",
+    )
 
     # Slow and abusive clients (app.server, app.middleware, app.throttle). A reverse proxy in
     # front (docker/nginx.conf) applies the same numbers; these hold when it is absent.

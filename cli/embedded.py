@@ -1,7 +1,8 @@
-"""Child processes of ``scsnet serve``: the embedded Redis server and the Celery worker.
+"""Child processes of ``scsnet serve``: the embedded Redis server and the Celery workers (one
+for the analyses, one for the deliveries).
 
 Each child runs in its own session, so a Ctrl-C in the terminal reaches only ``scsnet serve``,
-which then stops them in order (gateway, worker, Redis) and waits for each, escalating from a
+which then stops them in order (gateway, workers, Redis) and waits for each, escalating from a
 polite signal to a forced one after a timeout.
 """
 
@@ -13,11 +14,14 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import redis
+
+from service.queue import deliveries_queue
 
 log = logging.getLogger(__name__)
 MAX_UNIX_SOCKET_PATH = 100  # sun_path is 108 bytes on Linux, 104 on macOS
@@ -94,22 +98,50 @@ def start_redis(socket_path: Path, *, timeout_s: float = 15.0) -> Child:
             time.sleep(0.05)
 
 
-def worker_argv(*, queue_name: str, concurrency: int = 1, loglevel: str = "INFO") -> list[str]:
-    """The command line of a Celery worker serving scsnet's queue."""
+Queues = Literal["analyses", "deliveries", "all"]
+DELIVERY_THREADS = 4
+"""Deliveries a deliveries worker makes at once: each mostly waits on a receiver (at most the
+delivery deadline), so threads, not processes."""
+
+
+def worker_argv(*, queue_name: str, queues: Queues = "analyses", concurrency: int = 1, loglevel: str = "INFO") -> list[str]:
+    """The command line of a Celery worker serving scsnet's analysis queue, its deliveries
+    queue (a thread pool, ``concurrency`` threads), or both (one prefork pool: a slow receiver
+    then holds a pool process for up to the delivery deadline). Its environment must carry
+    ``SCSNET_WORKER_QUEUES=<queues>`` (:func:`worker_env`), so that a deliveries worker imports
+    no science."""
+    names = {"analyses": [queue_name], "deliveries": [deliveries_queue(queue_name)], "all": [queue_name, deliveries_queue(queue_name)]}
+    pool = "threads" if queues == "deliveries" else "prefork"
+    role = "deliveries-" if queues == "deliveries" else ""  # an analysis worker's name: scsnet-<pid>@host
     return [
         sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker",
-        "--pool", "prefork", "--concurrency", str(concurrency),
-        "--queues", queue_name, "--loglevel", loglevel,
-        "--hostname", f"scsnet-{os.getpid()}@%h",
+        "--pool", pool, "--concurrency", str(concurrency),
+        "--queues", ",".join(names[queues]), "--loglevel", loglevel,
+        "--hostname", f"scsnet-{role}{os.getpid()}@%h",
         "--without-mingle", "--without-gossip",
     ]  # fmt: skip
 
 
+def worker_env(env: Mapping[str, str], *, queues: Queues) -> dict[str, str]:
+    """``env`` for a worker serving ``queues``."""
+    return {**env, "SCSNET_WORKER_QUEUES": queues}
+
+
 def start_worker(*, queue_name: str, env: dict[str, str], log_path: Path, shutdown_timeout_s: float) -> Child:
-    """Start one Celery worker process (prefork, one child: time limits work, one job at a time).
+    """Start the analysis worker process (prefork, one child: time limits work, one job at a time).
 
     Stopping: SIGTERM (warm shutdown: the running job may finish), then SIGQUIT (cold shutdown:
     the unacknowledged message goes back to Redis, and the job runs again at the next start).
     """
-    process = _spawn(worker_argv(queue_name=queue_name), log_path=log_path, env=env)
+    argv = worker_argv(queue_name=queue_name, queues="analyses")
+    process = _spawn(argv, log_path=log_path, env=worker_env(env, queues="analyses"))
     return Child("worker", process, ((signal.SIGTERM, shutdown_timeout_s), (signal.SIGQUIT, 10.0)))
+
+
+def start_delivery_worker(*, queue_name: str, env: dict[str, str], log_path: Path, shutdown_timeout_s: float) -> Child:
+    """Start the deliveries worker process (:data:`DELIVERY_THREADS` threads; webhooks and
+    DICOMweb), stopped like the analysis worker: a delivery under way may finish (each attempt
+    ends at the delivery deadline), an unacknowledged one goes back to Redis."""
+    argv = worker_argv(queue_name=queue_name, queues="deliveries", concurrency=DELIVERY_THREADS)
+    process = _spawn(argv, log_path=log_path, env=worker_env(env, queues="deliveries"))
+    return Child("deliveries worker", process, ((signal.SIGTERM, shutdown_timeout_s), (signal.SIGQUIT, 10.0)))

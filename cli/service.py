@@ -1,9 +1,10 @@
-"""Service subcommands of ``scsnet``: ``serve``, ``worker``, ``apikey``, ``tenant``, ``db``,
-``submit``.
+"""Service subcommands of ``scsnet``: ``serve``, ``worker``, ``apikey``, ``tenant``,
+``destination``, ``db``, ``submit``.
 
 Secrets are printed once: an API key when it is made, a tenant's webhook signing secret when the
 tenant is made (``tenant create``, or the ``apikey create`` that creates it) or its secret
-rotated (``tenant rotate-secret``); never again. Every command that opens the job store stops
+rotated (``tenant rotate-secret``); never again. A destination's headers (its credentials) are
+stored and never printed back. Every command that opens the job store stops
 with one line and status 2 if its schema is not this scsnet's (``scsnet db upgrade``).
 
 Imports stay inside :func:`run` so ``scsnet analyze`` never loads the web or queue stack.
@@ -26,24 +27,36 @@ if TYPE_CHECKING:
 
     from cli.embedded import Child
 
-COMMANDS: frozenset[str] = frozenset({"serve", "worker", "apikey", "tenant", "db", "submit"})
+COMMANDS: frozenset[str] = frozenset({"serve", "worker", "apikey", "tenant", "destination", "db", "submit"})
 EXIT_STORE = 2
 """Exit status when the job store's schema is not this scsnet's."""
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     """Register the service subcommands on the ``scsnet`` parser."""
-    serve = sub.add_parser("serve", help="run the HTTP service (embedded Redis, gateway and one worker)")
+    serve = sub.add_parser("serve", help="run the HTTP service (embedded Redis, gateway, an analysis and a deliveries worker)")
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     serve.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
-    serve.add_argument("--no-worker", action="store_true", help="gateway only (workers run elsewhere: scsnet worker)")
+    serve.add_argument(
+        "--no-worker", action="store_true", help="gateway only (the analysis and deliveries workers run elsewhere: scsnet worker)"
+    )
     serve.add_argument("--shutdown-timeout", type=float, default=30.0, help="seconds a running job may take to finish on stop")
     serve.add_argument(
         "--access-log", action="store_true", help="log every HTTP request (off by default: /metrics counts them by route and status)"
     )
 
-    worker = sub.add_parser("worker", help="run a Celery worker for the service's analysis queue")
-    worker.add_argument("--concurrency", type=int, default=1, help="analyses run at once (default 1)")
+    worker = sub.add_parser("worker", help="run a Celery worker for the service's analyses, deliveries, or both")
+    worker.add_argument(
+        "--queues",
+        choices=("analyses", "deliveries", "all"),
+        default="all",
+        help="analyses; deliveries (webhooks and DICOMweb, in threads; loads no model); all (default: one process "
+        "for both, fine for a small install; run analyses and deliveries apart so that a slow receiver never holds "
+        "an analysis slot)",
+    )
+    worker.add_argument(
+        "--concurrency", type=int, help="analyses (prefork processes) or deliveries (threads) at once (default 1; deliveries 4)"
+    )
     worker.add_argument("--loglevel", default="INFO")
 
     apikey = sub.add_parser("apikey", help="create, revoke or list API keys")
@@ -74,6 +87,24 @@ def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
         help="hours the old secret stays valid: webhooks carry a signature under each (default 24; 0: none)",
     )
 
+    destination = sub.add_parser("destination", help="set, list or remove a tenant's DICOMweb destination (its PACS)")
+    destinations = destination.add_subparsers(dest="destination_command", required=True)
+    dest_set = destinations.add_parser(
+        "set", help="store (or replace) the tenant's DICOMweb root; a DICOM job's SEG, SR and SC are sent there by STOW-RS"
+    )
+    dest_set.add_argument("--tenant", required=True)
+    dest_set.add_argument("--url", required=True, help="DICOMweb root, e.g. https://pacs.example.org/dicom-web")
+    dest_set.add_argument(
+        "--header",
+        action="append",
+        default=[],
+        metavar='"NAME: VALUE"',
+        help="a header sent with every request, e.g. \"Authorization: Bearer ...\" (repeatable; stored, never printed back)",
+    )
+    destinations.add_parser("list", help="list destinations (URL and header names, never header values)")
+    dest_remove = destinations.add_parser("remove", help="remove the tenant's destination")
+    dest_remove.add_argument("--tenant", required=True)
+
     db = sub.add_parser("db", help="the job store's schema: show its revision, upgrade it")
     db_commands = db.add_subparsers(dest="db_command", required=True)
     db_commands.add_parser("current", help="print the schema revision of the job store and the one this scsnet needs")
@@ -99,7 +130,9 @@ def run(args: argparse.Namespace) -> int:
     """Run one of :data:`COMMANDS`; returns the exit status."""
     from service.errors import SchemaOutdated
 
-    commands = {"serve": _serve, "worker": _worker, "apikey": _apikey, "tenant": _tenant, "db": _db, "submit": _submit}
+    commands = {
+        "serve": _serve, "worker": _worker, "apikey": _apikey, "tenant": _tenant, "destination": _destination, "db": _db, "submit": _submit,
+    }  # fmt: skip
     try:
         if args.command in ("serve", "worker"):
             _check_store()  # before a child process starts or Celery is exec'd
@@ -158,6 +191,47 @@ def _tenant(args: argparse.Namespace) -> int:
     return 0
 
 
+def _destination(args: argparse.Namespace) -> int:
+    from service.outbound import UnsafeDestination, check_destination
+    from service.privacy import secure_service
+    from service.settings import ServiceSettings
+    from service.store import Store
+
+    settings = ServiceSettings()
+    secure_service(settings.data_root)  # owner-only: the store holds the destinations' credentials
+    store = Store(settings.store_url)
+    if args.destination_command == "set":
+        headers: dict[str, str] = {}
+        for header in args.header:
+            name, sep, value = header.partition(":")
+            if not sep or not name.strip() or any(c.isspace() for c in name.strip()) or "\n" in value or "\r" in value:
+                print('scsnet: error: --header wants "Name: value"', file=sys.stderr)
+                return 2
+            headers[name.strip()] = value.strip()
+        try:
+            check_destination(args.url, allow_private=settings.allow_private_networks)
+        except UnsafeDestination as exc:
+            print(f"scsnet: error: {exc.detail}", file=sys.stderr)
+            return 2
+        if not store.set_destination(args.tenant, url=args.url, headers=headers):
+            print(f"scsnet: error: no tenant {args.tenant}", file=sys.stderr)
+            return 2
+        store.checkpoint()  # replaced credentials leave no copy in the write-ahead log
+        names = ", ".join(sorted(headers)) or "none"
+        print(f"destination of {args.tenant}: {args.url} (headers: {names}; their values are not shown again)")
+        return 0
+    if args.destination_command == "remove":
+        if not store.remove_destination(args.tenant):
+            print(f"scsnet: error: tenant {args.tenant} has no destination", file=sys.stderr)
+            return 2
+        store.checkpoint()
+        print(f"destination of {args.tenant} removed")
+        return 0
+    for tenant, url, names in store.destinations():
+        print(f"{tenant}  {url}  headers: {', '.join(names) or 'none'}")
+    return 0
+
+
 def _db(args: argparse.Namespace) -> int:
     from service import migrations
     from service.privacy import secure_service
@@ -210,14 +284,16 @@ def _apikey(args: argparse.Namespace) -> int:
 
 
 def _worker(args: argparse.Namespace) -> int:
-    from cli.embedded import worker_argv
+    from cli.embedded import DELIVERY_THREADS, worker_argv, worker_env
     from service.privacy import secure_service
     from service.settings import ServiceSettings
 
     settings = ServiceSettings()
     secure_service(settings.data_root)  # the umask survives the exec into Celery
-    argv = worker_argv(queue_name=settings.queue_name, concurrency=args.concurrency, loglevel=args.loglevel)
-    os.execv(argv[0], argv)  # become the Celery worker: its signals, its exit status
+    concurrency = args.concurrency or (DELIVERY_THREADS if args.queues == "deliveries" else 1)
+    argv = worker_argv(queue_name=settings.queue_name, queues=args.queues, concurrency=concurrency, loglevel=args.loglevel)
+    # become the Celery worker: its signals, its exit status
+    os.execve(argv[0], argv, worker_env(os.environ, queues=args.queues))
 
 
 def _submit(args: argparse.Namespace) -> int:
@@ -267,7 +343,7 @@ def _serve(args: argparse.Namespace) -> int:
     from app.main import create_app
     from app.server import uvicorn_config
     from app.settings import GatewaySettings
-    from cli.embedded import start_redis, start_worker
+    from cli.embedded import start_delivery_worker, start_redis, start_worker
     from service.privacy import secure_service
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -285,6 +361,12 @@ def _serve(args: argparse.Namespace) -> int:
         if not args.no_worker:
             children.append(
                 start_worker(queue_name=settings.queue_name, env=env, log_path=data / "logs" / "worker.log", shutdown_timeout_s=args.shutdown_timeout)
+            )
+            # deliveries apart: one tenant's slow receiver never delays another tenant's analysis
+            children.append(
+                start_delivery_worker(
+                    queue_name=settings.queue_name, env=env, log_path=data / "logs" / "deliveries.log", shutdown_timeout_s=args.shutdown_timeout
+                )
             )
         # timeouts, connection limit and trusted proxy from the settings (app.server)
         config = uvicorn_config(create_app(settings), settings, host=args.host, port=args.port, log_level="info", access_log=args.access_log)

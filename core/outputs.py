@@ -48,6 +48,8 @@ OUTPUTS: tuple[Output, ...] = (
     REPORT, LABELS, SEG, SR, QC_DCM, FA, MD, AD, RD, B0, QC_PNG, QC_HTML, DWI, DWI_BVAL, DWI_BVEC, DWI_JSON
 )
 BY_KEY: dict[str, Output] = {o.key: o for o in OUTPUTS}
+DICOM_RESULTS: tuple[Output, ...] = (SEG, SR, QC_DCM)
+"""The DICOM outputs of a DICOM job, stored in the tenant's DICOMweb destination (STOW-RS) when it has one."""
 MAPS: dict[str, Output] = {"fa": FA, "md": MD, "ad": AD, "rd": RD}
 """The tensor maps by the name of their :class:`~core.tensor.fit.TensorMaps` attribute."""
 

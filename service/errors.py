@@ -77,6 +77,15 @@ class UploadTooLarge(InputError):
     status = 413
 
 
+class UnsupportedMediaType(ScsnetError):
+    """The request's Content-Type is not one the route takes (STOW-RS wants multipart/related
+    with type="application/dicom")."""
+
+    type_slug = "unsupported-media-type"
+    title = "The request body's media type is not accepted here"
+    status = 415
+
+
 class InvalidCallbackUrl(ScsnetError):
     type_slug = "invalid-callback-url"
     title = "The callback URL is not acceptable"
@@ -98,6 +107,15 @@ class IdempotencyKeyInUse(ScsnetError):
 class JobNotFinished(ScsnetError):
     type_slug = "job-not-finished"
     title = "The job has no results (yet)"
+    status = 409
+
+
+class NothingToDeliver(ScsnetError):
+    """A delivery was asked for that cannot be made: the job did not succeed, has no DICOM
+    results, or its tenant has no DICOMweb destination."""
+
+    type_slug = "nothing-to-deliver"
+    title = "There is nothing to deliver"
     status = 409
 
 

@@ -1,8 +1,10 @@
 """The gateway's side of the task queue: send tasks by name, look into the broker.
 
 The gateway never imports ``worker.tasks`` (nor anything heavy): it sends ``scsnet.analyze`` with
-a job id and a dispatch token, never file contents. The same names and queue are used by
-``worker.celery_app``.
+a job id and a dispatch token, never file contents. The same names and queues are used by
+``worker.celery_app``: analyses go through ``queue_name``, webhook and DICOMweb deliveries through
+their own queue (:func:`deliveries_queue`), served by its own worker, so that one tenant's slow
+receiver never delays another tenant's analysis.
 """
 
 from __future__ import annotations
@@ -16,7 +18,13 @@ from celery import Celery
 
 ANALYZE_TASK = "scsnet.analyze"
 WEBHOOK_TASK = "scsnet.deliver_webhook"
+DICOMWEB_TASK = "scsnet.deliver_dicomweb"
 UNACKED_KEY = "unacked"  # kombu's Redis transport keeps delivered, unacknowledged messages here
+
+
+def deliveries_queue(queue_name: str) -> str:
+    """The broker queue of the delivery tasks that go with the analysis queue ``queue_name``."""
+    return f"{queue_name}-deliveries"
 
 
 def redis_py_url(broker_url: str) -> str:
@@ -32,6 +40,8 @@ class JobQueue(Protocol):
     def send_analysis(self, job_id: str, token: str) -> None: ...
 
     def send_webhook(self, job_id: str) -> None: ...
+
+    def send_delivery(self, job_id: str, run: str) -> None: ...
 
     def depth(self) -> int: ...
 
@@ -61,7 +71,12 @@ class CeleryQueue:
 
     def send_webhook(self, job_id: str) -> None:
         """Enqueue the webhook delivery for ``job_id``'s terminal state."""
-        self._celery.send_task(WEBHOOK_TASK, args=[job_id], task_id=uuid.uuid4().hex, queue=self.queue_name)
+        self._celery.send_task(WEBHOOK_TASK, args=[job_id], task_id=uuid.uuid4().hex, queue=deliveries_queue(self.queue_name))
+
+    def send_delivery(self, job_id: str, run: str) -> None:
+        """Enqueue storing ``job_id``'s DICOM results in its tenant's DICOMweb destination
+        (``run``: the delivery run the store started, :meth:`service.store.Store.start_delivery`)."""
+        self._celery.send_task(DICOMWEB_TASK, args=[job_id, run], task_id=uuid.uuid4().hex, queue=deliveries_queue(self.queue_name))
 
     def depth(self) -> int:
         """Messages waiting in the queue."""

@@ -34,7 +34,18 @@ class ServiceSettings(IngestSettings):
         description="the gateway's public base URL (https://scsnet.example.org); webhook links are made absolute "
         "with it; unset: they stay relative to the gateway",
     )
-    queue_name: str = Field(default="scsnet", description="the broker queue analysis and webhook tasks go through")
+    queue_name: str = Field(
+        default="scsnet",
+        description="the broker queue analyses go through; webhook and DICOMweb deliveries go through '<queue_name>-deliveries'",
+    )
+    allow_private_networks: bool = Field(
+        default=False,
+        description="let webhooks and DICOMweb destinations be loopback, private, link-local or multicast addresses "
+        "(a one-machine install, tests); false: such URLs are refused at submission and again at delivery",
+    )
+    delivery_deadline_s: float = Field(
+        default=30.0, gt=0, description="total time one webhook or DICOMweb delivery attempt may take (connect, send, answer)"
+    )
     retention_days: float | None = Field(
         default=None,
         gt=0,
@@ -52,6 +63,16 @@ class ServiceSettings(IngestSettings):
     def data_root(self) -> Path:
         """The data dir as an absolute path."""
         return self.data_dir.expanduser().absolute()
+
+    @property
+    def deliveries_queue(self) -> str:
+        """The broker queue of webhook and DICOMweb deliveries, apart from the analyses so that a
+        slow receiver never delays another tenant's analysis."""
+        from service.queue import (
+            deliveries_queue,  # the queue contract's rule; celery only when asked
+        )
+
+        return deliveries_queue(self.queue_name)
 
     @property
     def store_url(self) -> str:

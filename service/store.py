@@ -28,7 +28,7 @@ import hmac
 import secrets
 import sqlite3
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -53,6 +53,7 @@ from sqlalchemy import (
     delete,
     event,
     exists,
+    false,
     func,
     select,
     text,
@@ -330,7 +331,7 @@ class Store:
         """Give the tenant a new webhook secret (returned, to be shown once); the current one
         keeps signing, as a second signature, for ``grace``. None if there is no such tenant."""
         with self.session() as s:
-            tenant = s.scalar(select(Tenant).where(Tenant.name == tenant_name).with_for_update())
+            tenant = _select_for_update(s, Tenant, Tenant.name == tenant_name)
             if tenant is None:
                 return None
             tenant.previous_webhook_secret = tenant.webhook_secret if grace > timedelta(0) else None
@@ -430,11 +431,21 @@ class Store:
             return s.scalar(_JOB_BY_ID_OF_TENANT, {"job_id": job_id, "tenant_id": tenant_id})
 
     def list_jobs(
-        self, tenant_id: int, *, state: str | None, before_seq: int | None, limit: int, review: str | None = None
+        self,
+        tenant_id: int,
+        *,
+        state: str | None,
+        before_seq: int | None,
+        limit: int,
+        review: str | None = None,
+        study_uid: str | None = None,
     ) -> list[Job]:
         """The tenant's jobs, newest first, keyset-paginated on ``seq``; ``review`` keeps those
-        whose latest verdict it is (:data:`UNREVIEWED`: those without a review)."""
+        whose latest verdict it is (:data:`UNREVIEWED`: those without a review); ``study_uid``
+        those of one study."""
         query = select(Job).where(Job.tenant_id == tenant_id)
+        if study_uid:
+            query = query.where(Job.study_uid == study_uid)
         if state:
             query = query.where(Job.state == state)
         if review == UNREVIEWED:
@@ -584,11 +595,77 @@ class Store:
     def add_delivery(self, job_id: str, delivery: dict[str, Any]) -> None:
         """Append a webhook delivery attempt to the job's record."""
         with self.session() as s:
-            job = s.scalar(select(Job).where(Job.id == job_id).with_for_update())
+            job = _select_for_update(s, Job, Job.id == job_id)
             if job is not None:
                 job.deliveries = [*job.deliveries, delivery]
                 job.version += 1
                 job.updated_at = utcnow()
+
+    # --- destinations and deliveries -------------------------------------------------
+    def set_destination(self, tenant_name: str, *, url: str, headers: dict[str, str]) -> bool:
+        """Store (or replace) the tenant's DICOMweb destination; False if there is no such tenant."""
+        now = utcnow()
+        with self.session() as s:
+            tenant = s.scalar(select(Tenant).where(Tenant.name == tenant_name))
+            if tenant is None:
+                return False
+            current = s.get(Destination, tenant.id)
+            if current is None:
+                s.add(Destination(tenant_id=tenant.id, url=url, headers=dict(headers), created_at=now, updated_at=now))
+            else:
+                current.url, current.headers, current.updated_at = url, dict(headers), now
+        return True
+
+    def destination(self, tenant_id: int) -> Destination | None:
+        """The tenant's DICOMweb destination, if the operator set one."""
+        with self.session() as s:
+            return s.get(Destination, tenant_id)
+
+    def destinations(self) -> list[tuple[str, str, list[str]]]:
+        """(tenant name, URL, header names) of every destination: never the header values."""
+        query = select(Tenant.name, Destination.url, Destination.headers).join(Tenant, Tenant.id == Destination.tenant_id)
+        with self.session() as s:
+            return [(name, url, sorted(headers or {})) for name, url, headers in s.execute(query.order_by(Tenant.name))]
+
+    def remove_destination(self, tenant_name: str) -> bool:
+        """Forget the tenant's destination; False if it had none."""
+        with self.session() as s:
+            tenant_id = s.scalar(select(Tenant.id).where(Tenant.name == tenant_name))
+            done = s.execute(delete(Destination).where(Destination.tenant_id == tenant_id)) if tenant_id is not None else None
+            return bool(done is not None and done.rowcount)  # type: ignore[attr-defined]
+
+    def start_delivery(self, job_id: str) -> str | None:
+        """Mark a succeeded job's DICOMweb delivery pending, with no attempt yet; returns the
+        run id the delivery task must carry (a task of an earlier run then does nothing), None
+        if the job is not (any more) succeeded."""
+        run = secrets.token_hex(8)
+        delivery = {"state": "pending", "attempts": 0, "last_error": None, "at": utcnow().isoformat(), "run": run}
+        done = self._update(job_id, only_from=frozenset({JobState.succeeded}), delivery=delivery)
+        return run if done else None
+
+    def record_delivery_attempt(self, job_id: str, *, run: str, delivered: bool, error: str | None, last: bool) -> bool:
+        """Record one DICOMweb delivery attempt of ``run``: delivered, pending (another attempt
+        follows) or, on the ``last`` one, failed; False if the run is no longer current."""
+        with self.session() as s:
+            job = _select_for_update(s, Job, Job.id == job_id)
+            if job is None or not job.delivery or job.delivery.get("run") != run:
+                return False
+            state = "delivered" if delivered else "failed" if last else "pending"
+            job.delivery = {
+                **job.delivery,
+                "state": state,
+                "attempts": int(job.delivery.get("attempts", 0)) + 1,
+                "last_error": None if delivered else error,
+                "at": utcnow().isoformat(),
+            }
+            job.version += 1
+            job.updated_at = utcnow()
+        return True
+
+    def record_study_uid(self, job_id: str, study_uid: str) -> None:
+        """Set the job's Study Instance UID unless it has one already (a STOW-RS job knows it at intake)."""
+        with self.session() as s:
+            s.execute(update(Job).where(Job.id == job_id, Job.study_uid.is_(None)).values(study_uid=study_uid[:64], version=Job.version + 1))
 
     # --- reviews ----------------------------------------------------------------------
     def add_review(self, job_id: str, *, verdict: str, note: str, key_id: str) -> Review | None:
@@ -679,6 +756,107 @@ class Store:
         )
         return fresh if done else None
 
+    # --- STOW-RS batches ---------------------------------------------------------------
+    def stow_arrive(self, tenant_id: int, study_uid: str, place: Callable[[str], tuple[int, int]]) -> str:
+        """Record an instance of ``study_uid`` arriving for ``tenant_id``: in the tenant's batch
+        gathering that study, or a new one. ``place(batch id)`` puts the file into the batch's
+        folder and returns (instances added: 0 for a replaced one, bytes added); it runs inside
+        the transaction that bumped the batch's ``last_at`` and holds its row (PostgreSQL) or the
+        write lock (SQLite), so a claim (:meth:`stow_claim`) sees either the instance in the
+        folder or a batch that is still gathering, never a half. Returns the batch id."""
+        key = f"{tenant_id}/{study_uid}"
+        for _ in range(10):  # each loss of the race to insert means another request made the batch
+            now = utcnow()
+            with self.session() as s:
+                bumped = s.execute(update(StowBatch).where(StowBatch.gathering == key).values(last_at=now))
+                if bumped.rowcount:  # type: ignore[attr-defined]
+                    batch_id = s.scalar(select(StowBatch.id).where(StowBatch.gathering == key))
+                    assert batch_id is not None
+                    added, grown = place(batch_id)
+                    s.execute(
+                        update(StowBatch)
+                        .where(StowBatch.id == batch_id)
+                        .values(instances=StowBatch.instances + added, size=StowBatch.size + grown)
+                    )
+                    return batch_id
+            try:
+                with self.session() as s:
+                    batch = StowBatch(
+                        id=secrets.token_hex(16), tenant_id=tenant_id, study_uid=study_uid, gathering=key, first_at=now, last_at=now
+                    )
+                    s.add(batch)
+                    s.flush()  # IntegrityError here if another request made the batch meanwhile
+                    batch.instances, batch.size = place(batch.id)
+                    return batch.id
+            except IntegrityError:
+                continue
+        raise RuntimeError(f"could not find or make the STOW-RS batch of {key}")
+
+    def stow_settled(self, *, settle_s: float) -> list[str]:
+        """Ids of gathering batches none of whose instances arrived in the last ``settle_s``."""
+        cutoff = utcnow() - timedelta(seconds=settle_s)
+        with self.session() as s:
+            return list(s.scalars(select(StowBatch.id).where(StowBatch.gathering.is_not(None), StowBatch.last_at < cutoff)))
+
+    def stow_claim(self, batch_id: str, *, settle_s: float) -> StowBatch | None:
+        """Stop a settled batch gathering, for this caller only: the batch if this call did it,
+        None if another did, or an instance arrived meanwhile. ``last_at`` becomes the claim's
+        time (:meth:`stow_unstarted` finds a claim whose job never started)."""
+        now = utcnow()
+        cutoff = now - timedelta(seconds=settle_s)
+        with self.session() as s:
+            done = s.execute(
+                update(StowBatch)
+                .where(StowBatch.id == batch_id, StowBatch.gathering.is_not(None), StowBatch.last_at < cutoff)
+                .values(gathering=None, last_at=now)
+            )
+            if not done.rowcount:  # type: ignore[attr-defined]
+                return None
+            return s.get(StowBatch, batch_id)
+
+    def stow_unstarted(self, *, claimed_before_s: float) -> list[StowBatch]:
+        """Batches claimed more than ``claimed_before_s`` ago that have no job yet (the gateway
+        that claimed them died before starting it)."""
+        cutoff = utcnow() - timedelta(seconds=claimed_before_s)
+        with self.session() as s:
+            query = select(StowBatch).where(StowBatch.gathering.is_(None), StowBatch.job_id.is_(None), StowBatch.last_at < cutoff)
+            return list(s.scalars(query))
+
+    def stow_start_job(self, batch_id: str, job: Job) -> Job:
+        """Store ``job`` (unless a job with its id exists: then that one) and record it as the
+        batch's job, in one transaction; returns the stored job."""
+        with self.session() as s:
+            existing = s.scalar(select(Job).where(Job.id == job.id))
+            if existing is None:
+                s.add(job)
+            s.execute(update(StowBatch).where(StowBatch.id == batch_id).values(job_id=job.id))
+            return existing or job
+
+    def stow_forget(self, batch_id: str) -> None:
+        """Delete a batch record (one whose instances are lost)."""
+        with self.session() as s:
+            s.execute(delete(StowBatch).where(StowBatch.id == batch_id))
+
+    def stow_live(self, batch_ids: list[str]) -> set[str]:
+        """Those of ``batch_ids`` whose folder is still wanted: gathering, or claimed without a job."""
+        found: set[str] = set()
+        with self.session() as s:
+            for start in range(0, len(batch_ids), 500):
+                query = select(StowBatch.id).where(
+                    StowBatch.id.in_(batch_ids[start : start + 500]),
+                    (StowBatch.gathering.is_not(None)) | (StowBatch.job_id.is_(None)),
+                )
+                found.update(s.scalars(query))
+        return found
+
+    def stow_batches(self, tenant_id: int, study_uid: str | None = None) -> list[StowBatch]:
+        """The tenant's batches (of one study), oldest first."""
+        query = select(StowBatch).where(StowBatch.tenant_id == tenant_id)
+        if study_uid is not None:
+            query = query.where(StowBatch.study_uid == study_uid)
+        with self.session() as s:
+            return list(s.scalars(query.order_by(StowBatch.first_at)))
+
     # --- metrics and health -----------------------------------------------------------
     def counts_by_state(self) -> dict[str, int]:
         """Number of jobs in each state (every state present, zero included)."""
@@ -715,11 +893,25 @@ def engine_for(url: str) -> Engine:
     """The SQLAlchemy engine of the job store at ``url`` (SQLite: its folder made, its pragmas
     set on every connection)."""
     engine = create_engine(url, pool_pre_ping=True)
+    if engine.dialect.name == "postgresql":
+        event.listen(engine, "connect", _postgres_utc)
     if engine.dialect.name == "sqlite":
         event.listen(engine, "connect", _sqlite_pragmas)
         if engine.url.database and engine.url.database != ":memory:":
             Path(engine.url.database).parent.mkdir(parents=True, exist_ok=True)
     return engine
+
+
+def _select_for_update(s: Session, model: Any, *where: Any) -> Any:
+    """The row ``select(model).where(*where)``, locked until the session ends (``FOR UPDATE``).
+    SQLite has no row locks, and pysqlite opens its transaction only at the first write, running
+    the SELECTs before it outside: two read-modify-writes at once would lose one's change. There
+    an UPDATE matching no row comes first: it writes nothing but takes the database's write lock
+    (waiting for it as any write does), so the read and the write after it are one transaction."""
+    if s.get_bind().dialect.name == "sqlite":
+        key = model.__mapper__.primary_key[0]
+        s.execute(update(model).where(false()).values({key: key}).execution_options(synchronize_session=False))
+    return s.scalar(select(model).where(*where).with_for_update())
 
 
 def _new_webhook_secret() -> str:
@@ -729,6 +921,16 @@ def _new_webhook_secret() -> str:
 def aware(value: datetime | None) -> datetime | None:
     """A stored time as timezone-aware UTC (SQLite drops the zone)."""
     return _aware(value)
+
+
+def _postgres_utc(dbapi_connection: Any, _record: Any) -> None:
+    # PostgreSQL hands a timestamptz back in the session's time zone, the server's own by default
+    # (Debian's initdb takes the machine's): make it UTC, the zone every time is shown in
+    # ('valid until ... UTC', the API's times), whatever the server's configuration.
+    cursor = dbapi_connection.cursor()
+    cursor.execute("SET TIME ZONE 'UTC'")
+    cursor.close()
+    dbapi_connection.commit()
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:

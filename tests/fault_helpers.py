@@ -131,7 +131,12 @@ class Cluster:
         return self.root / "redis" / "redis.sock"
 
     def _env(self) -> dict[str, str]:
-        extra = {"SCSNET_REDIS_URL": f"redis+socket://{self.socket}", "SCSNET_MODEL_DIR": str(self.model_dir), **self.env}
+        extra = {
+            "SCSNET_REDIS_URL": f"redis+socket://{self.socket}",
+            "SCSNET_MODEL_DIR": str(self.model_dir),
+            "SCSNET_ALLOW_PRIVATE_NETWORKS": "true",  # the webhook receivers listen on 127.0.0.1
+            **self.env,
+        }
         return h.env_for(self.data, **extra)
 
     def _spawn(self, name: str, argv: list[str]) -> subprocess.Popen[bytes]:

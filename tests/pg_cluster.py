@@ -9,6 +9,7 @@ Skips with the Debian package to install when the server is absent; fails instea
 from __future__ import annotations
 
 import glob
+import importlib.util
 import os
 import pwd
 import shutil
@@ -36,11 +37,16 @@ def _binary(name: str) -> str | None:
 def require_postgres() -> tuple[str, str]:
     """(initdb, postgres) executables; skip (fail under CI) naming the package when absent."""
     initdb, server = _binary("initdb"), _binary("postgres")
+    reason = None
     if initdb is None or server is None:
         reason = f"PostgreSQL is not installed (Debian: apt-get install postgresql); {PURPOSE}"
+    elif importlib.util.find_spec("psycopg") is None:
+        reason = f"psycopg is not installed (bash .ci/venv test installs requirements/postgres.lock); {PURPOSE}"
+    if reason is not None:
         if os.environ.get("CI") == "true":
             pytest.fail(reason)
         pytest.skip(reason)
+    assert initdb is not None and server is not None
     return initdb, server
 
 
@@ -81,8 +87,9 @@ def _as_postgres() -> dict[str, object]:
 
 
 @contextmanager
-def postgres_cluster(*, start_timeout_s: float = 30.0) -> Iterator[Cluster]:
-    """Start a cluster on 127.0.0.1 in a temporary folder; stop it and remove the folder."""
+def postgres_cluster(*, start_timeout_s: float = 30.0, settings: dict[str, str] | None = None) -> Iterator[Cluster]:
+    """Start a cluster on 127.0.0.1 in a temporary folder; stop it and remove the folder.
+    ``settings``: more server settings (``-c name=value``), e.g. ``{"timezone": "..."}``."""
     initdb, server = require_postgres()
     folder = Path(tempfile.mkdtemp(prefix="scsnet-pg-"))
     data = folder / "data"
@@ -96,7 +103,8 @@ def postgres_cluster(*, start_timeout_s: float = 30.0) -> Iterator[Cluster]:
     port = _free_port()
     process = subprocess.Popen(
         [server, "-D", str(data), "-p", str(port), "-h", "127.0.0.1", "-k", str(folder), "-c", "fsync=off",
-         "-c", "synchronous_commit=off", "-c", "full_page_writes=off"],
+         "-c", "synchronous_commit=off", "-c", "full_page_writes=off",
+         *(arg for name, value in (settings or {}).items() for arg in ("-c", f"{name}={value}"))],
         stdout=subprocess.DEVNULL, stderr=open(folder / "server.log", "wb"), **drop,  # type: ignore[arg-type]  # noqa: SIM115
     )  # fmt: skip
     try:

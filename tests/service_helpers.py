@@ -60,11 +60,11 @@ def env_for(data_dir: Path, **extra: str) -> dict[str, str]:
     return env
 
 
-def create_key(data_dir: Path, tenant: str) -> tuple[str, str | None]:
-    """Run ``scsnet apikey create``; returns (key, webhook secret), the secret only if this
-    created the tenant (it is printed once, when the tenant is made)."""
+def create_key(data_dir: Path, tenant: str, **extra_env: str) -> tuple[str, str | None]:
+    """Run ``scsnet apikey create`` (``extra_env``: SCSNET_DATABASE_URL, say); returns (key,
+    webhook secret), the secret only if this created the tenant (printed once, when it is made)."""
     out = subprocess.run(
-        [*SCSNET, "apikey", "create", "--tenant", tenant], env=env_for(data_dir), capture_output=True, text=True, timeout=60, check=True
+        [*SCSNET, "apikey", "create", "--tenant", tenant], env=env_for(data_dir, **extra_env), capture_output=True, text=True, timeout=60, check=True
     ).stdout.strip().splitlines()
     secret = next((line.split(": ", 1)[1] for line in out if line.startswith("webhook signing secret")), None)
     return out[-1], secret
@@ -105,7 +105,11 @@ def start_serve(
     """Start ``scsnet serve`` on a free port; wait until /readyz says a worker is up."""
     port = free_port()
     log_path = data_dir.parent / f"serve-{port}.log"
-    env = env_for(data_dir, **{"SCSNET_MODEL_DIR": str(model_dir), "SCSNET_HEARTBEAT_S": "1", **(extra_env or {})})
+    # webhook receivers and PACS of the tests listen on 127.0.0.1: private networks allowed
+    env = env_for(
+        data_dir,
+        **{"SCSNET_MODEL_DIR": str(model_dir), "SCSNET_HEARTBEAT_S": "1", "SCSNET_ALLOW_PRIVATE_NETWORKS": "true", **(extra_env or {})},
+    )
     with open(log_path, "w") as sink:
         process = subprocess.Popen(
             [*SCSNET, "serve", "--host", "127.0.0.1", "--port", str(port), "--shutdown-timeout", "10", *extra_args],

@@ -49,7 +49,7 @@ ENV = {
     "SCSNET_WORKER_STALE_AFTER_S": "5",
     "SCSNET_WEBHOOK_MAX_RETRIES": str(WEBHOOK_RETRIES),
     "SCSNET_WEBHOOK_BACKOFF_S": str(WEBHOOK_BACKOFF_S),
-    "SCSNET_WEBHOOK_TIMEOUT_S": "2",
+    "SCSNET_DELIVERY_DEADLINE_S": "2",
 }
 NIFTI_FILES = {"report.json", "labels.nii.gz", "fa.nii.gz", "md.nii.gz", "ad.nii.gz", "rd.nii.gz", "b0.nii.gz", "qc.png", "qc.html"}
 
@@ -419,7 +419,8 @@ def test_a_webhook_receiver_that_is_down_gets_retries_with_backoff_then_the_atte
     deliveries = final["deliveries"]
     assert len(deliveries) == WEBHOOK_RETRIES + 1, deliveries  # the first try and every retry, then no more
     assert [d["attempt"] for d in deliveries] == list(range(1, WEBHOOK_RETRIES + 2))
-    assert all(not d["delivered"] and d["error"] == "ConnectError" and d["status_code"] is None for d in deliveries)
+    # only whether it arrived: no status code, no kind of error (they would let a tenant probe ports)
+    assert all(set(d) == {"attempt", "at", "delivered", "gave_up"} and not d["delivered"] for d in deliveries)
     assert [d["gave_up"] for d in deliveries] == [False] * WEBHOOK_RETRIES + [True]
     times = [f.parse_time(d["at"]) for d in deliveries]
     gaps = [b - a for a, b in itertools.pairwise(times)]

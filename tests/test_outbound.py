@@ -141,10 +141,14 @@ class _Receiver(BaseHTTPRequestHandler):
 
 
 @contextmanager
-def receiver(behaviour: str) -> Iterator[int]:
+def receiver(behaviour: str, *, tls: ssl.SSLContext | None = None) -> Iterator[int]:
+    """A receiver on 127.0.0.1 (over TLS with ``tls``); afterwards ``receiver.seen`` holds
+    (path, Host, body) of each request it got."""
     handler = type("Handler", (_Receiver,), {"behaviour": behaviour, "seen": []})
     server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
     server.daemon_threads = True
+    if tls is not None:
+        server.socket = tls.wrap_socket(server.socket, server_side=True)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
@@ -248,32 +252,17 @@ def _certificate(folder: Path, name: str) -> tuple[Path, Path]:
     return cert, key
 
 
-@contextmanager
-def tls_receiver(cert: Path, key: Path) -> Iterator[int]:
-    handler = type("Handler", (_Receiver,), {"behaviour": "ok", "seen": []})
-    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.load_cert_chain(cert, key)
-    server.socket = context.wrap_socket(server.socket, server_side=True)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield server.server_port
-    finally:
-        server.shutdown()
-        server.server_close()
-    tls_receiver.seen = handler.seen  # type: ignore[attr-defined]
-
-
 def test_https_goes_to_the_checked_address_with_the_certificate_checked_against_the_host_name(tmp_path: Path) -> None:
     require("openssl", package="openssl", purpose="it makes the test certificate")
     cert, key = _certificate(tmp_path, "hooks.example")
     trusted = ssl.create_default_context(cafile=str(cert))
+    server_side = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_side.load_cert_chain(cert, key)
 
     def resolve(host: str, port: int) -> list[str]:
         return ["127.0.0.1"]
 
-    with tls_receiver(cert, key) as port:
+    with receiver("ok", tls=server_side) as port:
         url = f"https://hooks.example:{port}/h"
         good = post(url, content=b"{}", headers={}, allow_private=True, deadline_s=5, resolve=resolve, verify=trusted)
         untrusted = post(url, content=b"{}", headers={}, allow_private=True, deadline_s=5, resolve=resolve)
@@ -284,4 +273,4 @@ def test_https_goes_to_the_checked_address_with_the_certificate_checked_against_
     assert good.delivered, good.detail
     assert not untrusted.delivered and untrusted.detail == "ConnectError"
     assert not wrong_name.delivered and wrong_name.detail == "ConnectError"
-    assert [host for _, host, _ in tls_receiver.seen] == [f"hooks.example:{port}"]  # type: ignore[attr-defined]
+    assert [host for _, host, _ in receiver.seen] == [f"hooks.example:{port}"]  # type: ignore[attr-defined]

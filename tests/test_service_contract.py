@@ -38,7 +38,10 @@ REAL = Path(__file__).parent / "data" / "sct_tutorial_dmri"
 @pytest.fixture()
 def settings(tmp_path: Path, redis_server: h.RedisServer) -> GatewaySettings:
     redis_server.client().flushall()
-    return GatewaySettings(data_dir=tmp_path / "var", redis_url=redis_server.url, max_upload_bytes=8 * 1024 * 1024)
+    # allow_private_networks: callback URLs are kept without a DNS lookup (refusals: tests/test_delivery.py)
+    return GatewaySettings(
+        data_dir=tmp_path / "var", redis_url=redis_server.url, max_upload_bytes=8 * 1024 * 1024, allow_private_networks=True
+    )
 
 
 def _study(bvals: bytes | None = None) -> list[tuple[str, tuple[str, bytes]]]:

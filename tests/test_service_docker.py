@@ -87,14 +87,18 @@ def test_compose_file_matches_the_compose_spec_schema() -> None:
 def test_compose_runs_redis_postgres_gateway_and_a_gpu_worker_on_a_shared_volume() -> None:
     compose = _compose()
     services = compose["services"]
-    assert set(services) == {"redis", "postgres", "gateway", "worker", "nginx"}
+    assert set(services) == {"redis", "postgres", "gateway", "worker", "deliveries", "nginx"}
+    # webhooks and DICOMweb deliveries in their own worker, apart from the analyses (no GPU)
+    assert services["worker"]["command"][:4] == ["scsnet", "worker", "--queues", "analyses"]
+    assert services["deliveries"]["command"][:4] == ["scsnet", "worker", "--queues", "deliveries"]
+    assert services["deliveries"]["image"] == services["worker"]["image"] and "deploy" not in services["deliveries"]
     assert "--appendonly" in services["redis"]["command"] and "yes" in services["redis"]["command"]
     assert services["gateway"]["build"]["dockerfile"] == "docker/gateway.Dockerfile"
     assert services["worker"]["build"]["dockerfile"] == "docker/worker.Dockerfile"
     assert "--no-worker" in services["gateway"]["command"] and services["worker"]["command"][:2] == ["scsnet", "worker"]
     devices = services["worker"]["deploy"]["resources"]["reservations"]["devices"]
     assert devices[0]["driver"] == "nvidia" and "gpu" in devices[0]["capabilities"]
-    for name in ("gateway", "worker"):
+    for name in ("gateway", "worker", "deliveries"):
         env = services[name]["environment"]
         assert env["SCSNET_REDIS_URL"].startswith("redis://redis:")
         assert env["SCSNET_DATABASE_URL"].startswith("postgresql+psycopg://") and "@postgres:" in env["SCSNET_DATABASE_URL"]

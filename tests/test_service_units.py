@@ -1,9 +1,11 @@
 """Unit tests of the service's small pieces: content sniffing, zip checks, webhook signatures,
-settings, key format."""
+settings, key format, and the job store (each store test twice: on a SQLite file and on a
+PostgreSQL database, conftest's ``store_url``)."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import service_helpers as h
@@ -122,6 +124,8 @@ class _Broker:
 
     def send_webhook(self, job_id: str) -> None: ...
 
+    def send_delivery(self, job_id: str, run: str) -> None: ...
+
     def depth(self) -> int:
         return len(self.held)
 
@@ -131,11 +135,11 @@ class _Broker:
         return set(self.held)
 
 
-def test_a_running_job_whose_message_is_lost_is_re_sent_and_its_old_run_fenced_off(tmp_path: Path) -> None:
+def test_a_running_job_whose_message_is_lost_is_re_sent_and_its_old_run_fenced_off(store_url: str) -> None:
     from app.requeue import dispatch, requeue_lost
     from service.store import Job, JobState, Store
 
-    store, broker, job_id = Store(f"sqlite:///{tmp_path / 'jobs.db'}"), _Broker(), "a" * 32
+    store, broker, job_id = Store(store_url), _Broker(), "a" * 32
     tenant = store.authenticate(store.create_api_key("t").key)
     assert tenant is not None
     store.create_job(Job(id=job_id, tenant_id=tenant.id, inputs={}))
@@ -157,7 +161,7 @@ def test_a_running_job_whose_message_is_lost_is_re_sent_and_its_old_run_fenced_o
     assert store.finish(job_id, JobState.succeeded, token=fresh)
 
 
-def test_only_old_job_folders_without_a_job_are_swept(tmp_path: Path) -> None:
+def test_only_old_job_folders_without_a_job_are_swept(tmp_path: Path, store_url: str) -> None:
     """A folder left by an upload cut off mid-way goes once untouched for the grace period; a
     job's folder, a fresh upload and anything that is not a job folder stay."""
     import os
@@ -167,7 +171,7 @@ def test_only_old_job_folders_without_a_job_are_swept(tmp_path: Path) -> None:
     from service.storage import Storage
     from service.store import Job, Store
 
-    store, storage = Store(f"sqlite:///{tmp_path / 'jobs.db'}"), Storage(tmp_path / "data")
+    store, storage = Store(store_url), Storage(tmp_path / "data")
     tenant = store.authenticate(store.create_api_key("t").key)
     assert tenant is not None
     owned, orphan, uploading = "a" * 32, "b" * 32, "c" * 32
@@ -245,3 +249,127 @@ def test_one_setting_sets_the_upload_limits_of_the_gateway_the_worker_and_the_co
             check_zip(upload, label="four.zip", limits=each)
         with pytest.raises(ArchiveError, match="holds 4 files, more than the 3 accepted"):
             collect_inputs([upload], workdir=tmp_path / name, limits=each)
+
+
+def test_the_store_keeps_times_json_unique_keys_and_counts_on_every_backend(store_url: str) -> None:
+    """What a PostgreSQL store could get wrong where SQLite forgives: times come back as the UTC
+    instants written (the test cluster's own time zone is not UTC), JSON round-trips, unique
+    constraints answer as the store promises, UPDATE row counts, the aggregates' types."""
+    from datetime import UTC, datetime, timedelta
+
+    from service.store import Job, JobState, Store, aware, utcnow
+
+    store, before = Store(store_url), utcnow()
+
+    def utc(value: datetime | None) -> datetime:
+        value = aware(value)
+        assert value is not None and value.utcoffset() == timedelta(0), value
+        assert before - timedelta(seconds=5) <= value <= utcnow() + timedelta(seconds=5), value
+        return value
+
+    assert store.create_tenant("north") is not None and store.create_tenant("north") is None  # unique name
+    new = store.create_api_key("north")
+    assert not new.tenant_created and new.webhook_secret is None
+    tenant = store.authenticate(new.key)
+    assert tenant is not None and tenant.name == "north"
+    utc(tenant.created_at)
+    [(key_id, name, created, revoked)] = store.list_api_keys("north")
+    assert (key_id, name, revoked) == (new.key_id, "north", None)
+    utc(created)
+
+    inputs = {"kind": "nifti", "files": [{"name": "Ærø ✓.nii.gz", "size": 2**40, "sha256": "ab" * 32}], "nested": {"x": [1.5, None, True]}}
+    job, created_job = store.create_job(Job(id="a" * 32, tenant_id=tenant.id, inputs=inputs, idempotency_key="k-1"))
+    assert created_job
+    again, created_again = store.create_job(Job(id="b" * 32, tenant_id=tenant.id, inputs={}, idempotency_key="k-1"))
+    assert (again.id, created_again) == ("a" * 32, False)  # the unique key answered with the first job
+    stored = store.get("a" * 32)
+    assert stored is not None and stored.inputs == inputs and stored.state == JobState.queued and stored.version == 1
+    utc(stored.created_at)
+    assert store.queue_position(stored) == 1
+
+    token = store.new_dispatch(job.id)
+    assert token is not None and store.new_dispatch("f" * 32) is None  # zero rows updated
+    assert store.claim(job.id, token) is not None and store.set_progress(job.id, stage="fit", progress=0.5, token=token)
+    artifacts = {"report": {"path": "report.json", "sha256": "cd" * 32, "size": 12}}
+    assert store.finish(job.id, JobState.succeeded, artifacts=artifacts, token=token)
+    assert not store.finish(job.id, JobState.failed, token=token)  # no longer running: zero rows
+    done = store.get(job.id)
+    assert done is not None and done.artifacts == artifacts and done.problem is None and done.progress == 1.0
+    assert done.duration_s is not None and 0 <= done.duration_s < 60
+    assert utc(done.finished_at) >= utc(done.started_at)
+    assert store.counts_by_state() == {"queued": 0, "running": 0, "succeeded": 1, "failed": 0, "cancelled": 0}
+    buckets, count, total = store.duration_histogram()
+    assert buckets[-1] == count == 1 and total == done.duration_s and all(isinstance(b, int) for b in buckets)
+
+    review = store.add_review(job.id, verdict="pass", note="fine", key_id=new.key_id)
+    assert review is not None and utc(review.at)
+    assert store.add_review("f" * 32, verdict="pass", note="", key_id=new.key_id) is None
+    assert [j.id for j in store.list_jobs(tenant.id, state=None, before_seq=None, limit=10, review="pass")] == [job.id]
+    assert store.list_jobs(tenant.id, state=None, before_seq=None, limit=10, review="none") == []
+    assert store.files_due(ended_before=utcnow() + timedelta(hours=1), limit=10) == [job.id]
+    store.mark_files_deleted([job.id])
+    assert store.files_due(ended_before=utcnow() + timedelta(hours=1), limit=10) == []
+    utc(store.get(job.id).files_deleted_at)  # type: ignore[union-attr]
+
+    secret = store.rotate_webhook_secret("north", grace=timedelta(hours=1))
+    assert secret is not None and store.rotate_webhook_secret("nobody", grace=timedelta(hours=1)) is None
+    fresh = store.tenant(tenant.id)
+    assert fresh is not None and fresh.signing_secrets() == [secret, fresh.previous_webhook_secret]
+    [(_, tenant_created, live, grace_until)] = store.list_tenants()
+    assert live == 1 and utc(tenant_created) and grace_until is not None and grace_until.utcoffset() == timedelta(0)
+    assert timedelta(minutes=59) < grace_until - utcnow() <= timedelta(hours=1)
+    assert store.retire_expired_secrets() == 0
+    assert store.retire_expired_secrets(now=datetime.now(UTC) + timedelta(hours=2)) == 1
+    assert store.tenant(tenant.id).signing_secrets() == [secret]  # type: ignore[union-attr]
+
+    store.beat("w1@host", {"model": {"name": "scsnet"}})
+    store.beat("w1@host", {"model": {"name": "scsnet", "version": "2"}})
+    [beat] = store.workers(seen_within_s=60)
+    assert beat.info == {"model": {"name": "scsnet", "version": "2"}} and utc(beat.seen_at)
+    assert store.revoke_api_key(new.key_id) and not store.revoke_api_key(new.key_id)
+    assert store.authenticate(new.key) is None
+    store.delete(job.id)
+    assert store.get(job.id) is None and store.reviews(job.id) == []
+    store.checkpoint()  # SQLite: the WAL copied back; PostgreSQL: nothing to do
+    store.engine.dispose()
+
+
+def test_concurrent_writes_to_one_job_lose_nothing_on_every_backend(store_url: str) -> None:
+    """Webhook deliveries appended and reviews recorded by several threads at once: every
+    delivery is kept, every write bumps the version once, exactly one review is the latest."""
+    import threading
+
+    from service.store import Job, JobState, Store
+
+    store = Store(store_url)
+    tenant = store.authenticate(store.create_api_key("t").key)
+    assert tenant is not None
+    job, _ = store.create_job(Job(id="a" * 32, tenant_id=tenant.id, inputs={}))
+    token = store.new_dispatch(job.id)
+    assert token is not None and store.claim(job.id, token) is not None and store.finish(job.id, JobState.succeeded, token=token)
+    version = store.get(job.id).version  # type: ignore[union-attr]
+    errors: list[BaseException] = []
+
+    def run(work: Any) -> None:
+        try:
+            work()
+        except BaseException as exc:  # noqa: BLE001 - shown by the assertion
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(lambda i=i: store.add_delivery(job.id, {"attempt": i}),)) for i in range(8)]
+    threads += [
+        threading.Thread(target=run, args=(lambda i=i: store.add_review(job.id, verdict="pass", note=str(i), key_id="k"),))
+        for i in range(8)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert errors == []
+    final = store.get(job.id)
+    assert final is not None and sorted(d["attempt"] for d in final.deliveries) == list(range(8))
+    assert final.version == version + 16
+    reviews = store.reviews(job.id)
+    assert len(reviews) == 8 and [r.latest for r in reviews].count(True) == 1
+    assert store.latest_review(job.id).id == reviews[-1].id  # type: ignore[union-attr]
+    store.engine.dispose()

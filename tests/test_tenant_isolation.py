@@ -89,10 +89,13 @@ def world(decoder_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
         assert served.stop() == 0, served.log_path.read_text()[-3000:]
 
 
+STUDY_UID = "1.2.826.0.1.3680043.8.498.18"  # {study_uid} of the STOW-RS route (tests/test_stow.py covers its tenants)
+
+
 def _url(path: str, job_id: str) -> str:
-    params = set(re.findall(r"{(\w+)}", path)) - {"job_id"}
+    params = set(re.findall(r"{(\w+)}", path)) - {"job_id", "study_uid"}
     assert not params, f"{path}: a new path parameter {params}; teach this test what to put there"
-    return path.replace("{job_id}", job_id)
+    return path.replace("{job_id}", job_id).replace("{study_uid}", STUDY_UID)
 
 
 def _call(client: httpx.Client, method: str, url: str, headers: dict[str, str] | None = None) -> httpx.Response:

@@ -1,7 +1,10 @@
-"""The Celery application of the analysis worker (``celery -A worker.celery_app worker``).
+"""The Celery application of the worker (``celery -A worker.celery_app worker``).
 
 Configured on purpose; every non-default setting says why. The gateway does not import this
-module: it sends tasks by name (``service.queue``).
+module: it sends tasks by name (``service.queue``). What a worker process runs is
+``SCSNET_WORKER_QUEUES`` (``scsnet worker --queues``): ``analyses`` (:mod:`worker.tasks`, the
+science stack), ``deliveries`` (:mod:`worker.deliveries`: webhooks and DICOMweb; the science stack
+is not even imported, no model is loaded and no heartbeat is sent), or ``all``.
 """
 
 from __future__ import annotations
@@ -15,6 +18,8 @@ import threading
 from pathlib import Path
 from typing import Any
 
+import redis.exceptions
+import sqlalchemy.exc
 from celery import Celery
 from celery.signals import (
     worker_init,
@@ -25,23 +30,32 @@ from celery.signals import (
 
 from service.errors import SchemaOutdated
 from service.privacy import secure_service
-from service.queue import ANALYZE_TASK, WEBHOOK_TASK
+from service.queue import ANALYZE_TASK, DICOMWEB_TASK, WEBHOOK_TASK
 from service.storage import Storage
 from service.store import Store
 from worker.settings import WorkerSettings
 
 log = logging.getLogger(__name__)
 settings = WorkerSettings()
+TRANSIENT = (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError, redis.exceptions.ConnectionError)
+"""Faults of the job store or the broker that a task is retried for (not the receiver's faults)."""
+RUNS_ANALYSES = settings.worker_queues in ("analyses", "all")
+TASK_MODULES = {"analyses": ["worker.tasks"], "deliveries": ["worker.deliveries"], "all": ["worker.tasks", "worker.deliveries"]}
 
-celery_app = Celery("scsnet", include=["worker.tasks"])
+celery_app = Celery("scsnet", include=TASK_MODULES[settings.worker_queues])
 celery_app.conf.update(
     broker_url=settings.broker_url,
     # The job record in our store is the truth; Celery results would be a second, stale copy.
     task_ignore_result=True,
     result_backend=None,
-    # Both task kinds share one queue, named so that several deployments can share a Redis.
+    # Analyses and deliveries have a queue each (named so that several deployments can share a
+    # Redis): a receiver that answers slowly holds a delivery worker, never an analysis.
     task_default_queue=settings.queue_name,
-    task_routes={ANALYZE_TASK: {"queue": settings.queue_name}, WEBHOOK_TASK: {"queue": settings.queue_name}},
+    task_routes={
+        ANALYZE_TASK: {"queue": settings.queue_name},
+        WEBHOOK_TASK: {"queue": settings.deliveries_queue},
+        DICOMWEB_TASK: {"queue": settings.deliveries_queue},
+    },
     # Acknowledge after the task ran, so a worker that dies mid-analysis leaves the message to
     # be redelivered (the task is idempotent: outputs are renamed into place at the end).
     task_acks_late=True,
@@ -147,6 +161,8 @@ def _check_store(**_: Any) -> None:
 
 @worker_ready.connect
 def _start_heartbeat(sender: Any = None, **_: Any) -> None:
+    if not RUNS_ANALYSES:  # /readyz counts the workers that can run an analysis
+        return
     hostname = getattr(sender, "hostname", None) or socket.gethostname()
     threading.Thread(target=_heartbeat, args=(hostname,), name="scsnet-heartbeat", daemon=True).start()
 
@@ -160,6 +176,8 @@ def _stop_heartbeat(**_: Any) -> None:
 def _warm_up(**_: Any) -> None:
     """Create the ONNX session once per pool process, before the first job arrives."""
     services.cache_clear()  # never share the parent's database connections across a fork
+    if not RUNS_ANALYSES:
+        return
     from core.errors import ScsnetError
     from core.segment.runtime import load_segmenter
 

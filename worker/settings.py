@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field, model_validator
 from pydantic_settings import SettingsConfigDict
 
@@ -18,7 +20,13 @@ class WorkerSettings(ServiceSettings, CoreSettings):
     soft_time_limit_s: int = Field(default=900, gt=0, description="an analysis is asked to stop after this")
     time_limit_s: int = Field(default=1200, gt=0, description="an analysis process is killed after this")
     heartbeat_s: float = Field(default=10.0, gt=0, description="how often the worker records that it is alive")
-    webhook_timeout_s: float = Field(default=10.0, gt=0, description="time allowed for one webhook POST")
+    destination_max_retries: int = Field(default=5, ge=0, description="re-tries of a failed DICOMweb (STOW-RS) delivery")
+    destination_backoff_s: float = Field(default=30.0, gt=0, description="first DICOMweb delivery retry delay; doubles each time")
+    worker_queues: Literal["analyses", "deliveries", "all"] = Field(
+        default="all",
+        description="what this worker runs (scsnet worker --queues): analyses, deliveries (webhooks and DICOMweb; the "
+        "science stack is not even imported) or all",
+    )
     webhook_max_retries: int = Field(default=8, ge=0, description="re-tries of a failed webhook delivery")
     webhook_backoff_s: float = Field(default=5.0, gt=0, description="first retry delay; doubles each time")
     visibility_timeout_s: int | None = Field(

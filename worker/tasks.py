@@ -1,31 +1,28 @@
-"""The worker's tasks: run one analysis job, deliver one webhook. Thin adapters: the job
-record is loaded and updated through ``service.store``; the science is ``core.pipeline``."""
+"""The worker's analysis task: run one job. A thin adapter: the job record is loaded and
+updated through ``service.store``; the science is ``core.pipeline``. Its webhook and DICOMweb
+delivery are sent by name to the deliveries queue (:mod:`worker.deliveries`)."""
 
 from __future__ import annotations
 
+import json
 import logging
+from pathlib import Path
 from typing import Any
 
-import httpx
-import redis.exceptions
-import sqlalchemy.exc
-from celery import Task
 from celery.exceptions import SoftTimeLimitExceeded
 
 from core import pipeline
 from core.errors import ScsnetError
-from core.outputs import describe_outputs
+from core.outputs import DICOM_RESULTS, REPORT, describe_outputs
 from core.segment.runtime import load_segmenter
 from core.staging import discard_staging
-from service import webhooks
 from service.errors import AnalysisTimedOut, InternalError, storage_error
-from service.queue import ANALYZE_TASK, WEBHOOK_TASK
+from service.queue import ANALYZE_TASK, DICOMWEB_TASK, WEBHOOK_TASK
 from service.storage import Storage
-from service.store import JobState, Store, utcnow
-from worker.celery_app import celery_app, model_dir, services, settings
+from service.store import JobState, Store
+from worker.celery_app import TRANSIENT, celery_app, model_dir, services, settings
 
 log = logging.getLogger(__name__)
-TRANSIENT = (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError, redis.exceptions.ConnectionError)
 
 
 class JobCancelled(Exception):
@@ -72,10 +69,33 @@ def analyze(job_id: str, token: str) -> None:
     if not store.finish(job_id, state, problem=problem, artifacts=artifacts, token=token):
         _drop_outputs_if_cancelled(store, storage, job_id)  # cancelled while finishing
         return
+    if state == JobState.succeeded:
+        _after_success(store, storage.out_dir(job_id), job_id=job_id, tenant_id=job.tenant_id, artifacts=artifacts or {})
     if state == JobState.succeeded and not settings.keep_inputs:
         storage.remove_inputs(job_id)  # SCSNET_KEEP_INPUTS=false: the record keeps their digests
     if job.callback_url:
-        deliver_webhook.delay(job_id)
+        celery_app.send_task(WEBHOOK_TASK, args=[job_id], queue=settings.deliveries_queue)
+
+
+def _after_success(store: Store, out: Path, *, job_id: str, tenant_id: int, artifacts: dict[str, Any]) -> None:
+    """Record the study a DICOM job analysed, and send its DICOM results to the tenant's
+    DICOMweb destination if it has one (a failed delivery never fails the job)."""
+    study_uid = _study_uid(out / REPORT.filename)
+    if study_uid:
+        store.record_study_uid(job_id, study_uid)
+    if not all(output.key in artifacts for output in DICOM_RESULTS) or store.destination(tenant_id) is None:
+        return
+    run = store.start_delivery(job_id)
+    if run is not None:
+        celery_app.send_task(DICOMWEB_TASK, args=[job_id, run], queue=settings.deliveries_queue)
+
+
+def _study_uid(report: Path) -> str | None:
+    try:
+        uid = json.loads(report.read_text())["input"].get("study_instance_uid")
+    except (OSError, ValueError, KeyError, AttributeError):
+        return None
+    return uid if isinstance(uid, str) and uid else None
 
 
 def _unexpected_problem(job_id: str, exc: Exception) -> dict[str, Any]:
@@ -101,28 +121,3 @@ def _drop_outputs_if_cancelled(store: Store, storage: Storage, job_id: str) -> N
     if _cancelled(store, job_id):
         storage.remove_outputs(job_id)
         storage.remove_inputs(job_id)
-
-
-@celery_app.task(name=WEBHOOK_TASK, bind=True, autoretry_for=TRANSIENT, max_retries=settings.webhook_max_retries)
-def deliver_webhook(self: Task, job_id: str) -> None:  # type: ignore[type-arg]
-    """POST the job's terminal state to its callback URL, signed; retried with backoff."""
-    store, _ = services()
-    job = store.get(job_id)
-    tenant = store.tenant(job.tenant_id) if job is not None else None
-    if job is None or tenant is None or not job.callback_url:
-        return
-    body = webhooks.payload(
-        job_id=job.id, state=job.state, artifacts=job.artifacts, problem=job.problem, base_url=settings.public_url
-    )
-    headers = {"Content-Type": "application/json", webhooks.SIGNATURE_HEADER: webhooks.sign(tenant.signing_secrets(), body)}
-    attempt: dict[str, Any] = {"attempt": self.request.retries + 1, "at": utcnow().isoformat(), "delivered": False}
-    try:
-        response = httpx.post(job.callback_url, content=body, headers=headers, timeout=settings.webhook_timeout_s)
-        attempt.update(status_code=response.status_code, delivered=response.is_success)
-    except httpx.HTTPError as exc:
-        attempt["error"] = type(exc).__name__
-    retry = not attempt["delivered"] and self.request.retries < settings.webhook_max_retries
-    attempt["gave_up"] = not attempt["delivered"] and not retry
-    store.add_delivery(job_id, attempt)
-    if retry:
-        raise self.retry(countdown=settings.webhook_backoff_s * 2**self.request.retries)

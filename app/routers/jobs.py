@@ -36,14 +36,18 @@ from app.schemas import JobOut, JobPage, ReviewFilter, ReviewIn, etag, job_out
 from app.settings import GatewaySettings
 from app.throttle import AuthThrottle
 from app.uploads import Form, receive_form
+from core.outputs import DICOM_RESULTS
 from service.errors import (
     IdempotencyKeyInUse,
     IdempotencyKeyReused,
     InvalidCallbackUrl,
     JobNotFinished,
     NotFound,
+    NothingToDeliver,
+    NotReady,
     Unauthorized,
 )
+from service.outbound import UnsafeDestination, check_destination
 from service.queue import JobQueue
 from service.storage import Storage
 from service.store import (
@@ -128,6 +132,19 @@ def _check_callback(url: str | None, settings: GatewaySettings) -> str | None:
     if parts.username is not None or parts.password is not None:
         raise InvalidCallbackUrl(f"{wanted} without credentials (user:password@); webhooks are signed instead")
     return url
+
+
+async def _check_callback_network(url: str | None, settings: GatewaySettings) -> None:
+    """Refuse (:class:`InvalidCallbackUrl`) a callback URL whose host is or resolves to a
+    loopback, private, link-local or multicast address, unless the operator allows private
+    networks; the worker checks again when it delivers (the name may resolve differently then).
+    The detail repeats neither the URL nor the addresses."""
+    if not url or settings.allow_private_networks:
+        return
+    try:  # the DNS lookup blocks: off the event loop
+        await anyio.to_thread.run_sync(lambda: check_destination(url, allow_private=False))
+    except UnsafeDestination as exc:
+        raise InvalidCallbackUrl(f"callback_url is not allowed: {exc.detail}") from None
 
 
 def _accepted(view: JobOut, settings: GatewaySettings, *, replayed: bool) -> JSONResponse:
@@ -230,6 +247,7 @@ async def _create(
                 view = await anyio.to_thread.run_sync(lambda: job_out(existing, store, retention_days=settings.retention_days))
                 return _accepted(view, settings, replayed=True)
         callback_url = _check_callback(form.fields.get("callback_url"), settings)
+        await _check_callback_network(callback_url, settings)
         inputs = await anyio.to_thread.run_sync(lambda: arrange(form, dest=dest, limits=settings.upload_limits))
         inputs["request_sha256"] = digest
         record = Job(id=job_id, tenant_id=tenant.id, idempotency_key=idempotency_key, callback_url=callback_url, inputs=inputs)
@@ -258,12 +276,17 @@ def list_jobs(
     settings: SettingsDep,
     state: JobState | None = None,
     review: ReviewFilter | None = None,
+    study_uid: Annotated[
+        str | None, Query(max_length=64, pattern=r"^[0-9]+(\.[0-9]+)*$", description="Study Instance UID")
+    ] = None,
     cursor: Annotated[str | None, Query(max_length=64)] = None,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
 ) -> JobPage:
-    """The tenant's jobs, newest first, optionally of one state and latest review verdict (or none)."""
+    """The tenant's jobs, newest first, optionally of one state, latest review verdict (or none) and DICOM study."""
     before = cursors.read(tenant.id, cursor) if cursor else None
-    jobs = store.list_jobs(tenant.id, state=state.value if state else None, review=review, before_seq=before, limit=limit + 1)
+    jobs = store.list_jobs(
+        tenant.id, state=state.value if state else None, review=review, study_uid=study_uid, before_seq=before, limit=limit + 1
+    )
     page, more = jobs[:limit], len(jobs) > limit
     next_cursor = cursors.make(tenant.id, page[-1].seq) if more else None
     links = {}
@@ -272,6 +295,7 @@ def list_jobs(
             f"/v1/jobs?limit={limit}&cursor={next_cursor}"
             + (f"&state={state.value}" if state else "")
             + (f"&review={review}" if review else "")
+            + (f"&study_uid={study_uid}" if study_uid else "")
         )
     reviews = store.reviews_of([j.id for j in page if j.state == JobState.succeeded])  # one query for the page
     items = [job_out(j, store, reviews=reviews.get(j.id, []), retention_days=settings.retention_days) for j in page]
@@ -334,6 +358,27 @@ def review_job(
     reviewed = store.get(job.id) or job
     view = job_out(reviewed, store, retention_days=settings.retention_days)
     return JSONResponse(view.model_dump(mode="json"), headers={"ETag": etag(view, reviewed.version)})
+
+
+@router.post("/{job_id}/deliver", status_code=202, response_model=JobOut, responses=problem_responses(401, 404, 409, 503))
+def deliver_job(job_id: str, job: OwnedJobDep, store: StoreDep, queue: QueueDep, settings: SettingsDep) -> JSONResponse:
+    """Store a succeeded DICOM job's SEG, SR and SC in the tenant's DICOMweb destination (again); 202 with the job view."""
+    if job.state != JobState.succeeded:
+        raise NothingToDeliver(f"job {job_id} is {job.state}; only a succeeded job's results can be delivered")
+    if job.files_deleted_at is not None or not all(output.key in job.artifacts for output in DICOM_RESULTS):
+        raise NothingToDeliver(f"job {job_id} has no DICOM results to deliver (not a DICOM study, or its files were deleted)")
+    if store.destination(job.tenant_id) is None:
+        raise NothingToDeliver("your tenant has no DICOMweb destination (the operator sets one: scsnet destination set)")
+    run = store.start_delivery(job.id)
+    if run is None:
+        raise NotFound(f"there is no job {job_id}")  # deleted meanwhile
+    try:
+        queue.send_delivery(job.id, run)
+    except Exception as exc:  # noqa: BLE001 - the broker is down: say so, the client may try again
+        log.warning("delivery of job %s not sent to the broker: %s", job.id, type(exc).__name__)
+        raise NotReady("the task queue cannot be reached; try again shortly") from None
+    view = job_out(store.get(job.id) or job, store, retention_days=settings.retention_days)
+    return JSONResponse(view.model_dump(mode="json"), status_code=202)
 
 
 @router.delete(
