@@ -41,7 +41,7 @@ from app.requeue import dispatch
 from app.uploads import RelatedPart
 from core.ingest.dicom_peek import DicomIds, NotDicom, peek
 from service.queue import JobQueue
-from service.storage import Storage
+from service.storage import Storage, idle_s
 from service.store import Job, Store, StowBatch
 
 log = logging.getLogger(__name__)
@@ -110,17 +110,6 @@ class StowArea:
             for p in self.root.iterdir()
             if p.name.startswith(_INCOMING) and p.is_dir()
         ]
-
-
-def idle_s(folder: Path) -> float:
-    """Seconds since anything in ``folder`` last changed; 0 if it vanishes meanwhile."""
-    try:
-        newest = folder.stat().st_mtime
-        for path in folder.rglob("*"):
-            newest = max(newest, path.lstat().st_mtime)
-    except OSError:
-        return 0.0
-    return time.time() - newest
 
 
 # --- receiving ---------------------------------------------------------------------------

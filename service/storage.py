@@ -71,16 +71,8 @@ class Storage:
         return [p.name for p in self.jobs.iterdir() if _JOB_ID.match(p.name) and p.is_dir()]
 
     def idle_s(self, job_id: str) -> float:
-        """Seconds since anything in the job's folder last changed (its newest modification time
-        and that of everything below it); 0 if the folder vanishes meanwhile."""
-        folder = self.job_dir(job_id)
-        try:
-            newest = folder.stat().st_mtime
-            for path in folder.rglob("*"):
-                newest = max(newest, path.lstat().st_mtime)
-        except OSError:
-            return 0.0
-        return time.time() - newest
+        """Seconds since anything in the job's folder last changed (:func:`idle_s`)."""
+        return idle_s(self.job_dir(job_id))
 
     def check_writable(self) -> None:
         """Raise OSError unless a file can be created and written in the job area (an empty
@@ -89,3 +81,14 @@ class Storage:
             probe.write(b"\0" * 4096)
             probe.flush()
 
+
+def idle_s(folder: Path) -> float:
+    """Seconds since anything in ``folder`` last changed (its newest modification time and that
+    of everything below it); 0 if the folder vanishes meanwhile."""
+    try:
+        newest = folder.stat().st_mtime
+        for path in folder.rglob("*"):
+            newest = max(newest, path.lstat().st_mtime)
+    except OSError:
+        return 0.0
+    return time.time() - newest

@@ -255,6 +255,20 @@ def test_an_empty_store_is_created_only_under_the_migration_lock(store_url: str)
     opened[0].engine.dispose()  # type: ignore[attr-defined]
 
 
+
+def _assert_the_0_2_0_rows_are_kept(store: Store) -> None:
+    """The tenant, key, jobs and review written by the 0.2.0 schema, unchanged after upgrading."""
+    tenant = store.authenticate(KEY)
+    assert tenant is not None and tenant.name == "north" and tenant.webhook_secret == "whsec_old"
+    assert tenant.signing_secrets() == ["whsec_old"]
+    jobs = {job.id: job for job in store.list_jobs(tenant.id, state=None, before_seq=None, limit=10)}
+    assert sorted(jobs) == JOB_IDS
+    assert [jobs[i].state for i in JOB_IDS] == [JobState.succeeded, JobState.failed, JobState.queued]
+    assert all(job.files_deleted_at is None and job.inputs == {"kind": "nifti"} and job.version == 3 for job in jobs.values())
+    assert jobs[JOB_IDS[2]].finished_at is None and jobs[JOB_IDS[0]].idempotency_key == "idem-1"
+    assert [(r.verdict, r.note) for r in store.reviews(JOB_IDS[0])] == [("pass", "looks right")]
+
+
 def test_a_0_2_0_store_is_refused_then_upgraded_by_scsnet_db_upgrade_keeping_every_row(tmp_path: Path) -> None:
     data = tmp_path / "var"
     path = _store_0_2_0(data)
@@ -271,15 +285,7 @@ def test_a_0_2_0_store_is_refused_then_upgraded_by_scsnet_db_upgrade_keeping_eve
 
     store = Store(f"sqlite:///{path}")
     assert _differences(store.url) == []
-    tenant = store.authenticate(KEY)
-    assert tenant is not None and tenant.name == "north" and tenant.webhook_secret == "whsec_old"
-    assert tenant.signing_secrets() == ["whsec_old"]
-    jobs = {job.id: job for job in store.list_jobs(tenant.id, state=None, before_seq=None, limit=10)}
-    assert sorted(jobs) == JOB_IDS
-    assert [jobs[i].state for i in JOB_IDS] == [JobState.succeeded, JobState.failed, JobState.queued]
-    assert all(job.files_deleted_at is None and job.inputs == {"kind": "nifti"} and job.version == 3 for job in jobs.values())
-    assert jobs[JOB_IDS[2]].finished_at is None and jobs[JOB_IDS[0]].idempotency_key == "idem-1"
-    assert [(r.verdict, r.note) for r in store.reviews(JOB_IDS[0])] == [("pass", "looks right")]
+    _assert_the_0_2_0_rows_are_kept(store)
     listed = _run(data, "apikey", "list")
     assert listed.returncode == 0 and listed.stdout.startswith("0123456789ab  north  created 2026-01-02 03:04  live")
 
@@ -378,15 +384,7 @@ def test_a_0_2_0_store_on_postgresql_is_refused_then_upgraded_by_scsnet_db_upgra
 
     store = Store(url)
     assert _differences(url) == []
-    tenant = store.authenticate(KEY)
-    assert tenant is not None and tenant.name == "north" and tenant.webhook_secret == "whsec_old"
-    assert tenant.signing_secrets() == ["whsec_old"]
-    jobs = {job.id: job for job in store.list_jobs(tenant.id, state=None, before_seq=None, limit=10)}
-    assert sorted(jobs) == JOB_IDS
-    assert [jobs[i].state for i in JOB_IDS] == [JobState.succeeded, JobState.failed, JobState.queued]
-    assert all(job.files_deleted_at is None and job.inputs == {"kind": "nifti"} and job.version == 3 for job in jobs.values())
-    assert jobs[JOB_IDS[2]].finished_at is None and jobs[JOB_IDS[0]].idempotency_key == "idem-1"
-    assert [(r.verdict, r.note) for r in store.reviews(JOB_IDS[0])] == [("pass", "looks right")]
+    _assert_the_0_2_0_rows_are_kept(store)
     # the migrated store takes new rows (its sequences went on past the old ones)
     assert store.create_api_key("south").tenant_created
     assert store.add_review(JOB_IDS[0], verdict="fail", note="second look", key_id="0123456789ab") is not None
