@@ -36,8 +36,9 @@ def _parser() -> argparse.ArgumentParser:
     analyze.add_argument("--progress", action="store_true", help="show a progress bar by stage")
     analyze.add_argument("--full-maps", action="store_true", help="fit the tensor on the whole field, not just the cord")
     analyze.add_argument("--no-refine", action="store_true",
-                         help="keep the network's first-pass masks as they are: no refinement by MD (no second pass "
-                              "on the CSF-brightened b0, no trim of CSF-like outline voxels)")
+                         help="keep the network's first-pass masks: no refinement by MD (no second pass "
+                              "on the CSF-brightened b0, no trim of CSF-like outline voxels); the masks are still "
+                              "made whole (holes filled, stray pieces joined; see report.json 'anatomy')")
     analyze.add_argument("--no-csf-trim", action="store_true", help="deprecated alias of --no-refine (removed in 0.3)")
     analyze.add_argument("--model-dir", type=Path, help="model folder (default: $SCSNET_MODEL_DIR or the shipped model)")
 

@@ -1,4 +1,4 @@
-"""The analysis pipeline: load -> segment -> fit -> refine -> measure -> write.
+"""The analysis pipeline: load -> segment -> fit -> refine -> whole -> measure -> write.
 
 Each stage is a function with its own test; :func:`analyze` strings them together, times them
 and reports progress through a small callable, so the CLI shows a bar and the Celery task writes
@@ -10,6 +10,14 @@ The ``refine`` stage (:func:`core.segment.refine.refine`) refines the network's 
 fit's mean diffusivity: a second network pass on the b0 with its CSF brightened by MD, then the
 CSF rim trimmed off the outline; ``Options(refine=False)`` (``scsnet analyze --no-refine``)
 keeps the first pass's masks.
+
+The ``whole`` stage (:func:`core.segment.whole.make_whole`) then makes the masks anatomically
+whole: no holes in the cord, each region one piece per slice (reported in ``anatomy``);
+``Options(whole_masks=False)`` skips it. The segment stage also segments the b0 shifted and
+mirrored (test-time augmentation) for the per-region ``confidence``
+(:mod:`core.measures.confidence`); the measures carry probability-weighted means beside the
+binary ones (:mod:`core.measures.weighted`, whose ``DEFAULT_ESTIMATOR`` names the one put
+forward).
 """
 
 from __future__ import annotations
@@ -18,7 +26,7 @@ import shutil
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -29,17 +37,24 @@ import core
 from core.ingest.dwi import DWI
 from core.ingest.rules import DEFAULT_LIMITS, UploadLimits
 from core.ingest.study import load_study
-from core.measures import plausibility
+from core.labels import REGIONS
+from core.measures import confidence, plausibility, weighted
 from core.measures import regions as measures
 from core.report import build
 from core.report.build import validate_report
 from core.report.write import Analysis, write_ingest, write_outputs, write_report
 from core.segment.refine import Refinement, refine, refinement_section
 from core.segment.runtime import Segmentation, Segmenter
+from core.segment.whole import (
+    WholeMasks,
+    anatomy_section,
+    fragment_warnings,
+    make_whole,
+)
 from core.staging import staging_dir
 from core.tensor.fit import FIT_MARGIN_MM, FitMethod, TensorFitter, TensorMaps, fit_mask
 
-STAGES = ("load", "segment", "fit", "refine", "measure", "write")
+STAGES = ("load", "segment", "fit", "refine", "whole", "measure", "write")
 
 LOW_SNR = 5.0
 """Below this b0 SNR in the cord (spread across b=0 volumes, which also holds motion and CSF
@@ -66,6 +81,12 @@ class Options:
     refine: bool = True
     """Refine the masks by MD after the fit (the CSF-contrast pass, then the CSF-rim trim);
     False keeps the network's first-pass masks (``scsnet analyze --no-refine``)."""
+    whole_masks: bool = True
+    """Fill the cord's holes and make each region one piece per slice after the refinement
+    (:mod:`core.segment.whole`); False leaves the masks as the earlier stages made them."""
+    augment: bool = True
+    """Segment the b0 also shifted by a voxel and mirrored, for the confidence's agreement
+    term (:mod:`core.segment.tta`); False: the confidence is the top probability alone."""
 
 
 @dataclass
@@ -82,12 +103,13 @@ class _Clock:
         self.progress(name, 1.0)
 
 
-def segment_stage(canonical: DWI, segmenter: Segmenter) -> tuple[NDArray[np.float32], Segmentation]:
-    """Mean b0 (X, Y, Z) of the canonical study and its eight-region segmentation; a b0 that is
-    negative throughout is refused first (:func:`core.measures.plausibility.check_b0_signal`)."""
+def segment_stage(canonical: DWI, segmenter: Segmenter, *, augment: bool = True) -> tuple[NDArray[np.float32], Segmentation]:
+    """Mean b0 (X, Y, Z) of the canonical study and its eight-region segmentation (with
+    ``augment``, also its test-time-augmentation agreement); a b0 that is negative throughout
+    is refused first (:func:`core.measures.plausibility.check_b0_signal`)."""
     b0 = canonical.mean_b0()
     plausibility.check_b0_signal(b0)
-    return b0, segmenter.segment(b0, zooms_mm=canonical.zooms)
+    return b0, segmenter.segment(b0, zooms_mm=canonical.zooms, augment=augment)
 
 
 def fit_stage(canonical: DWI, labels: NDArray[np.uint8], options: Options) -> TensorMaps:
@@ -116,13 +138,31 @@ def refine_stage(
     )
 
 
-def measure_stage(analysis: Analysis) -> dict[str, Any]:
-    """The measurement sections of the report (regions, cord, slices, QC)."""
+def whole_stage(segmentation: Segmentation) -> tuple[Segmentation, WholeMasks]:
+    """The segmentation with anatomically whole masks (:func:`core.segment.whole.make_whole`);
+    the soft probabilities stay the network's."""
+    whole = make_whole(segmentation.labels, segmentation.probabilities)
+    return replace(segmentation, labels=whole.labels), whole
+
+
+def measure_stage(analysis: Analysis, *, whole: WholeMasks | None = None) -> dict[str, Any]:
+    """The measurement sections of the report (regions, cord, slices, QC, estimator,
+    confidence, anatomy); ``whole``: what the whole stage did (None: it did not run)."""
     canonical, labels, maps = analysis.canonical, analysis.segmentation.labels, analysis.maps
+    probabilities, agreement = analysis.segmentation.probabilities, analysis.segmentation.agreement
     zx, zy, zz = canonical.zooms
     regions = measures.region_measures(labels, maps, voxel_volume_mm3=zx * zy * zz)
     cord = measures.cord_measures(labels, maps, voxel_volume_mm3=zx * zy * zz)
     slices, most_compressed = measures.slice_measures(labels, maps, pixel_area_mm2=zx * zy)
+    w_volume, w_slices = weighted.weighted_measures(labels, probabilities, maps)
+    c_volume, c_slices = confidence.confidence_measures(labels, probabilities, agreement)
+    for entry in regions:
+        entry.update(w_volume[entry["code"]])
+        entry.update(c_volume[entry["code"]])
+    for entry, w_slice, c_slice in zip(slices, w_slices, c_slices):
+        for region in REGIONS:
+            entry["regions"][region.key].update(w_slice[region.code])
+            entry["regions"][region.key].update(c_slice[region.code])
     centre = canonical.affine @ np.array([(canonical.shape[0] - 1) / 2, (canonical.shape[1] - 1) / 2, 0, 1])
     for entry in slices:
         entry["z_mm"] = round(float(centre[2] + canonical.affine[2, 2] * entry["index"]), 3)
@@ -136,7 +176,17 @@ def measure_stage(analysis: Analysis) -> dict[str, Any]:
             "and noisy below about 12"
         )
     qc_warnings += measures.missing_region_warnings(slices)
+    if whole is not None:
+        qc_warnings += fragment_warnings(whole)
+    qc_warnings += confidence.confidence_warnings(c_volume, c_slices)
     return {
+        "estimator": weighted.DEFAULT_ESTIMATOR,
+        "confidence_method": {
+            "formula": confidence.FORMULA,
+            "warn_below": confidence.WARN_BELOW,
+            "augmentations": list(agreement.names) if agreement is not None else [],
+        },
+        "anatomy": anatomy_section(whole),
         "regions": regions,
         "cord": cord,
         "slices": slices,
@@ -187,16 +237,20 @@ def analyze(
             if study.dicom is not None:
                 plausibility.check_body_part(study.dicom.series.body_part, study.dicom.series.series_description)
         with clock.stage("segment"):
-            b0, segmentation = segment_stage(canonical, segmenter)
+            b0, segmentation = segment_stage(canonical, segmenter, augment=options.augment)
         with clock.stage("fit"):
             maps = fit_stage(canonical, segmentation.labels, options)
         with clock.stage("refine"):
             refinement = refine_stage(canonical, b0, segmentation, maps, segmenter, options) if options.refine else None
             if refinement is not None:
                 segmentation, maps = refinement.segmentation, refinement.maps
+        with clock.stage("whole"):
+            whole = None
+            if options.whole_masks:
+                segmentation, whole = whole_stage(segmentation)
         analysis = Analysis(study, canonical, reorientation, b0, segmentation, maps)
         with clock.stage("measure"):
-            sections = measure_stage(analysis)
+            sections = measure_stage(analysis, whole=whole)
             check_stage(analysis, sections)
         report = build.assemble(
             study.dwi,

@@ -44,7 +44,19 @@ def test_measures_match_the_known_tensors(result, phantom) -> None:
         assert region["fa"]["mean"] == pytest.approx(phantom["fa"][code], abs=1e-3)
         assert region["md"]["mean"] == pytest.approx(phantom["md"][code], rel=1e-3)
         assert region["volume_mm3"] == pytest.approx(region["voxels"] * 4.0)
+        # the decoder is all but certain, so the weighted mean is the binary one
+        assert region["fa_weighted"] == pytest.approx(phantom["fa"][code], abs=1e-3)
+        assert region["md_weighted"] == pytest.approx(phantom["md"][code], rel=1e-3)
+        assert region["top_probability"] > 0.99 and 0 <= region["confidence"] <= 1
+        assert set(region["augmentation_dice"]) == {"shift", "flip", "mean"}
     assert report["cord"]["voxels"] == int((phantom["labels"] > 0).sum())
+    assert report["estimator"] == "binary-mean" and report["schema_version"] == "2.1"
+    assert report["confidence_method"]["augmentations"] == ["shift", "flip"]
+    assert report["anatomy"] == {"applied": True, "filled_voxels": 0, "reassigned_voxels": 0, "slices": []}
+    for entry in report["slices"]:
+        for key, value in entry["regions"].items():
+            assert value["fa_weighted"] == pytest.approx(value["fa_mean"], abs=1e-3), key
+            assert value["confidence"] is not None
 
 
 def test_outputs_are_on_the_input_grid(result, phantom) -> None:
@@ -158,6 +170,8 @@ def test_outline_voxels_with_csf_diffusion_are_trimmed_before_measuring(tmp_path
     for region in report["regions"]:
         assert region["fa"]["mean"] == pytest.approx(ph["fa"][region["code"]], abs=1e-3)
         assert region["md"]["mean"] == pytest.approx(ph["md"][region["code"]], rel=1e-3)
+        # the trimmed rim weighs nothing in the probability-weighted means either
+        assert region["fa_weighted"] == pytest.approx(ph["fa"][region["code"]], abs=1e-3)
 
     kept = pipeline.analyze([ph["image"]], out_dir=tmp_path / "kept", segmenter=segmenter,
                             options=pipeline.Options(refine=False))
@@ -214,3 +228,23 @@ def test_the_tensor_is_refitted_where_the_second_pass_reaches_beyond_the_first_f
     seg, refit = refined.segmentation, refined.maps
     assert np.array_equal(seg.labels, full.labels)
     assert np.all(refit.mask[seg.labels > 0]) and np.all(refit.fa[seg.labels > 0] > 0.3)
+
+
+def test_a_hole_in_the_cord_is_filled_and_reported(tmp_path, decoder_dir) -> None:
+    """A voxel inside the left lateral funiculus reads as background on the b0: the network
+    leaves a hole, the whole stage fills it with its neighbours' label and says so."""
+    info = phantoms.region_phantom(tmp_path / "p")
+    img = nib.load(str(info["image"]))
+    data = np.asarray(img.dataobj).copy()
+    hole = (14, 17)
+    assert info["labels"][hole + (0,)] == 1 and (info["labels"][hole[0] - 1 : hole[0] + 2, hole[1] - 1 : hole[1] + 2] == 1).all()
+    data[hole[0], hole[1], :, 0] = data[hole[0], hole[1], :, -1] = 0.0  # its b0 volumes only
+    nib.save(nib.Nifti1Image(data, img.affine), str(info["image"]))
+    report = pipeline.analyze([info["image"]], out_dir=tmp_path / "out", segmenter=Segmenter(decoder_dir))
+    assert report["anatomy"]["filled_voxels"] == info["labels"].shape[2]
+    labels = np.asarray(nib.load(str(tmp_path / "out" / "labels.nii.gz")).dataobj)
+    assert np.array_equal(labels, info["labels"])
+    kept = pipeline.analyze([info["image"]], out_dir=tmp_path / "kept", segmenter=Segmenter(decoder_dir),
+                            options=pipeline.Options(whole_masks=False))
+    assert kept["anatomy"]["applied"] is False
+    assert kept["regions"][0]["voxels"] == report["regions"][0]["voxels"] - info["labels"].shape[2]

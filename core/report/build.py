@@ -19,9 +19,12 @@ if TYPE_CHECKING:
     from core.ingest.dicom import DicomSeriesInfo
     from core.segment.runtime import Segmenter
 
-SCHEMA_VERSION = "2.0"
+SCHEMA_VERSION = "2.1"
 """2.0: the refinement by MD is reported in ``refinement`` (was ``qc.csf_rim``), timed as the
-``refine`` stage."""
+``refine`` stage. 2.1 (optional keys, a 2.0 reader is unaffected): ``estimator``,
+``confidence_method`` and ``anatomy``; per region and per slice-region ``fa_weighted``,
+``md_weighted``, ``confidence``, ``top_probability``, ``augmentation_dice``; the ``whole``
+stage in ``timings_s``."""
 
 UNITS = {
     "fa": "1 (dimensionless)",
@@ -136,7 +139,8 @@ def assemble(
 ) -> dict[str, Any]:
     """The whole report of a study as read (``dwi``, its own orientation; ``series``: the
     DICOM series it came from), from its sections. ``measures`` holds ``regions``, ``cord``,
-    ``slices``, ``most_compressed_slice`` and ``qc``; ``dicom_outputs`` is filled in once the
+    ``slices``, ``most_compressed_slice`` and ``qc`` (and, from 2.1, ``estimator``,
+    ``confidence_method`` and ``anatomy``); ``dicom_outputs`` is filled in once the
     DICOM objects are written.
     """
     return {

@@ -4,9 +4,9 @@ minute.
 From the top: the study's identifiers, every QC warning (prominent, or a plain "no warnings"),
 the cord's summary and the slice to look at first (the most compressed); a sagittal b0 through
 the cord centre with a mark at each axial slice; cord area, FA and MD along the cord (inline
-SVG); the region table (FA, MD, AD, RD mean and SD, voxels and volume); then every axial slice,
-superior first, as zoomed crops of the cord (each voxel at least 8 px): the b0 with the region
-outlines on a second, transparent layer that ``o`` switches off, FA and MD.
+SVG); the region table (FA, MD, AD, RD mean and SD, voxels, volume and confidence); then every
+axial slice, superior first, as zoomed crops of the cord (each voxel at least 8 px): the b0
+with the region outlines on a second, transparent layer that ``o`` switches off, FA and MD.
 
 Images are ``data:`` PNGs drawn at the voxel grid and enlarged by the browser without
 smoothing (``image-rendering: pixelated``), so the file stays small; only the outline layer is
@@ -169,12 +169,13 @@ def _swatch(colour: Sequence[int]) -> str:
 
 
 def _region_row(name: str, m: dict[str, Any], swatch: str, cls: str = "") -> str:
-    """One table row: voxels, volume and FA, MD, AD, RD mean and SD."""
+    """One table row: voxels, volume, FA, MD, AD, RD mean and SD, and the confidence."""
     cells = [f'<th scope="row">{swatch}{escape(name)}</th>', f"<td>{m.get('voxels', 0)}</td>",
              f"<td>{_num(m.get('volume_mm3'), '.0f')}</td>"]
     for key, scale in (("fa", 1.0), ("md", 1e3), ("ad", 1e3), ("rd", 1e3)):
         s = m.get(key, {})
         cells.append(f"<td>{_num(s.get('mean'), '.3f', scale)}</td><td class=\"sd\">{_num(s.get('sd'), '.3f', scale)}</td>")
+    cells.append(f"<td>{_num(m.get('confidence'), '.2f')}</td>")
     return f'<tr class="{cls}">' + "".join(cells) + "</tr>"
 
 
@@ -185,7 +186,8 @@ def _region_table(report: dict[str, Any]) -> str:
             for r in report.get("regions", [])]
     rows.append(_region_row("whole cord", report.get("cord", {}), "", "cord"))
     head = ('<tr><th rowspan="2">region</th><th rowspan="2">voxels</th><th rowspan="2">volume mm<sup>3</sup></th>'
-            '<th colspan="2">FA</th><th colspan="2">MD</th><th colspan="2">AD</th><th colspan="2">RD</th></tr>'
+            '<th colspan="2">FA</th><th colspan="2">MD</th><th colspan="2">AD</th><th colspan="2">RD</th>'
+            '<th rowspan="2">confidence</th></tr>'
             "<tr>" + "<th>mean</th><th>SD</th>" * 4 + "</tr>")
     return (
         '<section class="regions"><h2>Regions</h2><table id="region-table"><caption>FA dimensionless; MD, AD, RD '
@@ -328,11 +330,12 @@ def _slice_values(s: dict[str, Any] | None) -> str:
     names = {r.key: (r.code, r.name) for r in REGIONS}
     rows = "".join(
         f"<tr><td>{names.get(k, (0, k))[0]} {escape(names.get(k, (0, k))[1])}</td><td>{v.get('voxels', 0)}</td>"
-        f"<td>{_num(v.get('fa_mean'))}</td><td>{_num(v.get('md_mean'), '.3f', 1e3)}</td></tr>"
+        f"<td>{_num(v.get('fa_mean'))}</td><td>{_num(v.get('md_mean'), '.3f', 1e3)}</td>"
+        f"<td>{_num(v.get('confidence'), '.2f')}</td></tr>"
         for k, v in s.get("regions", {}).items()
     )
     return head + (f"<details><summary>regions</summary><table><tr><th>region</th><th>vox</th><th>FA</th>"
-                   f"<th>MD</th></tr>{rows}</table></details>" if rows else "")
+                   f"<th>MD</th><th>conf.</th></tr>{rows}</table></details>" if rows else "")
 
 
 def _slice_boxes(labels: NDArray[np.integer], margin: int) -> list[tuple[slice, slice]]:

@@ -10,6 +10,12 @@ So, once the tensor is fitted:
    cord-like; where the second cord reaches beyond the voxels the tensor was fitted on, the
    tensor is fitted again on both cords (``refit``);
 2. the CSF rim trimmed off the outline by MD (:mod:`core.segment.csf_rim`).
+
+The soft probabilities follow the labels: the refined segmentation keeps those of the pass its
+labels come from, and a voxel the trim gave back to the background (CSF by its MD) gets
+probability 0 in every region (1 for the background), so it weighs nothing in the
+probability-weighted measures (:mod:`core.measures.weighted`). The test-time-augmentation
+agreement stays the first pass's (the augmentations segment the plain b0).
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from typing import Any, Generic, Protocol, TypeVar
 import numpy as np
 from numpy.typing import NDArray
 
+from core.labels import BACKGROUND
 from core.segment.csf_contrast import contrast_pass
 from core.segment.csf_rim import CSF_MD_MM2_S, RimTrim, trim_csf_rim
 from core.segment.runtime import Segmentation, Segmenter
@@ -109,8 +116,30 @@ def refine(
             f"the cord outline on slice(s) {', '.join(map(str, trim.kept_slices))} has CSF-like "
             "diffusivity almost all round; left as segmented, check the b-values and the masks",
         )
-    refined = replace(segmentation, labels=trim.labels, warnings=warnings)
+    refined = replace(
+        segmentation,
+        labels=trim.labels,
+        warnings=warnings,
+        probabilities=without_removed(segmentation.probabilities, before=segmentation.labels, after=trim.labels),
+        agreement=first.agreement,
+    )
     return Refinement(segmentation=refined, maps=maps, second_pass=second is not None, refitted=refitted, trim=trim)
+
+
+def without_removed(
+    probabilities: NDArray[np.float32] | None, *, before: NDArray[np.uint8], after: NDArray[np.uint8]
+) -> NDArray[np.float32] | None:
+    """(9, X, Y, Z) ``probabilities`` with every voxel labelled in ``before`` but not in
+    ``after`` made certain background (a copy; None stays None)."""
+    if probabilities is None:
+        return None
+    removed = (before > 0) & (after == 0)
+    if not removed.any():
+        return probabilities
+    out = probabilities.copy()
+    out[:, removed] = 0.0
+    out[BACKGROUND, removed] = 1.0
+    return out
 
 
 def refinement_section(refinement: Refinement[Any] | None, labels: NDArray[np.uint8]) -> dict[str, Any]:

@@ -11,7 +11,12 @@ Per axial slice (the third axis of a closest-canonical RAS volume):
    probabilities (averaged with those of the mirrored crop, sides swapped back), pasted into a
    background canvas;
 4. the nine probability maps are resampled back to the input grid (linear) and the label is
-   their argmax; one connected cord is kept per slice.
+   their argmax; one connected cord is kept per slice. The maps are kept in the result
+   (``Segmentation.probabilities``) for probability-weighted measures and confidence;
+5. with ``augment=True``, test-time augmentation (:mod:`core.segment.tta`): the b0 is segmented
+   again shifted by one voxel in-plane and mirrored left-right (its output mirrored back with
+   the side channels swapped), reusing pass 1's centres, and each labelling's agreement with
+   the main labels is kept (``Segmentation.agreement``).
 
 One ONNX Runtime session per process and model (:func:`load_segmenter` is cached), on the CUDA
 provider where present, else the CPU.
@@ -39,6 +44,7 @@ from core.segment.preprocess import (
     resample_to_shape,
     zoom_factors,
 )
+from core.segment.tta import Agreement, agreement
 
 BATCH_PIXELS = 1 << 16
 """Most pixels (images x height x width) per network run; see Segmenter.probabilities."""
@@ -69,12 +75,20 @@ class Segmentation:
     cord_probability : (X, Y, Z) float32 P(cord) from the second pass, on the input grid.
     slices_without_cord : axial slice indices where no cord was found.
     warnings : sentences for the report's QC section.
+    probabilities : (9, X, Y, Z) float32 softmax per class code on the input grid (the maps
+        whose argmax gave ``labels``, before the one-cord rule), or None where unknown (a
+        segmentation made by hand); the measures then take ``labels`` as one-hot.
+        About 9 x 4 bytes per voxel of the b0 (a 128 x 128 x 20 grid: 12 MB).
+    agreement : test-time augmentation Dice of the labels made from the same image
+        (``Segmenter.segment(augment=True)``), or None.
     """
 
     labels: NDArray[np.uint8]
     cord_probability: NDArray[np.float32]
     slices_without_cord: tuple[int, ...] = ()
     warnings: tuple[str, ...] = field(default_factory=tuple)
+    probabilities: NDArray[np.float32] | None = None
+    agreement: Agreement | None = None
 
 
 class Segmenter:
@@ -90,6 +104,12 @@ class Segmenter:
         options = ort.SessionOptions()
         options.log_severity_level = 3
         options.intra_op_num_threads = threads
+        # Idle pool threads sleep instead of spinning: the numpy resampling between network
+        # runs (pass 2's crops back to the b0 grid, the augmentations) otherwise competes with
+        # spinning threads for the cores. On the bundled real DWI, 2 cores with another process
+        # busy on one, the segment stage with test-time augmentation took 3-4 s spinning and
+        # 0.6-1.4 s not; on an idle machine the two are alike.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
             self._session = ort.InferenceSession(str(self.onnx_path), sess_options=options, providers=providers)
         except Exception as exc:  # onnxruntime raises its own untyped errors for corrupt models
@@ -171,7 +191,7 @@ class Segmenter:
         return centres
 
     def _fine_pass(
-        self, slices: NDArray[np.float32], centres: list[_Centre | None], zs: list[int]
+        self, slices: NDArray[np.float32], centres: list[_Centre | None], zs: list[int], *, mirror: bool = True
     ) -> dict[int, tuple[NDArray[np.float32], Box]]:
         """Pass 2 on a crop around each slice's cord centre: ``{z: ((C, h, w) probabilities, box)}``.
 
@@ -179,13 +199,14 @@ class Segmenter:
         side labels), each crop is also segmented mirrored left-right and the two answers are
         averaged, the mirrored one with its left and right channels swapped back through
         ``MIRROR_LUT``: the answer then has no side preference (exactly mirror-symmetric), and
-        held-out Dice of the shipped model rises by about 0.01.
+        held-out Dice of the shipped model rises by about 0.01. ``mirror=False`` skips that
+        averaging (the test-time augmentations, whose flipped run would otherwise repeat it).
         """
         if not zs:
             return {}
         crops, boxes = zip(*(_crop(slices[z], (centres[z].i, centres[z].j), self._input.crop_size_px) for z in zs))  # type: ignore[union-attr]
         images = np.stack([self._normalise(c) for c in crops])
-        if not self._input.mirror_average:
+        if not (self._input.mirror_average and mirror):
             return {z: (p, box) for z, p, box in zip(zs, self.probabilities(images), boxes)}
         both = self.probabilities(np.concatenate([images, images[:, ::-1]]))
         n = len(zs)
@@ -193,13 +214,17 @@ class Segmenter:
         probs = (both[:n] + mirrored) / 2
         return {z: (p, box) for z, p, box in zip(zs, probs, boxes)}
 
-    def segment(self, b0: NDArray[np.floating], *, zooms_mm: tuple[float, float, float]) -> Segmentation:
+    def segment(
+        self, b0: NDArray[np.floating], *, zooms_mm: tuple[float, float, float], augment: bool = False
+    ) -> Segmentation:
         """Segment a mean-b0 volume.
 
         Parameters
         ----------
         b0 : (X, Y, Z) mean b=0 image in closest-canonical RAS orientation (axial slices along Z).
         zooms_mm : voxel size (mm) along X, Y, Z.
+        augment : also segment the shifted and the mirrored b0 and keep their agreement with the
+            labels (:meth:`_augmented`, :mod:`core.segment.tta`).
 
         Returns
         -------
@@ -214,8 +239,6 @@ class Segmenter:
         slices = np.stack([resample_slice(b0[:, :, z], spacing_mm=spacing, target_mm=target) for z in range(nz)])
         pixel_area = target[0] * target[1]
 
-        canvases = np.zeros((nz, N_CLASSES) + slices.shape[1:], dtype=np.float32)
-        canvases[:, BACKGROUND] = 1.0
         centres = self._locate(slices, min_pixels=min_cord_voxels(pixel_area))
         found = [z for z in range(nz) if centres[z] is not None]
         fine = self._fine_pass(slices, centres, found)
@@ -228,22 +251,10 @@ class Segmenter:
                 centres[z] = exact[z]
                 fine.pop(z)
             fine.update(self._fine_pass(slices, centres, [z for z in recheck if centres[z] is not None]))
-        for z, (probs, box) in fine.items():
-            _paste(canvases[z], probs, box)
-
-        labels = np.zeros(b0.shape, dtype=np.uint8)
-        cord_prob = np.zeros(b0.shape, dtype=np.float32)
-        missing: list[int] = []
+        probabilities = _to_input_grid(fine, slices.shape[1:], b0.shape)
         min_voxels = min_cord_voxels(spacing[0] * spacing[1])
-        for z in range(nz):
-            back = resample_to_shape(canvases[z], b0.shape[:2])
-            slice_labels = np.argmax(back, axis=0).astype(np.uint8)
-            slice_labels = keep_largest_cord(slice_labels)
-            if np.count_nonzero(slice_labels) < min_voxels:
-                slice_labels[:] = BACKGROUND
-                missing.append(z)
-            labels[:, :, z] = slice_labels
-            cord_prob[:, :, z] = 1.0 - back[BACKGROUND]
+        labels, missing = _labels_of(probabilities, min_voxels=min_voxels)
+        cord_prob = 1.0 - probabilities[BACKGROUND]
         warnings = []
         swapped = _sides_swapped(labels)
         if swapped:
@@ -256,7 +267,82 @@ class Segmenter:
                 f"no spinal cord was found on slice(s) {', '.join(str(z) for z in missing)}; "
                 "they carry no labels and are left out of the measures"
             )
-        return Segmentation(labels=labels, cord_probability=cord_prob, slices_without_cord=tuple(missing), warnings=tuple(warnings))
+        tta = None
+        if augment:
+            shift = (max(1, round(fx)), max(1, round(fy)))
+            augmented = self._augmented(b0, centres, spacing=spacing, target=target, shift_px=shift, min_voxels=min_voxels)
+            tta = agreement(labels, augmented)
+        return Segmentation(
+            labels=labels, cord_probability=cord_prob, slices_without_cord=tuple(missing), warnings=tuple(warnings),
+            probabilities=probabilities, agreement=tta,
+        )
+
+    def _augmented(
+        self, b0: NDArray[np.float32], centres: list[_Centre | None], *,
+        spacing: tuple[float, float], target: tuple[float, float], shift_px: tuple[int, int], min_voxels: float,
+    ) -> dict[str, NDArray[np.uint8]]:
+        """Labels of the b0 shifted by one voxel along both in-plane axes and of the b0 mirrored
+        left-right, each mapped back onto the b0's own voxels (``{"shift": .., "flip": ..}``).
+
+        Pass 1's centres are reused (moved with the image), and each crop is segmented once
+        (no mirror averaging), so the two augmentations together cost about one more pass 2.
+        The mirrored answer is mirrored back along x (canonical RAS: the patient's left-right)
+        and its side channels swapped through ``MIRROR_LUT``: left and right are anatomical.
+        """
+        nz = b0.shape[2]
+        zs = [z for z in range(nz) if centres[z] is not None]
+        shifted = np.pad(b0, ((1, 0), (1, 0), (0, 0)), mode="edge")[: b0.shape[0], : b0.shape[1]]  # [i, j] <- b0[i-1, j-1]
+        flipped = b0[::-1]
+        # Both augmentations go through the network together: slices 0..nz-1 shifted, nz.. flipped.
+        slices = np.stack(
+            [resample_slice(image[:, :, z], spacing_mm=spacing, target_mm=target) for image in (shifted, flipped) for z in range(nz)]
+        )
+        h = slices.shape[1]
+        moved = [None if c is None else _Centre(c.i + shift_px[0], c.j + shift_px[1]) for c in centres]
+        mirrored = [None if c is None else _Centre(h - 1 - c.i, c.j) for c in centres]
+        fine = self._fine_pass(slices, moved + mirrored, zs + [nz + z for z in zs], mirror=False)
+        out: dict[str, NDArray[np.uint8]] = {}
+
+        probs = _to_input_grid({z: fine[z] for z in zs}, slices.shape[1:], b0.shape)
+        labels, _ = _labels_of(probs, min_voxels=min_voxels)
+        back = np.zeros_like(labels)
+        back[:-1, :-1] = labels[1:, 1:]
+        out["shift"] = back
+
+        probs = _to_input_grid({z: fine[nz + z] for z in zs}, slices.shape[1:], b0.shape)
+        probs = np.ascontiguousarray(probs[_MIRROR, ::-1])  # channel c of the mirrored answer is code MIRROR_LUT[c]
+        out["flip"], _ = _labels_of(probs, min_voxels=min_voxels)
+        return out
+
+
+def _to_input_grid(
+    fine: dict[int, tuple[NDArray[np.float32], Box]], model_shape: tuple[int, int], shape: tuple[int, int, int]
+) -> NDArray[np.float32]:
+    """(9, X, Y, Z) probabilities on the input grid from pass 2's crops on the model grid (a
+    slice without a crop is background), one slice at a time to keep memory small."""
+    out = np.zeros((N_CLASSES,) + tuple(shape), dtype=np.float32)
+    out[BACKGROUND] = 1.0
+    canvas = np.empty((N_CLASSES,) + tuple(model_shape), dtype=np.float32)
+    for z, (probs, box) in fine.items():
+        canvas[:] = 0.0
+        canvas[BACKGROUND] = 1.0
+        _paste(canvas, probs, box)
+        out[:, :, :, z] = resample_to_shape(canvas, shape[:2])
+    return out
+
+
+def _labels_of(probabilities: NDArray[np.float32], *, min_voxels: float) -> tuple[NDArray[np.uint8], list[int]]:
+    """(X, Y, Z) labels: the argmax of (9, X, Y, Z) ``probabilities``, one connected cord per
+    slice; a slice whose cord is under ``min_voxels`` is cleared and listed."""
+    labels = np.argmax(probabilities, axis=0).astype(np.uint8)
+    missing: list[int] = []
+    for z in range(labels.shape[2]):
+        slice_labels = keep_largest_cord(labels[:, :, z])
+        if np.count_nonzero(slice_labels) < min_voxels:
+            slice_labels = np.zeros_like(slice_labels)
+            missing.append(z)
+        labels[:, :, z] = slice_labels
+    return labels, missing
 
 
 def _cord_centre(p_cord: NDArray[np.float32], *, min_pixels: float) -> _Centre | None:
