@@ -41,6 +41,8 @@ class Labeller(Protocol):
 
     def refined(self, seg: Segmentation, b0: NDArray, md: NDArray, spacing_mm: tuple[float, float]) -> NDArray[np.uint8]: ...
 
+    def refined_segmentation(self, seg: Segmentation, b0: NDArray, md: NDArray, spacing_mm: tuple[float, float]) -> Segmentation: ...
+
 
 def stack_slices(segs: list[Segmentation]) -> Segmentation:
     """One (X, Y, Z) segmentation of (X, Y, 1) slice segmentations on one grid."""

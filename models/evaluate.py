@@ -37,6 +37,7 @@ from numpy.typing import NDArray
 
 from core.ingest.nifti import load_nifti_dwi
 from core.labels import BY_CODE, N_CLASSES
+from core.measures.weighted import region_weights, support, weighted_mean
 from core.report.qc import write_qc_png
 from core.segment.refine import MDMap, refine
 from core.segment.runtime import Segmentation, Segmenter
@@ -75,13 +76,18 @@ class SliceSegmenter:
 
     def refined(self, seg: Segmentation, b0: NDArray, md: NDArray, spacing_mm: tuple[float, float]) -> NDArray[np.uint8]:
         """``seg``'s (X, Y, Z) labels refined by ``md`` (mm^2/s, on the grid of ``b0``) as the
-        pipeline refines them; unchanged with ``refine`` off.
+        pipeline refines them; unchanged with ``refine`` off."""
+        return self.refined_segmentation(seg, b0, md, spacing_mm).labels
+
+    def refined_segmentation(self, seg: Segmentation, b0: NDArray, md: NDArray, spacing_mm: tuple[float, float]) -> Segmentation:
+        """:meth:`refined`, with the soft probabilities that follow the labels (for the
+        probability-weighted measures).
 
         The pipeline fits the tensor only on the cord plus a margin (and again on both passes'
         cords where the second reaches beyond the first fit), so the refinement sees the MD
         there only."""
         if not self.refine:
-            return seg.labels
+            return seg
         zooms = (spacing_mm[0], spacing_mm[1], 1.0)
 
         def fitted(labels: NDArray[np.uint8]) -> MDMap:
@@ -89,7 +95,7 @@ class SliceSegmenter:
             return MDMap(md=np.where(mask, md, 0.0).astype(np.float32), mask=mask)
 
         result = refine(seg, b0=b0, maps=fitted(seg.labels), segmenter=self.segmenter, zooms_mm=zooms, refit=fitted)
-        return result.segmentation.labels
+        return result.segmentation
 
     def volume(self, volume: NDArray, zooms_mm: tuple[float, float, float]) -> Segmentation:
         """The segmentation of a canonical-RAS (X, Y, Z) volume."""
@@ -103,6 +109,7 @@ class SliceSegmenter:
 def evaluate_synthetic(seg: Labeller, n: int) -> dict[str, Any]:
     dice_per: list[list[float]] = [[] for _ in range(N_CLASSES)]
     fa_err: list[list[float]] = [[] for _ in range(N_CLASSES)]
+    fa_err_weighted: list[list[float]] = [[] for _ in range(N_CLASSES)]
     missing = np.zeros(N_CLASSES, int)
     # voxel counts per stratum (see STRATA), index c for code c and N_CLASSES for the whole cord;
     # the pooled scores are the sums over the bins of any one stratification
@@ -118,7 +125,9 @@ def evaluate_synthetic(seg: Labeller, n: int) -> dict[str, Any]:
         t_first = time.perf_counter() - t
         fa, md = fit_fa_md(*simulate_dwi(s, seed))
         t = time.perf_counter()
-        pred = seg.refined(slice_seg, s.b0[:, :, None], md[:, :, None], s.acquisition.spacing_mm)[:, :, 0]
+        refined = seg.refined_segmentation(slice_seg, s.b0[:, :, None], md[:, :, None], s.acquisition.spacing_mm)
+        pred = refined.labels[:, :, 0]
+        within = support(refined.labels)
         t_inf.append(t_first + time.perf_counter() - t)
         tallies = [strata[group][bin_of(value(s), edges, bins)] for group, (bins, edges, value) in STRATA.items()]
         for b in tallies:
@@ -135,6 +144,10 @@ def evaluate_synthetic(seg: Labeller, n: int) -> dict[str, Any]:
                 if p.any():
                     true_fa = float(fa[g].mean())
                     fa_err[c].append(abs(fa_error_pct(float(fa[p].mean()), true_fa)))
+                    w = region_weights(refined.labels, refined.probabilities, c, within=within)[:, :, 0]
+                    weighted = weighted_mean(fa, w, np.ones(fa.shape, bool))
+                    if weighted is not None:
+                        fa_err_weighted[c].append(abs(fa_error_pct(weighted, true_fa)))
                     for b in tallies:
                         b["fa_err"].append(fa_err[c][-1])
                 else:
@@ -151,6 +164,7 @@ def evaluate_synthetic(seg: Labeller, n: int) -> dict[str, Any]:
             "precision": tp[c] / max(tp[c] + fp[c], 1),
             "recall": tp[c] / max(tp[c] + fn[c], 1),
             "fa_error_pct": float(np.mean(fa_err[c])) if fa_err[c] else float("nan"),
+            "fa_error_weighted_pct": float(np.mean(fa_err_weighted[c])) if fa_err_weighted[c] else float("nan"),
             "slices": len(dice_per[c]),
             "missed_slices": int(missing[c]),
         }
@@ -182,13 +196,14 @@ between them, the slice's value); see :func:`models.strata.bin_of`."""
 
 def print_table(res: dict[str, Any]) -> str:
     lines = [f"Synthetic test: {res['n']} slices, seeds {res['seeds'][0]}..{res['seeds'][1]}",
-             f"{'region':<16}{'Dice(pool)':>11}{'Dice(mean)':>11}{'precision':>10}{'recall':>8}{'FA err %':>9}{'slices':>7}{'missed':>7}"]
+             f"{'region':<16}{'Dice(pool)':>11}{'Dice(mean)':>11}{'precision':>10}{'recall':>8}{'FA err %':>9}{'weighted':>9}{'slices':>7}{'missed':>7}"]
     for key, r in res["regions"].items():
         lines.append(f"{key:<16}{r['dice_pooled']:>11.3f}{r['dice_mean']:>11.3f}{r['precision']:>10.3f}{r['recall']:>8.3f}"
-                     f"{r['fa_error_pct']:>9.2f}{r['slices']:>7d}{r['missed_slices']:>7d}")
+                     f"{r['fa_error_pct']:>9.2f}{r['fa_error_weighted_pct']:>9.2f}{r['slices']:>7d}{r['missed_slices']:>7d}")
     pooled = [r["dice_pooled"] for r in res["regions"].values()]
     lines.append(f"{'mean of 8':<16}{np.mean(pooled):>11.3f}{np.mean([r['dice_mean'] for r in res['regions'].values()]):>11.3f}"
-                 f"{'':>18}{np.mean([r['fa_error_pct'] for r in res['regions'].values()]):>9.2f}")
+                 f"{'':>18}{np.mean([r['fa_error_pct'] for r in res['regions'].values()]):>9.2f}"
+                 f"{np.mean([r['fa_error_weighted_pct'] for r in res['regions'].values()]):>9.2f}")
     lines.append("by stratum: slices, whole-cord Dice, mean of the 8 pooled region Dice, mean FA error %")
     for group, bins in res["strata"].items():
         lines.append(f"  {group}")

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from core.digest import sha256_of as sha256
 from core.labels import label_table
 from models.net import SCSNet
@@ -134,6 +136,10 @@ class _Oracle:
         assert md.shape == b0.shape == seg.labels.shape
         return seg.labels  # exact labels need no refinement by MD
 
+    def refined_segmentation(self, seg, b0: np.ndarray, md: np.ndarray, spacing_mm: tuple[float, float]):
+        self.refined(seg, b0, md, spacing_mm)
+        return seg
+
 
 def test_evaluation_scores_exact_labels_perfectly_and_notices_a_swapped_region() -> None:
     from models.evaluate import evaluate_synthetic
@@ -142,6 +148,7 @@ def test_evaluation_scores_exact_labels_perfectly_and_notices_a_swapped_region()
     for key, row in perfect.items():
         assert row["dice_pooled"] == 1.0 and row["precision"] == 1.0 and row["recall"] == 1.0, key
         assert row["fa_error_pct"] == 0.0 and row["missed_slices"] == 0, key
+        assert row["fa_error_weighted_pct"] == pytest.approx(0.0, abs=1e-4), key  # one-hot weights: the mean itself
     spoiled = evaluate_synthetic(_Oracle(spoil=True), 3)
     assert spoiled["regions"]["left_ventral"]["dice_pooled"] == 0.0
     assert spoiled["regions"]["left_ventral"]["missed_slices"] == spoiled["regions"]["left_ventral"]["slices"]

@@ -45,6 +45,9 @@ class Score:
     seed: int
     dice: list[float]
     fa_error_pct: list[float]
+    fa_error_weighted_pct: list[float]
+    """The same error for the probability-weighted regional mean (``fa_weighted``)."""
+    confidence: list[float]
     fa_reported: list[float]
     fa_reference: list[float]
     fa_nominal: list[float]
@@ -75,17 +78,21 @@ def score_study(study: Study, *, seed: int, segmenter: Segmenter, workdir: Path,
         report = analyze([img], out_dir=workdir / "out", segmenter=segmenter, bval=bval, bvec=bvec,
                          options=Options(refine=refine))
         labels = np.asarray(nib.load(workdir / "out" / outputs.LABELS.filename).dataobj).astype(np.uint8)
-        reported = [math.nan if e["fa"]["mean"] is None else float(e["fa"]["mean"]) for e in report["regions"]]
+        reported = [_number(e["fa"]["mean"]) for e in report["regions"]]
+        weighted = [_number(e.get("fa_weighted")) for e in report["regions"]]
+        confidence = [_number(e.get("confidence")) for e in report["regions"]]
     except ScsnetError as exc:  # a refusal scores as nothing found
         failure = f"{type(exc).__name__}: {exc}"
         labels = np.zeros_like(truth)
-        reported = [math.nan] * 8
+        reported = weighted = confidence = [math.nan] * 8
     dices = [dice(labels == r.code, truth == r.code) for r in REGIONS]
-    errors = [abs(m - t) / t * 100.0 if not (math.isnan(m) or math.isnan(t)) else math.nan for m, t in zip(reported, reference)]
+    errors = _errors(reported, reference)
     return Score(
         seed=seed,
         dice=dices,
         fa_error_pct=errors,
+        fa_error_weighted_pct=_errors(weighted, reference),
+        confidence=confidence,
         fa_reported=reported,
         fa_reference=reference,
         fa_nominal=nominal,
@@ -94,6 +101,28 @@ def score_study(study: Study, *, seed: int, segmenter: Segmenter, workdir: Path,
         failure=failure,
         params=asdict(study.params),
     )
+
+
+def _number(value: Any) -> float:
+    return math.nan if value is None else float(value)
+
+
+def _errors(measured: list[float], reference: list[float]) -> list[float]:
+    """|measured - reference| / reference in %, per region (NaN where either is undefined)."""
+    return [abs(m - t) / t * 100.0 if not (math.isnan(m) or math.isnan(t)) else math.nan for m, t in zip(measured, reference)]
+
+
+def spearman(x: list[float], y: list[float]) -> float:
+    """Spearman's rank correlation of the pairs where both are defined (average ranks for ties)."""
+    pairs = np.array([(a, b) for a, b in zip(x, y) if not (math.isnan(a) or math.isnan(b))])
+    if len(pairs) < 3:
+        return math.nan
+    ranks = [np.argsort(np.argsort(col, kind="stable"), kind="stable").astype(float) for col in pairs.T]
+    for rank, col in zip(ranks, pairs.T):  # average the ranks of ties
+        for value in np.unique(col):
+            tied = col == value
+            rank[tied] = rank[tied].mean()
+    return float(np.corrcoef(ranks[0], ranks[1])[0, 1])
 
 
 def run(n_studies: int, *, seed: int, model_dir: Path, keep: Path | None = None, threads: int = 2,
@@ -141,6 +170,15 @@ def table(scores: list[Score]) -> str:
             f"{key:<14} {_fmt(float(np.nanmean(dice_m[:, c])), '6.3f')} {_fmt(float(np.nanmean(err_m[:, c])), '8.2f')}"
             f" {int(np.sum(~np.isnan(err_m[:, c]))):>3}/{len(scores):<2} {np.nanmean(ref_m[:, c]):7.3f} {np.nanmean(nom_m[:, c]):8.3f}"
         )
+    weighted_m = np.array([s.fa_error_weighted_pct for s in scores])
+    per_region_weighted = " ".join(_fmt(float(np.nanmean(weighted_m[:, c])), "5.2f") for c in range(len(keys)))
+    lines.append(f"{'FA err % weighted':<18} {per_region_weighted}  (mean {_fmt(float(np.nanmean(weighted_m)), '5.2f')})")
+    uncertainty = [1.0 - c for s in scores for c in s.confidence]
+    lines.append(
+        "Spearman rank correlation of (1 - confidence) with FA error %, over regions x studies: "
+        f"binary mean {_fmt(spearman(uncertainty, [e for s in scores for e in s.fa_error_pct]))}, "
+        f"weighted mean {_fmt(spearman(uncertainty, [e for s in scores for e in s.fa_error_weighted_pct]))}"
+    )
     lines.append(
         f"{'mean of 8':<14} {_fmt(float(np.nanmean(dice_m)), '6.3f')} {_fmt(float(np.nanmean(err_m)), '8.2f')}"
         f"   cord Dice {np.nanmean([s.cord_dice for s in scores]):.3f}; {sum(s.seconds for s in scores):.1f} s for"
