@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import html
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import anyio
@@ -41,56 +41,49 @@ from service.store import Store
 log = logging.getLogger(__name__)
 
 
+async def _run_pass(name: str, work: Callable[[], object]) -> None:
+    """Run one housekeeping pass in a thread; a failure (store, broker or disk unavailable) is
+    logged by its kind only and the pass is tried again next round."""
+    try:
+        await anyio.to_thread.run_sync(work)
+    except Exception as exc:  # noqa: BLE001 - try again next round
+        log.warning("%s failed: %s", name, type(exc).__name__)
+
+
+def _purge(app: FastAPI) -> None:
+    purged = purge_expired(app.state.store, app.state.storage, app.state.settings.retention_days)
+    if purged:
+        log.info("retention: deleted the files of %d jobs", len(purged))
+
+
 async def _housekeeping_forever(app: FastAPI) -> None:
     """Every ``requeue_interval_s``: re-send jobs the broker lost, remove folders of uploads cut
-    off mid-way (app.sweep), delete the files of jobs past the retention period and retire
-    expired webhook secrets (service.retention). Each failure is logged and tried again next round."""
+    off mid-way (app.sweep) and of STOW-RS requests (app.stow), delete the files of jobs past the
+    retention period and retire expired webhook secrets (service.retention)."""
     settings: GatewaySettings = app.state.settings
+    store, storage = app.state.store, app.state.storage
+    passes: list[tuple[str, Callable[[], object]]] = [
+        ("re-enqueue pass", lambda: requeue_lost(store, app.state.queue, grace_s=settings.requeue_grace_s)),
+        ("orphan sweep", lambda: sweep_orphans(store, storage, grace_s=settings.orphan_grace_s)),
+        ("STOW-RS sweep", lambda: sweep_stow(store, app.state.stow, grace_s=settings.orphan_grace_s)),
+        ("retention pass", lambda: _purge(app)),
+    ]
     while True:
-        try:
-            await anyio.to_thread.run_sync(
-                lambda: requeue_lost(app.state.store, app.state.queue, grace_s=settings.requeue_grace_s)
-            )
-        except Exception as exc:  # noqa: BLE001 - broker or store down: try again next round
-            log.warning("re-enqueue pass failed: %s", type(exc).__name__)
-        try:
-            await anyio.to_thread.run_sync(
-                lambda: sweep_orphans(app.state.store, app.state.storage, grace_s=settings.orphan_grace_s)
-            )
-        except Exception as exc:  # noqa: BLE001 - store or disk unavailable: try again next round
-            log.warning("orphan sweep failed: %s", type(exc).__name__)
-        try:
-            await anyio.to_thread.run_sync(
-                lambda: sweep_stow(app.state.store, app.state.stow, grace_s=settings.orphan_grace_s)
-            )
-        except Exception as exc:  # noqa: BLE001 - store or disk unavailable: try again next round
-            log.warning("STOW-RS sweep failed: %s", type(exc).__name__)
-        try:
-            purged = await anyio.to_thread.run_sync(
-                lambda: purge_expired(app.state.store, app.state.storage, settings.retention_days)
-            )
-            if purged:
-                log.info("retention: deleted the files of %d jobs", len(purged))
-        except Exception as exc:  # noqa: BLE001 - store or disk unavailable: try again next round
-            log.warning("retention pass failed: %s", type(exc).__name__)
+        for name, work in passes:
+            await _run_pass(name, work)
         await asyncio.sleep(settings.requeue_interval_s)
 
 
 async def _settle_forever(app: FastAPI) -> None:
     """Start a job on each study sent by STOW-RS once its instances have settled (app.stow),
-    checking a few times per settle period (at most every 5 s). Each failure is logged and tried
-    again next round."""
+    checking a few times per settle period (at most every 5 s)."""
     settings: GatewaySettings = app.state.settings
     interval_s = min(5.0, max(settings.stow_settle_s / 4, 0.2))
     while True:
-        try:
-            await anyio.to_thread.run_sync(
-                lambda: settle(
-                    app.state.store, app.state.storage, app.state.stow, app.state.queue, settle_s=settings.stow_settle_s
-                )
-            )
-        except Exception as exc:  # noqa: BLE001 - store, broker or disk unavailable: try again next round
-            log.warning("STOW-RS settle pass failed: %s", type(exc).__name__)
+        await _run_pass(
+            "STOW-RS settle pass",
+            lambda: settle(app.state.store, app.state.storage, app.state.stow, app.state.queue, settle_s=settings.stow_settle_s),
+        )
         await asyncio.sleep(interval_s)
 
 
