@@ -37,6 +37,7 @@ from numpy.typing import NDArray
 
 from core.ingest.nifti import load_nifti_dwi
 from core.labels import BY_CODE, N_CLASSES
+from core.measures.confidence import confidence_measures
 from core.measures.weighted import region_weights, support, weighted_mean
 from core.report.qc import write_qc_png
 from core.segment.refine import MDMap, refine
@@ -47,6 +48,7 @@ from models.cases import Labeller, evaluate_cases, print_cases
 from models.generator import SyntheticSlice, fit_fa_md, generate, simulate_dwi
 from models.strata import VOXEL_BINS, VOXEL_EDGES_MM, bin_of, fa_error_pct
 from models.train import EVAL_SEED_BASE
+from models.yardstick.bench import spearman
 
 log = logging.getLogger(__name__)
 DEFAULT_REAL = Path("tests/data/sct_tutorial_dmri/dmri.nii.gz")
@@ -62,13 +64,16 @@ class SliceSegmenter:
     the pipeline's ``refine`` stage calls; unless ``refine`` is off), so that what is evaluated
     is what ``scsnet analyze`` does."""
 
-    def __init__(self, model_dir: Path, *, refine: bool = True) -> None:
+    def __init__(self, model_dir: Path, *, refine: bool = True, augment: bool = True) -> None:
         self.segmenter = Segmenter(model_dir)
         self.refine = refine
+        self.augment = augment
 
     def segment(self, image: NDArray, spacing_mm: tuple[float, float]) -> Segmentation:
-        """The (H, W, 1) segmentation of one (H, W) slice with in-plane voxel ``spacing_mm``."""
-        return self.segmenter.segment(np.asarray(image, np.float32)[:, :, None], zooms_mm=(*spacing_mm, 1.0))
+        """The (H, W, 1) segmentation of one (H, W) slice with in-plane voxel ``spacing_mm`` (with
+        ``augment``, also its test-time-augmentation agreement, for the confidence)."""
+        return self.segmenter.segment(np.asarray(image, np.float32)[:, :, None], zooms_mm=(*spacing_mm, 1.0),
+                                      augment=self.augment)
 
     def labels(self, image: NDArray, spacing_mm: tuple[float, float]) -> NDArray[np.uint8]:
         """(H, W) labels of one slice, as the network gives them (no refinement by MD)."""
@@ -110,6 +115,8 @@ def evaluate_synthetic(seg: Labeller, n: int) -> dict[str, Any]:
     dice_per: list[list[float]] = [[] for _ in range(N_CLASSES)]
     fa_err: list[list[float]] = [[] for _ in range(N_CLASSES)]
     fa_err_weighted: list[list[float]] = [[] for _ in range(N_CLASSES)]
+    uncertainty: list[float] = []  # 1 - the report's confidence, beside the FA error of the same region
+    confident_err: list[float] = []
     missing = np.zeros(N_CLASSES, int)
     # voxel counts per stratum (see STRATA), index c for code c and N_CLASSES for the whole cord;
     # the pooled scores are the sums over the bins of any one stratification
@@ -129,6 +136,7 @@ def evaluate_synthetic(seg: Labeller, n: int) -> dict[str, Any]:
         pred = refined.labels[:, :, 0]
         within = support(refined.labels)
         t_inf.append(t_first + time.perf_counter() - t)
+        conf, _ = confidence_measures(refined.labels, refined.probabilities, refined.agreement)
         tallies = [strata[group][bin_of(value(s), edges, bins)] for group, (bins, edges, value) in STRATA.items()]
         for b in tallies:
             b["slices"] += 1
@@ -150,6 +158,9 @@ def evaluate_synthetic(seg: Labeller, n: int) -> dict[str, Any]:
                         fa_err_weighted[c].append(abs(fa_error_pct(weighted, true_fa)))
                     for b in tallies:
                         b["fa_err"].append(fa_err[c][-1])
+                    if conf[c]["confidence"] is not None:
+                        uncertainty.append(1.0 - conf[c]["confidence"])
+                        confident_err.append(fa_err[c][-1])
                 else:
                     missing[c] += 1
         if (k + 1) % 50 == 0:
@@ -177,6 +188,7 @@ def evaluate_synthetic(seg: Labeller, n: int) -> dict[str, Any]:
                                     "region_dice_mean": float(dice[1:N_CLASSES].mean()),
                                     "fa_error_pct_mean": float(np.mean(b["fa_err"])) if b["fa_err"] else float("nan")}
     return {"regions": rows, "strata": summary, "n": n, "inference_s_median": float(np.median(t_inf)),
+            "confidence_spearman": spearman(uncertainty, confident_err),
             "seeds": [EVAL_SEED_BASE, EVAL_SEED_BASE + n - 1]}
 
 
@@ -204,6 +216,8 @@ def print_table(res: dict[str, Any]) -> str:
     lines.append(f"{'mean of 8':<16}{np.mean(pooled):>11.3f}{np.mean([r['dice_mean'] for r in res['regions'].values()]):>11.3f}"
                  f"{'':>18}{np.mean([r['fa_error_pct'] for r in res['regions'].values()]):>9.2f}"
                  f"{np.mean([r['fa_error_weighted_pct'] for r in res['regions'].values()]):>9.2f}")
+    lines.append("Spearman rank correlation of (1 - confidence) with the per-slice FA error, over slices x regions: "
+                 f"{res['confidence_spearman']:.3f}")
     lines.append("by stratum: slices, whole-cord Dice, mean of the 8 pooled region Dice, mean FA error %")
     for group, bins in res["strata"].items():
         lines.append(f"  {group}")

@@ -16,6 +16,10 @@ How a slice is made
    volume through the slice; size is scaled 0.8-1.2 and CSM-like compression flattens the cord
    front-to-back down to ~half its depth (widening it slightly). A left-right mirror is applied
    to the geometry *and* swaps the left/right region channels (the MIRROR_LUT rule).
+   With ``real_shapes`` (``python -m models.train --real-shapes P``) a share P of the cords is
+   instead a real slice of the training subjects (manual cord and gray matter of 5 real T2*
+   scans, the atlas funiculi fitted to them: :func:`models.real_shapes.shape_bank`), then tilted,
+   scaled, compressed, rotated and mirrored as above.
    Around it: a thecal sac of variable width (sometimes almost no CSF), in 45 % of slices with
    CSF-filled root sleeves that widen it into the "V" of the real b0, epidural fat/veins, the
    vertebral body or a disc (with a bright nucleus), a dark posterior ligament layer, pedicles and
@@ -55,6 +59,7 @@ from scipy import ndimage
 from core.labels import MIRROR_LUT
 from core.segment.preprocess import normalise, resample_slice, resample_to_shape
 from models.atlas import Atlas, load_atlas
+from models.real_shapes import RealShape, shape_bank
 
 F32 = NDArray[np.float32]
 MODEL_SPACING_MM = 0.5
@@ -167,9 +172,13 @@ def _tight_field(rng: np.random.Generator, acq: Acquisition) -> Acquisition:
 
 
 def _sample_cord(
-    rng: np.random.Generator, u: F32, v: F32, thickness: float, p: dict[str, float]
+    rng: np.random.Generator, u: F32, v: F32, thickness: float, p: dict[str, float],
+    shape: RealShape | None = None,
 ) -> tuple[F32, F32]:
-    """Cord fraction (Hf, Wf) and region fractions (8, Hf, Wf) on the fine grid (u, v in mm)."""
+    """Cord fraction (Hf, Wf) and region fractions (8, Hf, Wf) on the fine grid (u, v in mm).
+
+    With ``shape`` the cord and its regions come from that real slice (the same cross-section at
+    every sub-slice, shifted by the tilt) instead of the atlas; the random draws are the same."""
     atlas, frac, centre = _atlas()
     nz = frac.shape[0]
     n_sub = max(1, round(thickness / 1.0))
@@ -184,6 +193,12 @@ def _sample_cord(
         vv = (v - dz * p["tilt_v"]) / p["scale_v"]
         if p["mirror"]:
             uu = -uu
+        if shape is not None:
+            coords = np.stack([uu / shape.spacing_mm[0] + shape.centre[0], vv / shape.spacing_mm[1] + shape.centre[1]])
+            cord += ndimage.map_coordinates(shape.cord, coords, order=1, mode="constant")
+            for r in range(8):
+                regions[r] += ndimage.map_coordinates(shape.regions[r], coords, order=1, mode="constant")
+            continue
         coords = np.stack([uu / sp + centre[0], vv / sp + centre[1]])
         c = ndimage.map_coordinates(atlas.cord[z0 + k], coords, order=1, mode="constant")
         cord += c
@@ -313,18 +328,29 @@ CSF ring, CSF and gray-matter signal relative to white matter."""
 
 
 def generate(seed: int, *, acquisition: Acquisition | None = None,
-             patient: Mapping[str, float] | None = None) -> SyntheticSlice:
+             patient: Mapping[str, float] | None = None, real_shapes: float = 0.0) -> SyntheticSlice:
     """Render one synthetic slice (see module docstring) on its acquisition grid.
 
     ``patient``: values for :data:`PATIENT_KEYS` (another slice's ``params``) that replace this
     slice's own draws, for slices of one simulated study; every random draw is still made, so
-    the rest of the slice is the same as without it."""
+    the rest of the slice is the same as without it.
+
+    ``real_shapes``: the probability that the cord's shape and partition come from a real slice
+    (:func:`models.real_shapes.shape_bank`: manual cord and gray matter of the training subjects
+    with the atlas funiculi fitted to them) instead of the atlas; drawn from a stream of its
+    own, so with 0 (the default) every slice is as before."""
     pat = {k: patient[k] for k in PATIENT_KEYS} if patient is not None else {}
     rng = np.random.default_rng(seed)
     # Later additions draw from their own stream, so every earlier draw (and every slice that
     # gets none of them) is unchanged: a tight field of view, CSF-filled root sleeves, more
     # cord-bright CSF and clearer gray/white contrast.
     extra = np.random.default_rng([seed, 2])
+    shape = None
+    if real_shapes > 0:
+        shapes = np.random.default_rng([seed, 3])
+        if shapes.random() < real_shapes:
+            bank = shape_bank()
+            shape = bank[int(shapes.integers(len(bank)))]
     acq = acquisition or draw_acquisition(rng)
     if extra.random() < 0.1 and acquisition is None:
         acq = _tight_field(extra, acq)
@@ -364,7 +390,7 @@ def generate(seed: int, *, acquisition: Acquisition | None = None,
     if rows.size and cols.size:
         rs = slice(rows.min(), rows.max() + 1)
         cs = slice(cols.min(), cols.max() + 1)
-        c_w, r_w = _sample_cord(rng, u[rs, cs], v[rs, cs], acq.thickness_mm, p)
+        c_w, r_w = _sample_cord(rng, u[rs, cs], v[rs, cs], acq.thickness_mm, p, shape)
         cord[rs, cs] = c_w
         regions[:, rs, cs] = r_w
     # Thecal sac: the cord's extent plus a margin that varies around the circumference.
@@ -433,7 +459,8 @@ def generate(seed: int, *, acquisition: Acquisition | None = None,
     scale = float(np.exp(rng.uniform(np.log(50), np.log(3000))))
     b0 = (np.sqrt((clean * bias + n1) ** 2 + n2**2) * scale).astype(np.float32)
     labels = np.argmax(fr, axis=0).astype(np.uint8)
-    p.update(csf_int=csf_int, gm_int=gm_int, thin_csf=float(thin), scale=scale, k=float(k))
+    p.update(csf_int=csf_int, gm_int=gm_int, thin_csf=float(thin), scale=scale, k=float(k),
+             real_shape=float(shape is not None))
     return SyntheticSlice(b0=b0, labels=labels, fractions=fr.astype(np.float32), csf=csf_a.astype(np.float32),
                           clean=clean, bias=bias, acquisition=acq, params=p)
 
@@ -475,7 +502,8 @@ def _crop(x: NDArray, centre: tuple[int, int], size: int, fill: float | None) ->
 
 
 def training_sample(
-    seed: int, *, patch: int = CROP_SIZE_PX, spacing_mm: float = MODEL_SPACING_MM, soft: bool = False
+    seed: int, *, patch: int = CROP_SIZE_PX, spacing_mm: float = MODEL_SPACING_MM, soft: bool = False,
+    real_shapes: float = 0.0,
 ) -> tuple[F32, NDArray]:
     """One training pair on the model grid: a (patch, patch) float32 image and its target.
 
@@ -491,7 +519,7 @@ def training_sample(
     centroid with a few mm of error, normalised on its own; outside the image zero- or
     edge-padded).
     """
-    s = generate(seed)
+    s = generate(seed, real_shapes=real_shapes)
     rng = np.random.default_rng(seed + 7_919_000_003)
     img, fr = model_grid_fractions(s, spacing_mm=spacing_mm)
     lab = np.argmax(fr, axis=0).astype(np.uint8)

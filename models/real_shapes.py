@@ -23,7 +23,8 @@ placement carry over to real anatomy, not how accurate the model is on DTI.
 
 ``HELD_OUT_SUBJECTS`` are never to be used for training (both sessions of a subject stay on the
 same side of the split); :func:`partition_slice` fits the atlas's eight-region partition to a
-real cord and gray-matter slice (for widening the training shapes).
+real cord and gray-matter slice, and :func:`shape_bank` so partitions every usable slice of the
+training scans for the generator (``python -m models.train --real-shapes P``).
 
 Run::
 
@@ -38,6 +39,7 @@ import re
 import shutil
 import time
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -321,6 +323,52 @@ def build_copy(source: Path, out: Path = DATA_DIR, *, margin_mm: float = CROP_MA
     shutil.copyfile(source / "LICENSE", out / "LICENSE")
 
 
+@dataclass(frozen=True)
+class RealShape:
+    """One real slice's eight-region partition, ready for the generator.
+
+    regions : (8, H, W) float32 one-hot fractions of codes 1-8 (:func:`partition_slice`);
+    cord : (H, W) float32 (their sum); spacing_mm : in-plane voxel size (mm);
+    centre : (2,) the cord centroid in voxel indices; name : scan and slice, for the record.
+    """
+
+    regions: NDArray[np.float32]
+    cord: NDArray[np.float32]
+    spacing_mm: tuple[float, float]
+    centre: NDArray[np.float64]
+    name: str
+
+
+MIN_SHAPE_AREA_MM2 = 30.0
+"""Real slices with less manual cord than this (cut by the scan's edge) or without gray matter
+are not used as shapes."""
+
+
+def training_scans() -> tuple[str, ...]:
+    """The scans whose subjects are not held out."""
+    return tuple(s for s in SCANS if not is_held_out(s))
+
+
+@lru_cache(maxsize=1)
+def shape_bank(folder: Path = DATA_DIR) -> tuple[RealShape, ...]:
+    """Every usable slice of the training scans (held-out subjects excluded) as a :class:`RealShape`,
+    on its native grid: the atlas partition fitted to the manual cord and gray matter."""
+    bank = []
+    for name in training_scans():
+        scan = load_scan(folder, name)
+        voxel_area = scan.zooms_mm[0] * scan.zooms_mm[1]
+        for z in np.flatnonzero(scan.scored):
+            cord, gray = scan.cord[:, :, z], scan.gray[:, :, z] & scan.cord[:, :, z]
+            if cord.sum() * voxel_area < MIN_SHAPE_AREA_MM2 or not gray.any():
+                continue
+            labels = partition_slice(cord, gray, spacing_mm=scan.zooms_mm[:2])
+            regions = (labels[None] == np.arange(1, 9)[:, None, None]).astype(np.float32)
+            bank.append(RealShape(regions, regions.sum(axis=0), scan.zooms_mm[:2],
+                                  np.argwhere(labels > 0).mean(axis=0), f"{name}:{z}"))
+    return tuple(bank)
+
+
+
 def main(argv: list[str] | None = None) -> None:
     from core.segment.runtime import load_segmenter
     from core.settings import SHIPPED_MODEL_DIR
@@ -346,3 +394,4 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
+

@@ -93,3 +93,38 @@ def test_atlas_partition_tiles_a_real_slice_with_sides_right() -> None:
         assert jj[labels == dorsal].mean() < jj[labels == ventral].mean()
     for lateral, dorsal in ((1, 2), (5, 6)):  # lateral funiculi further from the midline
         assert abs(ii[labels == lateral].mean() - mid) > abs(ii[labels == dorsal].mean() - mid)
+
+
+def test_shape_bank_holds_only_training_subjects_partitioned() -> None:
+    from models.real_shapes import shape_bank, training_scans
+
+    bank = shape_bank()
+    assert set(training_scans()) == {s for s in SCANS if not is_held_out(s)}
+    names = {b.name.split(":")[0] for b in bank}
+    assert names == set(training_scans())  # every training scan contributes, no held-out one
+    assert not names & {s for s in SCANS if is_held_out(s)}
+    assert len(bank) >= 60
+    for shape in bank:
+        assert shape.regions.shape[0] == 8 and np.array_equal(shape.regions.sum(axis=0), shape.cord)
+        assert shape.regions[[3, 7]].sum() > 0  # gray matter present on both sides in total
+        area = shape.cord.sum() * shape.spacing_mm[0] * shape.spacing_mm[1]
+        assert 30 <= area < 130, (shape.name, area)
+
+
+def test_generator_draws_real_shapes_only_when_asked_and_keeps_its_other_draws() -> None:
+    from models.generator import generate
+
+    seeds = range(40)
+    plain = [generate(s) for s in seeds]
+    mixed = [generate(s, real_shapes=0.5) for s in seeds]
+    used = [m.params["real_shape"] for m in mixed]
+    assert all(p.params["real_shape"] == 0.0 for p in plain)
+    assert 8 <= sum(used) <= 32  # about half
+    for p, m, u in zip(plain, mixed, used):
+        assert p.params["theta_deg"] == m.params["theta_deg"] and p.params["csf_int"] == m.params["csf_int"]
+        same = np.array_equal(p.labels, m.labels)
+        assert same == (not u)  # only the real-shape slices change
+        if u and (m.labels > 0).sum() > 20:
+            # sides still right: left codes (1-4) at smaller x than right codes (5-8) on average
+            ii = np.indices(m.labels.shape)[0]
+            assert ii[np.isin(m.labels, (1, 2, 3, 4))].mean() < ii[np.isin(m.labels, (5, 6, 7, 8))].mean()

@@ -163,3 +163,16 @@ def test_evaluation_strata_bins_include_their_lower_edge() -> None:
 
     assert [bin_of(v, VOXEL_EDGES_MM, VOXEL_BINS) for v in (0.6, 0.99, 1.0, 1.4, 1.8)] == [
         VOXEL_BINS[0], VOXEL_BINS[0], VOXEL_BINS[1], VOXEL_BINS[2], VOXEL_BINS[2]]
+
+
+def test_generator_test_ranks_confidence_against_fa_error() -> None:
+    """The slice test carries the Spearman correlation of (1 - confidence) with FA error, from the
+    shipped model's own confidence (test-time augmentation included)."""
+    from models.evaluate import SliceSegmenter, evaluate_synthetic, print_table
+
+    seg = SliceSegmenter(SHIPPED)
+    assert seg.augment
+    res = evaluate_synthetic(seg, 6)
+    rho = res["confidence_spearman"]
+    assert -1.0 <= rho <= 1.0  # NaN (no pairs) would fail here
+    assert f"{rho:.3f}" in print_table(res)

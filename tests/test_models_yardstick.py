@@ -164,3 +164,15 @@ def test_the_shipped_model_is_scored_through_the_service_analysis(small: Params,
     assert np.nanmean(score.dice) > 0.5
     assert all(0.2 < f < 0.9 for f in score.fa_reference)
     assert np.nanmean(score.fa_error_pct) < 25
+
+
+def test_the_command_scores_a_set_of_studies_per_seed(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``--seed 0 1`` scores study 0 of each set (seeds 0 and 1000) and prints the means over both."""
+    import json
+
+    from models.yardstick.__main__ import main
+
+    main(["--studies", "1", "--seed", "0", "1", "--out", str(tmp_path), "--threads", "1"])
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert [r["seed"] for r in results] == [0, 1000]
+    assert "2 studies" in capsys.readouterr().out

@@ -1,7 +1,7 @@
-"""python -m models.yardstick --studies 8 --seed 0 [--model models/scsnet] [--out DIR] [--keep] [--no-refine]
+"""python -m models.yardstick --studies 32 --seed 0 1 [--model models/scsnet] [--out DIR] [--keep] [--no-refine]
 
-Render N yardstick studies (a seed fixes the set), analyse each as ``scsnet analyze`` does and
-print Dice and FA error per study and region, then the means. ``--out`` also writes
+Render N yardstick studies per seed (a seed fixes its set), analyse each as ``scsnet analyze``
+does and print Dice and FA error per study and region, then the means over all of them. ``--out`` also writes
 ``results.json`` there; ``--keep`` keeps each study's inputs and outputs under ``--out``.
 """
 
@@ -18,7 +18,7 @@ from models.yardstick.bench import run, table
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--studies", type=int, default=8)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, nargs="+", default=[0], help="one or more seeds, each a set of --studies")
     p.add_argument("--model", type=Path, default=Path("models/scsnet"))
     p.add_argument("--out", type=Path, default=None, help="write results.json here")
     p.add_argument("--keep", action="store_true", help="keep every study's files under --out")
@@ -27,8 +27,9 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     if args.keep and args.out is None:
         p.error("--keep needs --out")
-    scores = run(args.studies, seed=args.seed, model_dir=args.model, keep=args.out if args.keep else None,
-                 threads=args.threads, refine=not args.no_refine)
+    scores = [s for seed in args.seed
+              for s in run(args.studies, seed=seed, model_dir=args.model, keep=args.out if args.keep else None,
+                           threads=args.threads, refine=not args.no_refine)]
     print(table(scores))
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
