@@ -28,7 +28,8 @@ How a slice is made
 3. **Contrast** (b0, long-TE EPI): CSF bright (1.1-2.8 x cord; about 28 %: 0.85-1.3,
    as bright as the cord), gray matter 1.0-1.15 x white matter (25 %: 1.15-1.35, a clear
    contrast), bone/ligament dark, muscle intermediate-dark, texture fields.
-4. **Acquisition grid**: block-average the fine grid (voxel partial volume), EPI blur and a
+4. **Acquisition grid**: block-average the fine grid (voxel partial volume; with ``kspace``, a
+   share of the b0s is instead sampled by k-space truncation, :func:`kspace_sample`), EPI blur and a
    smooth geometric distortion along the phase-encode axis (applied to labels too, since a rater
    labels the distorted image), multiplicative bias field, Rician noise.
 5. **Labels**: per-class fractions (background = 1 - cord) follow the same path; the label
@@ -322,13 +323,44 @@ def block_average(x: NDArray, k: int) -> F32:
     return x.reshape(x.shape[:-2] + (h, k, w, k)).mean(axis=(-3, -1)).astype(np.float32)
 
 
+def kspace_sample(x: NDArray, k: int, *, window: float = 0.0, partial: float = 0.0, pe_axis: int = 0) -> F32:
+    """Sample an (H*k, W*k) fine image on the grid ``k`` times coarser as an MR scanner does:
+    keep the central (H, W) spatial frequencies (k-space truncation: a sinc point-spread function,
+    Gibbs ringing at sharp edges) instead of averaging each block, then take the magnitude.
+
+    The samples sit at the block centres (as :func:`block_average`'s), by a Fourier phase ramp.
+    ``window``: the share of the outer frequencies tapered by a cosine (a Tukey filter, 0 = none,
+    as scanners' optional k-space filters); ``partial``: the share of the acquired lines missing
+    on one side along ``pe_axis`` (partial Fourier, zero-filled, 0-0.25)."""
+    n0, n1 = x.shape[-2], x.shape[-1]
+    h, w = n0 // k, n1 // k
+    spec = np.fft.fft2(np.asarray(x, np.float64))
+    m0, m1 = np.fft.fftfreq(n0) * n0, np.fft.fftfreq(n1) * n1  # integer frequency indices
+    shift = (k - 1) / 2.0  # output sample n is the fine image at n * k + shift
+    spec *= np.exp(2j * np.pi * shift * (m0[:, None] / n0 + m1[None, :] / n1))
+    keep0 = np.r_[0 : (h + 1) // 2, n0 - h // 2 : n0]
+    keep1 = np.r_[0 : (w + 1) // 2, n1 - w // 2 : n1]
+    sub = spec[np.ix_(keep0, keep1)] / (k * k)
+    for axis, m in ((0, np.fft.fftfreq(h)), (1, np.fft.fftfreq(w))):
+        r = np.abs(m) / 0.5  # 0 at the centre, 1 at the edge of k-space
+        taper = np.ones_like(r)
+        if window > 0:
+            edge = r > 1.0 - window
+            taper[edge] = 0.5 * (1.0 + np.cos(np.pi * (r[edge] - (1.0 - window)) / window))
+        if partial > 0 and axis == pe_axis:
+            taper[m > 0.5 - partial] = 0.0
+        sub *= taper[:, None] if axis == 0 else taper[None, :]
+    return np.abs(np.fft.ifft2(sub)).astype(np.float32)
+
+
 PATIENT_KEYS = ("size", "thin_csf", "csf_int", "gm_int")
 """The ``params`` of a slice that describe the patient rather than the slice: cord size, a thin
 CSF ring, CSF and gray-matter signal relative to white matter."""
 
 
 def generate(seed: int, *, acquisition: Acquisition | None = None,
-             patient: Mapping[str, float] | None = None, real_shapes: float = 0.0) -> SyntheticSlice:
+             patient: Mapping[str, float] | None = None, real_shapes: float = 0.0,
+             kspace: float = 0.0) -> SyntheticSlice:
     """Render one synthetic slice (see module docstring) on its acquisition grid.
 
     ``patient``: values for :data:`PATIENT_KEYS` (another slice's ``params``) that replace this
@@ -338,7 +370,11 @@ def generate(seed: int, *, acquisition: Acquisition | None = None,
     ``real_shapes``: the probability that the cord's shape and partition come from a real slice
     (:func:`models.real_shapes.shape_bank`: manual cord and gray matter of the training subjects
     with the atlas funiculi fitted to them) instead of the atlas; drawn from a stream of its
-    own, so with 0 (the default) every slice is as before."""
+    own, so with 0 (the default) every slice is as before.
+
+    ``kspace``: the probability that the b0 is sampled by k-space truncation
+    (:func:`kspace_sample`, with a random filter and partial Fourier) instead of block averaging;
+    the labels and fractions stay the exact area fractions. Also its own stream."""
     pat = {k: patient[k] for k in PATIENT_KEYS} if patient is not None else {}
     rng = np.random.default_rng(seed)
     # Later additions draw from their own stream, so every earlier draw (and every slice that
@@ -430,7 +466,13 @@ def generate(seed: int, *, acquisition: Acquisition | None = None,
     fine = fine * (1 - ring) + ring * rng.uniform(0.1, 0.9) * (1 + 0.3 * _smooth_noise(rng, u.shape, 20))
 
     # Acquisition grid: voxel partial volume.
-    img = block_average(fine, k)
+    sampling = np.random.default_rng([seed, 4])
+    img_kspace = kspace > 0 and sampling.random() < kspace
+    if img_kspace:
+        img = kspace_sample(fine[: H * k, : W * k], k, window=float(sampling.choice([0.0, sampling.uniform(0.1, 0.5)])),
+                            partial=float(sampling.choice([0.0, sampling.uniform(0.1, 0.25)])), pe_axis=acq.pe_axis)
+    else:
+        img = block_average(fine, k)
     fr = np.concatenate([(1.0 - cord)[None], regions], axis=0)
     fr = block_average(fr, k)
     csf_a = block_average(csf, k)
@@ -460,7 +502,7 @@ def generate(seed: int, *, acquisition: Acquisition | None = None,
     b0 = (np.sqrt((clean * bias + n1) ** 2 + n2**2) * scale).astype(np.float32)
     labels = np.argmax(fr, axis=0).astype(np.uint8)
     p.update(csf_int=csf_int, gm_int=gm_int, thin_csf=float(thin), scale=scale, k=float(k),
-             real_shape=float(shape is not None))
+             real_shape=float(shape is not None), kspace=float(img_kspace))
     return SyntheticSlice(b0=b0, labels=labels, fractions=fr.astype(np.float32), csf=csf_a.astype(np.float32),
                           clean=clean, bias=bias, acquisition=acq, params=p)
 
@@ -503,7 +545,7 @@ def _crop(x: NDArray, centre: tuple[int, int], size: int, fill: float | None) ->
 
 def training_sample(
     seed: int, *, patch: int = CROP_SIZE_PX, spacing_mm: float = MODEL_SPACING_MM, soft: bool = False,
-    real_shapes: float = 0.0,
+    real_shapes: float = 0.0, kspace: float = 0.0,
 ) -> tuple[F32, NDArray]:
     """One training pair on the model grid: a (patch, patch) float32 image and its target.
 
@@ -519,7 +561,7 @@ def training_sample(
     centroid with a few mm of error, normalised on its own; outside the image zero- or
     edge-padded).
     """
-    s = generate(seed, real_shapes=real_shapes)
+    s = generate(seed, real_shapes=real_shapes, kspace=kspace)
     rng = np.random.default_rng(seed + 7_919_000_003)
     img, fr = model_grid_fractions(s, spacing_mm=spacing_mm)
     lab = np.argmax(fr, axis=0).astype(np.uint8)

@@ -2,6 +2,7 @@
 then export ONNX + manifest.
 
     python -m models.train --out models/scsnet [--steps N] [--data DIR] [--max-minutes M]
+                           [--real-shapes P] [--kspace P] [--init CKPT]
 
 Batches: fresh samples (``--fresh`` per step, generated in the main process or ``--workers``
 DataLoader processes) go into a replay buffer; each step draws ``--batch`` samples from it (with a
@@ -54,10 +55,11 @@ EVAL_SEED_BASE = 2_000_000_000
 class SyntheticStream(IterableDataset):
     """Endless stream of (image, labels) training pairs from consecutive generator seeds."""
 
-    def __init__(self, seed: int, patch: int, real_shapes: float = 0.0) -> None:
+    def __init__(self, seed: int, patch: int, real_shapes: float = 0.0, kspace: float = 0.0) -> None:
         self.seed = seed
         self.patch = patch
         self.real_shapes = real_shapes
+        self.kspace = kspace
 
     def __iter__(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         info = torch.utils.data.get_worker_info()
@@ -65,7 +67,7 @@ class SyntheticStream(IterableDataset):
         n = worker
         while True:
             x, fr = training_sample(self.seed * SEED_STRIDE + n, patch=self.patch, soft=True,
-                                    real_shapes=self.real_shapes)
+                                    real_shapes=self.real_shapes, kspace=self.kspace)
             yield x, quantise(fr)
             n += n_workers
 
@@ -222,7 +224,7 @@ def train(args: argparse.Namespace) -> None:
 
     synth_frac = args.synthetic_fraction if site is not None else 1.0
     patch = args.patch
-    stream = DataLoader(SyntheticStream(args.seed, patch, args.real_shapes), batch_size=None, num_workers=args.workers,
+    stream = DataLoader(SyntheticStream(args.seed, patch, args.real_shapes, args.kspace), batch_size=None, num_workers=args.workers,
                         prefetch_factor=8 if args.workers else None, persistent_workers=bool(args.workers))
     it = iter(stream)
     buf_x = np.zeros((args.buffer, patch, patch), np.float32)
@@ -311,6 +313,7 @@ def train(args: argparse.Namespace) -> None:
             + (f" mixed with site data from {args.data} (synthetic fraction {synth_frac})" if site else "")
             + (f"; {args.real_shapes:.0%} of the cords shaped like real slices (models/real_shapes.py)"
                if args.real_shapes else "")
+            + (f"; {args.kspace:.0%} of the b0s sampled by k-space truncation" if args.kspace else "")
             + (f"; fine-tuned from {args.init}" if args.init else "")
             + f"; soft class-fraction targets, batch {args.batch} x {patch}x{patch} px at {MODEL_SPACING_MM} mm,"
             + f" {minutes:.1f} min on {device}"
@@ -337,6 +340,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--synthetic-fraction", type=float, default=0.5, help="share of synthetic samples with --data")
     p.add_argument("--real-shapes", type=float, default=0.0,
                    help="share of synthetic cords shaped like a real slice of the training subjects (models/real_shapes.py)")
+    p.add_argument("--kspace", type=float, default=0.0,
+                   help="share of synthetic b0s sampled by k-space truncation instead of block averaging")
     p.add_argument("--init", type=Path, default=None, help="checkpoint (.pt) to fine-tune from")
     p.add_argument("--widths", type=int, nargs="+", default=list(DEFAULT_WIDTHS))
     p.add_argument("--buffer", type=int, default=4000, help="replay buffer size (samples)")
