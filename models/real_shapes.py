@@ -48,6 +48,8 @@ import numpy as np
 from numpy.typing import NDArray
 from scipy import ndimage
 
+from core.segment.tta import dice as mask_dice
+
 DATA_DIR = Path(__file__).resolve().parent / "data" / "gm_challenge"
 SCANS = (
     "sub-10062Ses1", "sub-10062Ses2", "sub-9418", "sub-9584",
@@ -153,9 +155,9 @@ def at_voxel_size(scan: Scan, voxel_mm: float) -> Scan:
 
 
 def dice(pred: NDArray[np.bool_], ref: NDArray[np.bool_]) -> float:
-    """Dice 2|P & G| / (|P| + |G|) of two boolean masks; 1.0 when both are empty."""
-    total = int(pred.sum()) + int(ref.sum())
-    return 1.0 if total == 0 else float(2 * int((pred & ref).sum()) / total)
+    """Dice 2|P & G| / (|P| + |G|) of two boolean masks (:func:`core.segment.tta.dice`); 1.0
+    when both are empty (nothing to find, nothing found)."""
+    return float(np.nan_to_num(mask_dice(pred, ref), nan=1.0))
 
 
 def score(scan: Scan, labels: NDArray[np.uint8]) -> dict[str, Any]:

@@ -24,6 +24,7 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 from numpy.typing import NDArray
+from scipy import stats
 
 from core import outputs
 from core.errors import ScsnetError
@@ -31,6 +32,7 @@ from core.ingest.study import load_study
 from core.labels import REGIONS
 from core.pipeline import Options, analyze
 from core.segment.runtime import Segmenter
+from core.segment.tta import dice as mask_dice
 from core.tensor.fit import TensorFitter
 from models.yardstick.render import Study, render
 
@@ -58,9 +60,8 @@ class Score:
 
 
 def dice(a: NDArray[np.bool_], b: NDArray[np.bool_]) -> float:
-    """2|A and B| / (|A| + |B|); NaN when both are empty."""
-    total = int(a.sum() + b.sum())
-    return float("nan") if total == 0 else 2.0 * float((a & b).sum()) / total
+    """2|A and B| / (|A| + |B|); NaN when both are empty (:func:`core.segment.tta.dice`)."""
+    return float(mask_dice(a, b))
 
 
 def score_study(study: Study, *, seed: int, segmenter: Segmenter, workdir: Path, refine: bool = True) -> Score:
@@ -113,16 +114,12 @@ def _errors(measured: list[float], reference: list[float]) -> list[float]:
 
 
 def spearman(x: list[float], y: list[float]) -> float:
-    """Spearman's rank correlation of the pairs where both are defined (average ranks for ties)."""
+    """Spearman's rank correlation (:func:`scipy.stats.spearmanr`, average ranks for ties) of the
+    pairs where both are defined; NaN with fewer than 3 pairs or a constant side."""
     pairs = np.array([(a, b) for a, b in zip(x, y) if not (math.isnan(a) or math.isnan(b))])
-    if len(pairs) < 3:
+    if len(pairs) < 3 or np.ptp(pairs[:, 0]) == 0 or np.ptp(pairs[:, 1]) == 0:
         return math.nan
-    ranks = [np.argsort(np.argsort(col, kind="stable"), kind="stable").astype(float) for col in pairs.T]
-    for rank, col in zip(ranks, pairs.T):  # average the ranks of ties
-        for value in np.unique(col):
-            tied = col == value
-            rank[tied] = rank[tied].mean()
-    return float(np.corrcoef(ranks[0], ranks[1])[0, 1])
+    return float(stats.spearmanr(pairs[:, 0], pairs[:, 1]).statistic)
 
 
 def run(n_studies: int, *, seed: int, model_dir: Path, keep: Path | None = None, threads: int = 2,
