@@ -309,6 +309,7 @@ def main(argv: list[str] | None = None) -> None:
         results["slices"] = evaluate_synthetic(seg, args.n)
         print(print_table(results["slices"]))
     if args.cases > 0:
+        seg.augment = False  # the study test reports no confidence: no test-time augmentation to pay for
         results["cases"] = evaluate_cases(seg, args.cases, args.case_slices)
         print(print_cases(results["cases"]))
     if args.json and results:
