@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from core.segment.csf_contrast import MD_HIGH_MM2_S, MD_LOW_MM2_S, csf_contrast_b0
-from core.segment.runtime import Segmenter
+from core.segment.csf_contrast import MD_HIGH_MM2_S, MD_LOW_MM2_S, csf_contrast_b0, keep_first_where_lost
+from core.segment.runtime import Segmentation, Segmenter
 from core.settings import SHIPPED_MODEL_DIR
 from models.generator import fit_fa_md, generate, simulate_dwi
 
@@ -57,3 +57,43 @@ def test_the_network_finds_the_cord_better_where_csf_is_as_bright_as_the_cord() 
         seed += 1
     assert np.mean(after) > np.mean(before) + 0.03, (before, after)
     assert sum(a > b for a, b in zip(after, before)) >= 6, (before, after)
+
+
+def _seg(labels: np.ndarray, fill: float) -> Segmentation:
+    probs = np.zeros((9,) + labels.shape, np.float32)
+    for code in range(9):
+        probs[code] = np.where(labels == code, fill, (1 - fill) / 8)
+    return Segmentation(labels=labels, cord_probability=1 - probs[0], probabilities=probs,
+                        slices_without_cord=tuple(int(z) for z in np.flatnonzero(~(labels > 0).any(axis=(0, 1)))))
+
+
+def test_a_slice_where_the_second_pass_lost_the_cord_keeps_the_first_pass() -> None:
+    shape = (12, 12, 3)
+    first = np.zeros(shape, np.uint8)
+    first[3:9, 3:9, :] = 2  # 36 cord voxels on each slice
+    md = np.full(shape, 0.8e-3, np.float32)  # cord-like everywhere
+    second = first.copy()
+    second[3:9, 3, 0] = 0  # slice 0: a rim of 6 voxels moved (keeps 30 of 36)
+    second[:, :, 1] = 0
+    second[5:7, 5:7, 1] = 3  # slice 1: 4 of 36 kept: the cord was lost
+    second[:, :, 2] = 0  # slice 2: nothing found
+    merged, lost = keep_first_where_lost(_seg(first, 0.9), _seg(second, 0.6), md)
+    assert lost == (1, 2)
+    assert np.array_equal(merged.labels[:, :, 0], second[:, :, 0])
+    assert np.array_equal(merged.labels[:, :, 1:], first[:, :, 1:])
+    assert merged.probabilities is not None and merged.probabilities[2, 4, 4, 1] == pytest.approx(0.9)
+    assert merged.probabilities[2, 4, 4, 0] == pytest.approx(0.6)
+    assert merged.slices_without_cord == ()
+
+
+def test_dropping_csf_is_not_losing_the_cord() -> None:
+    shape = (12, 12, 1)
+    first = np.zeros(shape, np.uint8)
+    first[2:10, 2:10, 0] = 1  # 64 voxels, of which the outer ring is CSF by its MD
+    md = np.full(shape, 3e-3, np.float32)
+    md[4:8, 4:8, 0] = 0.8e-3  # 16 tissue voxels
+    second = np.zeros(shape, np.uint8)
+    second[4:8, 4:8, 0] = 1  # the second pass keeps the tissue only: 16 of 64 voxels
+    merged, lost = keep_first_where_lost(_seg(first, 0.9), _seg(second, 0.9), md)
+    assert lost == ()
+    assert np.array_equal(merged.labels, second)

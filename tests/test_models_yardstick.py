@@ -166,6 +166,23 @@ def test_the_shipped_model_is_scored_through_the_service_analysis(small: Params,
     assert np.nanmean(score.fa_error_pct) < 25
 
 
+def test_a_flat_severely_compressed_cord_is_not_lost_by_the_second_pass(tmp_path: Path) -> None:
+    """Study 3007 (severe compression to 61 % depth, 1 mm voxels): the CSF-contrast pass found
+    almost no cord on six of its eight slices, and the analysis was refused (cord median 13 mm^2).
+    Those slices keep the first pass's masks now, with a warning naming them."""
+    import json
+
+    from core.segment.runtime import Segmenter
+    from models.yardstick.bench import score_study
+
+    model = Path(__file__).resolve().parents[1] / "models" / "scsnet"
+    score = score_study(render(3007), seed=3007, segmenter=Segmenter(model, threads=1), workdir=tmp_path)
+    assert score.failure is None
+    assert score.cord_dice > 0.75
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert any("CSF-contrast pass lost most of the cord" in w for w in report["qc"]["warnings"])
+
+
 def test_the_command_scores_a_set_of_studies_per_seed(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """``--seed 0 1`` scores study 0 of each set (seeds 0 and 1000) and prints the means over both."""
     import json

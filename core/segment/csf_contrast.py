@@ -26,13 +26,14 @@ service only trims (:mod:`core.segment.csf_rim`).
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 import numpy as np
 from numpy.typing import NDArray
 from scipy import ndimage
 
-from core.segment.csf_rim import cord_median_md, md_is_cord_like
+from core.segment.csf_rim import CSF_MD_MM2_S, cord_median_md, md_is_cord_like
 
 if TYPE_CHECKING:
     from core.segment.runtime import Segmentation, Segmenter
@@ -43,6 +44,11 @@ MD_LOW_MM2_S = 1.0e-3
 MD_HIGH_MM2_S = 2.0e-3
 """MD (mm^2/s) at and above which a voxel's b0 is doubled: mostly free water (CSF 3e-3)."""
 
+
+LOST_SHARE = 0.5
+"""A slice where the second pass keeps less than this share of the first pass's cord-like
+voxels (MD below :data:`core.segment.csf_rim.CSF_MD_MM2_S`) keeps the first pass's masks
+(:func:`keep_first_where_lost`)."""
 
 _IN_PLANE = ndimage.generate_binary_structure(2, 1)[:, :, None]
 
@@ -84,3 +90,33 @@ def contrast_pass(
     if not first.labels.any() or not md_is_cord_like(cord_median_md(first.labels, md)):
         return None
     return segmenter.segment(csf_contrast_b0(b0, md, first.labels > 0), zooms_mm=zooms_mm)
+
+
+def keep_first_where_lost(first: Segmentation, second: Segmentation, md: NDArray[np.floating]
+                          ) -> tuple[Segmentation, tuple[int, ...]]:
+    """``second`` with the first pass's labels and probabilities on every axial slice where the
+    second pass lost the cord, and those slices.
+
+    The second pass is there to move the outline by the CSF rim, a voxel or two. On a slice
+    where it keeps less than :data:`LOST_SHARE` of the first pass's voxels whose MD (mm^2/s,
+    (X, Y, Z) like the labels) says tissue, not CSF, it has lost the cord rather than a rim
+    (seen on very flat, severely compressed cords of the independent yardstick:
+    ``models/yardstick``), and the first pass stands there.
+    """
+    tissue = (first.labels > 0) & (np.nan_to_num(np.asarray(md), nan=0.0) < CSF_MD_MM2_S)
+    before = tissue.sum(axis=(0, 1))
+    after = (tissue & (second.labels > 0)).sum(axis=(0, 1))
+    lost = tuple(int(z) for z in np.flatnonzero((before > 0) & (after < LOST_SHARE * before)))
+    if not lost:
+        return second, ()
+    labels = second.labels.copy()
+    labels[:, :, lost] = first.labels[:, :, lost]
+    cord_probability = second.cord_probability.copy()
+    cord_probability[:, :, lost] = first.cord_probability[:, :, lost]
+    probabilities = second.probabilities
+    if probabilities is not None and first.probabilities is not None:
+        probabilities = probabilities.copy()
+        probabilities[:, :, :, lost] = first.probabilities[:, :, :, lost]
+    missing = tuple(z for z in second.slices_without_cord if z not in lost)
+    return replace(second, labels=labels, cord_probability=cord_probability, probabilities=probabilities,
+                   slices_without_cord=missing), lost

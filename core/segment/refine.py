@@ -28,7 +28,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from core.labels import BACKGROUND
-from core.segment.csf_contrast import contrast_pass
+from core.segment.csf_contrast import contrast_pass, keep_first_where_lost
 from core.segment.csf_rim import CSF_MD_MM2_S, RimTrim, trim_csf_rim
 from core.segment.runtime import Segmentation, Segmenter
 
@@ -98,14 +98,20 @@ def refine(
     refit : fits the tensor again on the given (X, Y, Z) labels' cord (plus its margin).
     """
     second = contrast_pass(segmenter, b0, maps.md, first, zooms_mm=zooms_mm)
-    segmentation, refitted = first, False
+    segmentation, refitted, lost = first, False, ()
     if second is not None:
+        second, lost = keep_first_where_lost(first, second, maps.md)
         segmentation = second
         if np.any((second.labels > 0) & ~maps.mask):
             maps = refit(((first.labels > 0) | (second.labels > 0)).astype(np.uint8))
             refitted = True
     trim = trim_csf_rim(segmentation.labels, maps.md, pixel_area_mm2=zooms_mm[0] * zooms_mm[1])
     warnings = segmentation.warnings
+    if lost:
+        warnings += (
+            f"the second, CSF-contrast pass lost most of the cord on slice(s) {', '.join(map(str, lost))}; "
+            "the first pass's masks were kept there: check them",
+        )
     if trim.skipped:
         warnings += (
             f"the segmented cord's median mean diffusivity is {trim.cord_median_md * 1e3:.2f} x10^-3 mm^2/s, "
