@@ -25,7 +25,6 @@ Run::
 
 from __future__ import annotations
 
-import argparse
 import shutil
 import time
 from dataclasses import dataclass
@@ -164,15 +163,9 @@ def build_copy(source: Path, out: Path = DATA_DIR, *, margin_mm: float = CROP_MA
 
 def main(argv: list[str] | None = None) -> None:
     from core.segment.runtime import load_segmenter
-    from core.settings import SHIPPED_MODEL_DIR
+    from models.real_shapes import check_parser
 
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", type=Path, default=SHIPPED_MODEL_DIR)
-    parser.add_argument("--data", type=Path, default=DATA_DIR)
-    parser.add_argument("--threads", type=int, default=0, help="ONNX Runtime CPU threads (0: all)")
-    parser.add_argument("--build-from", type=Path, default=None,
-                        help="(once) write the cropped copy into --data from a folder of the source files, then stop")
-    args = parser.parse_args(argv)
+    args = check_parser(__doc__, DATA_DIR, "a folder of the four source files and LICENSE").parse_args(argv)
     if args.build_from is not None:
         build_copy(args.build_from, args.data)
         return

@@ -371,18 +371,26 @@ def shape_bank(folder: Path = DATA_DIR) -> tuple[RealShape, ...]:
 
 
 
-def main(argv: list[str] | None = None) -> None:
-    from core.segment.runtime import load_segmenter
+def check_parser(description: str | None, data_dir: Path, source: str) -> argparse.ArgumentParser:
+    """The options every real-data check takes: --model, --data, --threads and --build-from
+    (``source``: what the bundled copy is built from)."""
     from core.settings import SHIPPED_MODEL_DIR
 
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, default=SHIPPED_MODEL_DIR)
-    parser.add_argument("--data", type=Path, default=DATA_DIR)
-    parser.add_argument("--voxel-mm", type=float, default=DTI_VOXEL_MM,
-                        help="in-plane voxel to area-average the scans to first; 0: their native grid")
+    parser.add_argument("--data", type=Path, default=data_dir)
     parser.add_argument("--threads", type=int, default=0, help="ONNX Runtime CPU threads (0: all)")
     parser.add_argument("--build-from", type=Path, default=None,
-                        help="(once) write the cropped copy into --data from a gm-challenge-data folder, then stop")
+                        help=f"(once) write the cropped copy into --data from {source}, then stop")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    from core.segment.runtime import load_segmenter
+
+    parser = check_parser(__doc__, DATA_DIR, "a gm-challenge-data folder")
+    parser.add_argument("--voxel-mm", type=float, default=DTI_VOXEL_MM,
+                        help="in-plane voxel to area-average the scans to first; 0: their native grid")
     args = parser.parse_args(argv)
     if args.build_from is not None:
         build_copy(args.build_from, args.data)
