@@ -358,9 +358,13 @@ PATIENT_KEYS = ("size", "thin_csf", "csf_int", "gm_int")
 CSF ring, CSF and gray-matter signal relative to white matter."""
 
 
+COMPRESSED_SHARE = 0.4
+"""Default share of compressed cords (``generate(compressed=...)``, ``models.train --compressed``)."""
+
+
 def generate(seed: int, *, acquisition: Acquisition | None = None,
              patient: Mapping[str, float] | None = None, real_shapes: float = 0.0,
-             kspace: float = 0.0) -> SyntheticSlice:
+             kspace: float = 0.0, compressed: float = COMPRESSED_SHARE) -> SyntheticSlice:
     """Render one synthetic slice (see module docstring) on its acquisition grid.
 
     ``patient``: values for :data:`PATIENT_KEYS` (another slice's ``params``) that replace this
@@ -374,7 +378,11 @@ def generate(seed: int, *, acquisition: Acquisition | None = None,
 
     ``kspace``: the probability that the b0 is sampled by k-space truncation
     (:func:`kspace_sample`, with a random filter and partial Fourier) instead of block averaging;
-    the labels and fractions stay the exact area fractions. Also its own stream."""
+    the labels and fractions stay the exact area fractions. Also its own stream.
+
+    ``compressed``: the probability that the cord is flattened front-to-back (CSM-like, to
+    50-95 % of its depth); with the default share (:data:`COMPRESSED_SHARE`) every slice is as
+    before, and a cord the default flattens is flattened alike under a larger share."""
     pat = {k: patient[k] for k in PATIENT_KEYS} if patient is not None else {}
     rng = np.random.default_rng(seed)
     # Later additions draw from their own stream, so every earlier draw (and every slice that
@@ -406,7 +414,7 @@ def generate(seed: int, *, acquisition: Acquisition | None = None,
     v = (-np.sin(theta) * X + np.cos(theta) * Y).astype(np.float32)
 
     size = pat.get("size", rng.uniform(0.8, 1.2))
-    compress = 1.0 if rng.random() < 0.6 else rng.uniform(0.5, 0.95)
+    compress = 1.0 if rng.random() < 1.0 - compressed else rng.uniform(0.5, 0.95)
     p: dict[str, float] = {
         "theta_deg": float(np.rad2deg(theta)),
         "scale_u": float(size * rng.uniform(0.92, 1.08) / np.sqrt(compress) ** 0.5),
@@ -545,7 +553,7 @@ def _crop(x: NDArray, centre: tuple[int, int], size: int, fill: float | None) ->
 
 def training_sample(
     seed: int, *, patch: int = CROP_SIZE_PX, spacing_mm: float = MODEL_SPACING_MM, soft: bool = False,
-    real_shapes: float = 0.0, kspace: float = 0.0,
+    real_shapes: float = 0.0, kspace: float = 0.0, compressed: float = COMPRESSED_SHARE,
 ) -> tuple[F32, NDArray]:
     """One training pair on the model grid: a (patch, patch) float32 image and its target.
 
@@ -561,7 +569,7 @@ def training_sample(
     centroid with a few mm of error, normalised on its own; outside the image zero- or
     edge-padded).
     """
-    s = generate(seed, real_shapes=real_shapes, kspace=kspace)
+    s = generate(seed, real_shapes=real_shapes, kspace=kspace, compressed=compressed)
     rng = np.random.default_rng(seed + 7_919_000_003)
     img, fr = model_grid_fractions(s, spacing_mm=spacing_mm)
     lab = np.argmax(fr, axis=0).astype(np.uint8)

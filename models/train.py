@@ -2,7 +2,7 @@
 then export ONNX + manifest.
 
     python -m models.train --out models/scsnet [--steps N] [--data DIR] [--max-minutes M]
-                           [--real-shapes P] [--kspace P] [--init CKPT]
+                           [--real-shapes P] [--kspace P] [--compressed P] [--init CKPT]
 
 Batches: fresh samples (``--fresh`` per step, generated in the main process or ``--workers``
 DataLoader processes) go into a replay buffer; each step draws ``--batch`` samples from it (with a
@@ -42,7 +42,7 @@ from torch.utils.data import DataLoader, IterableDataset
 from core.labels import MIRROR_LUT, N_CLASSES
 from core.segment.preprocess import normalise, resample_slice
 from models.export import export
-from models.generator import CROP_SIZE_PX, MODEL_SPACING_MM, _crop, training_sample
+from models.generator import COMPRESSED_SHARE, CROP_SIZE_PX, MODEL_SPACING_MM, _crop, training_sample
 from models.net import DEFAULT_WIDTHS, SCSNet, count_parameters
 
 log = logging.getLogger(__name__)
@@ -55,8 +55,10 @@ EVAL_SEED_BASE = 2_000_000_000
 class SyntheticStream(IterableDataset):
     """Endless stream of (image, labels) training pairs from consecutive generator seeds."""
 
-    def __init__(self, seed: int, patch: int, real_shapes: float = 0.0, kspace: float = 0.0) -> None:
+    def __init__(self, seed: int, patch: int, real_shapes: float = 0.0, kspace: float = 0.0,
+                 compressed: float = COMPRESSED_SHARE) -> None:
         self.seed = seed
+        self.compressed = compressed
         self.patch = patch
         self.real_shapes = real_shapes
         self.kspace = kspace
@@ -67,7 +69,7 @@ class SyntheticStream(IterableDataset):
         n = worker
         while True:
             x, fr = training_sample(self.seed * SEED_STRIDE + n, patch=self.patch, soft=True,
-                                    real_shapes=self.real_shapes, kspace=self.kspace)
+                                    real_shapes=self.real_shapes, kspace=self.kspace, compressed=self.compressed)
             yield x, quantise(fr)
             n += n_workers
 
@@ -224,7 +226,7 @@ def train(args: argparse.Namespace) -> None:
 
     synth_frac = args.synthetic_fraction if site is not None else 1.0
     patch = args.patch
-    stream = DataLoader(SyntheticStream(args.seed, patch, args.real_shapes, args.kspace), batch_size=None, num_workers=args.workers,
+    stream = DataLoader(SyntheticStream(args.seed, patch, args.real_shapes, args.kspace, args.compressed), batch_size=None, num_workers=args.workers,
                         prefetch_factor=8 if args.workers else None, persistent_workers=bool(args.workers))
     it = iter(stream)
     buf_x = np.zeros((args.buffer, patch, patch), np.float32)
@@ -314,6 +316,7 @@ def train(args: argparse.Namespace) -> None:
             + (f"; {args.real_shapes:.0%} of the cords shaped like real slices (models/real_shapes.py)"
                if args.real_shapes else "")
             + (f"; {args.kspace:.0%} of the b0s sampled by k-space truncation" if args.kspace else "")
+            + (f"; {args.compressed:.0%} of the cords compressed" if args.compressed != COMPRESSED_SHARE else "")
             + (f"; fine-tuned from {args.init}" if args.init else "")
             + f"; soft class-fraction targets, batch {args.batch} x {patch}x{patch} px at {MODEL_SPACING_MM} mm,"
             + f" {minutes:.1f} min on {device}"
@@ -342,6 +345,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="share of synthetic cords shaped like a real slice of the training subjects (models/real_shapes.py)")
     p.add_argument("--kspace", type=float, default=0.0,
                    help="share of synthetic b0s sampled by k-space truncation instead of block averaging")
+    p.add_argument("--compressed", type=float, default=COMPRESSED_SHARE,
+                   help="share of synthetic cords flattened front-to-back (CSM-like)")
     p.add_argument("--init", type=Path, default=None, help="checkpoint (.pt) to fine-tune from")
     p.add_argument("--widths", type=int, nargs="+", default=list(DEFAULT_WIDTHS))
     p.add_argument("--buffer", type=int, default=4000, help="replay buffer size (samples)")

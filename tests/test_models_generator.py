@@ -194,3 +194,17 @@ def test_kspace_option_changes_the_image_only() -> None:
         assert np.array_equal(plain.labels, sampled.labels)
         assert not np.allclose(plain.b0, sampled.b0)
         assert np.array_equal(generate(seed, kspace=0.0).b0, plain.b0)
+
+
+def test_compressed_share_sets_how_many_cords_are_flattened() -> None:
+    from models.generator import COMPRESSED_SHARE, generate
+
+    seeds = range(40)
+    default = [generate(s).params["compression"] for s in seeds]
+    assert [generate(s, compressed=COMPRESSED_SHARE).params["compression"] for s in seeds[:8]] == default[:8]
+    assert all(c == 1.0 for c in (generate(s, compressed=0.0).params["compression"] for s in seeds[:10]))
+    assert all(0.5 <= c <= 0.95 for c in (generate(s, compressed=1.0).params["compression"] for s in seeds[:10]))
+    # a larger share flattens every cord the default flattens, by the same amount, and more
+    more = [generate(s, compressed=0.6).params["compression"] for s in seeds]
+    assert all(m == d for m, d in zip(more, default) if d < 1.0)
+    assert sum(m < 1.0 for m in more) > sum(d < 1.0 for d in default)
