@@ -33,7 +33,7 @@ import numpy as np
 from numpy.typing import NDArray
 from scipy import ndimage
 
-from core.segment.csf_rim import CSF_MD_MM2_S, cord_median_md, md_is_cord_like
+from core.segment.csf_rim import cord_median_md, md_is_cord_like
 
 if TYPE_CHECKING:
     from core.segment.runtime import Segmentation, Segmenter
@@ -46,9 +46,14 @@ MD_HIGH_MM2_S = 2.0e-3
 
 
 LOST_SHARE = 0.5
-"""A slice where the second pass keeps less than this share of the first pass's cord-like
-voxels (MD below :data:`core.segment.csf_rim.CSF_MD_MM2_S`) keeps the first pass's masks
+"""A slice where the second pass keeps less than this share of the first pass's voxels of cord
+tissue (MD below :data:`TISSUE_MD_MM2_S`) keeps the first pass's masks
 (:func:`keep_first_where_lost`)."""
+
+TISSUE_MD_MM2_S = 1.2e-3
+"""MD (mm^2/s) below which a voxel counts as cord tissue for :func:`keep_first_where_lost`:
+healthy cord 0.6-1.0e-3; not CSF (3e-3), its partial-volume rim (about 1.5e-3) or epidural
+tissue (1.0-1.6e-3), which the second pass is right to drop."""
 
 _IN_PLANE = ndimage.generate_binary_structure(2, 1)[:, :, None]
 
@@ -99,11 +104,12 @@ def keep_first_where_lost(first: Segmentation, second: Segmentation, md: NDArray
 
     The second pass is there to move the outline by the CSF rim, a voxel or two. On a slice
     where it keeps less than :data:`LOST_SHARE` of the first pass's voxels whose MD (mm^2/s,
-    (X, Y, Z) like the labels) says tissue, not CSF, it has lost the cord rather than a rim
+    (X, Y, Z) like the labels) says cord tissue (:data:`TISSUE_MD_MM2_S`), it has lost the cord
+    rather than a rim
     (seen on very flat, severely compressed cords of the independent yardstick:
     ``models/yardstick``), and the first pass stands there.
     """
-    tissue = (first.labels > 0) & (np.nan_to_num(np.asarray(md), nan=0.0) < CSF_MD_MM2_S)
+    tissue = (first.labels > 0) & (np.nan_to_num(np.asarray(md), nan=np.inf) < TISSUE_MD_MM2_S)
     before = tissue.sum(axis=(0, 1))
     after = (tissue & (second.labels > 0)).sum(axis=(0, 1))
     lost = tuple(int(z) for z in np.flatnonzero((before > 0) & (after < LOST_SHARE * before)))
