@@ -105,9 +105,8 @@ def keep_first_where_lost(first: Segmentation, second: Segmentation, md: NDArray
     The second pass is there to move the outline by the CSF rim, a voxel or two. On a slice
     where it keeps less than :data:`LOST_SHARE` of the first pass's voxels whose MD (mm^2/s,
     (X, Y, Z) like the labels) says cord tissue (:data:`TISSUE_MD_MM2_S`), it has lost the cord
-    rather than a rim
-    (seen on very flat, severely compressed cords of the independent yardstick:
-    ``models/yardstick``), and the first pass stands there.
+    rather than a rim, and the first pass stands there. (Seen on very flat, severely compressed
+    cords of the independent yardstick, ``models/yardstick``.)
     """
     tissue = (first.labels > 0) & (np.nan_to_num(np.asarray(md), nan=np.inf) < TISSUE_MD_MM2_S)
     before = tissue.sum(axis=(0, 1))

@@ -7,8 +7,10 @@ So, once the tensor is fitted:
 
 1. a second network pass on the b0 with its CSF brightened by MD
    (:mod:`core.segment.csf_contrast`), skipped when the first found no cord or its MD is not
-   cord-like; where the second cord reaches beyond the voxels the tensor was fitted on, the
-   tensor is fitted again on both cords (``refit``);
+   cord-like; a slice where it lost the cord keeps the first pass's masks
+   (:func:`core.segment.csf_contrast.keep_first_where_lost`); where the second cord reaches
+   beyond the voxels the tensor was fitted on, the tensor is fitted again on both cords
+   (``refit``);
 2. the CSF rim trimmed off the outline by MD (:mod:`core.segment.csf_rim`).
 
 The soft probabilities follow the labels: the refined segmentation keeps those of the pass its
@@ -62,8 +64,8 @@ M = TypeVar("M", bound=FittedMD)
 class Refinement(Generic[M]):
     """A refined segmentation and how it came about.
 
-    segmentation : the second pass's (or the first's, when it did not run), trimmed; its
-        warnings include the trim's.
+    segmentation : the second pass's (the first's where it did not run or lost the cord),
+        trimmed; its warnings include the trim's.
     maps : the fit the trim used: the first, or the refit when the second cord reached beyond it.
     second_pass : whether the CSF-contrast pass ran.
     refitted : whether the tensor was fitted again.
