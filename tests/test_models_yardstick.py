@@ -180,7 +180,9 @@ def test_a_flat_severely_compressed_cord_is_not_lost_by_the_second_pass(tmp_path
     assert score.failure is None
     assert score.cord_dice > 0.75
     report = json.loads((tmp_path / "out" / "report.json").read_text())
-    assert any("CSF-contrast pass lost most of the cord" in w for w in report["qc"]["warnings"])
+    lost = report["refinement"]["first_pass_slices"]
+    assert len(lost) >= 4 and all(0 <= z < 8 for z in lost)
+    assert any(f"lost most of the cord on slice(s) {', '.join(map(str, lost))};" in w for w in report["qc"]["warnings"])
 
 
 def test_the_command_scores_a_set_of_studies_per_seed(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

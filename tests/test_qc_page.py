@@ -112,6 +112,7 @@ def test_warnings_are_prominent_values_escaped_and_missing_sections_tolerated(tm
         "input": {"files": [{"name": "a.nii.gz"}], "series_description": "<b>DTI</b>", "accession_number": "A&1"},
         "qc": {"warnings": ["no cord on slice 3", "<script>alert(1)</script>"], "slices_without_cord": [3]},
         "slices": [], "most_compressed_slice": None,
+        "refinement": {"applied": True, "voxels_removed": 5, "first_pass_slices": [1, 2]},
     }
     out = tmp_path / "qc.html"
     write_qc_page(analysis, report, out)  # type: ignore[arg-type]
@@ -119,6 +120,7 @@ def test_warnings_are_prominent_values_escaped_and_missing_sections_tolerated(tm
     assert "QC warnings (2)" in page and "<li>no cord on slice 3</li>" in page
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page and "&lt;b&gt;DTI&lt;/b&gt;" in page and "A&amp;1" in page
     assert page.count("<script") == 1 and page.count('class="outline"') == 4
+    assert "refinement: on, 5 outline voxels trimmed, first pass kept on slice(s) 1, 2" in page
 
 
 # --------------------------------------------------------------------------------------------

@@ -157,7 +157,8 @@ def _summary(report: dict[str, Any]) -> str:
         f'most compressed: <a class="worst-link" href="#slice-{worst}">slice {worst}</a>' if worst is not None else "",
         f"b0 SNR {_num(qc.get('b0_snr'), '.1f')}",
         f"slices without cord: {escape(', '.join(map(str, missing)))}" if missing else "cord on every slice",
-        f"refinement: {'on' if ref.get('applied') else 'off'}, {ref.get('voxels_removed', 0)} outline voxels trimmed",
+        f"refinement: {'on' if ref.get('applied') else 'off'}, {ref.get('voxels_removed', 0)} outline voxels trimmed"
+        + (f", first pass kept on slice(s) {escape(', '.join(map(str, kept)))}" if (kept := ref.get("first_pass_slices")) else ""),
     ]
     return '<p class="summary">' + " \u00b7 ".join(p for p in parts if p) + "</p>"
 

@@ -68,6 +68,8 @@ class Refinement(Generic[M]):
         trimmed; its warnings include the trim's.
     maps : the fit the trim used: the first, or the refit when the second cord reached beyond it.
     second_pass : whether the CSF-contrast pass ran.
+    first_pass_slices : axial slices where that pass lost the cord and the first pass's masks
+        stand (:func:`core.segment.csf_contrast.keep_first_where_lost`).
     refitted : whether the tensor was fitted again.
     trim : the CSF-rim trim.
     """
@@ -77,6 +79,7 @@ class Refinement(Generic[M]):
     second_pass: bool
     refitted: bool
     trim: RimTrim
+    first_pass_slices: tuple[int, ...] = ()
 
 
 def refine(
@@ -131,7 +134,8 @@ def refine(
         probabilities=without_removed(segmentation.probabilities, before=segmentation.labels, after=trim.labels),
         agreement=first.agreement,
     )
-    return Refinement(segmentation=refined, maps=maps, second_pass=second is not None, refitted=refitted, trim=trim)
+    return Refinement(segmentation=refined, maps=maps, second_pass=second is not None, refitted=refitted, trim=trim,
+                      first_pass_slices=lost)
 
 
 def without_removed(
@@ -160,4 +164,5 @@ def refinement_section(refinement: Refinement[Any] | None, labels: NDArray[np.ui
         "md_threshold_mm2_s": None if refinement is None else CSF_MD_MM2_S,
         "voxels_removed": 0 if refinement is None else refinement.trim.voxels_removed,
         "cord_voxels": int(np.count_nonzero(labels)),
+        "first_pass_slices": [] if refinement is None else list(refinement.first_pass_slices),
     }
