@@ -46,9 +46,8 @@ from core.tensor.fit import TensorFitter, fit_mask
 from models import anatomy_check
 from models.cases import Labeller, evaluate_cases, print_cases
 from models.generator import SyntheticSlice, fit_fa_md, generate, simulate_dwi
-from models.strata import VOXEL_BINS, VOXEL_EDGES_MM, bin_of, fa_error_pct
+from models.strata import VOXEL_BINS, VOXEL_EDGES_MM, bin_of, fa_error_pct, spearman
 from models.train import EVAL_SEED_BASE
-from models.yardstick.bench import spearman
 
 log = logging.getLogger(__name__)
 DEFAULT_REAL = Path("tests/data/sct_tutorial_dmri/dmri.nii.gz")

@@ -362,6 +362,17 @@ COMPRESSED_SHARE = 0.4
 """Default share of compressed cords (``generate(compressed=...)``, ``models.train --compressed``)."""
 
 
+@dataclass(frozen=True)
+class Variation:
+    """The generator's optional widenings, each a probability per slice (see :func:`generate`);
+    the defaults leave every slice as it always was. Training passes one of these down
+    (``python -m models.train --real-shapes P --kspace P --compressed P``)."""
+
+    real_shapes: float = 0.0
+    kspace: float = 0.0
+    compressed: float = COMPRESSED_SHARE
+
+
 def generate(seed: int, *, acquisition: Acquisition | None = None,
              patient: Mapping[str, float] | None = None, real_shapes: float = 0.0,
              kspace: float = 0.0, compressed: float = COMPRESSED_SHARE) -> SyntheticSlice:
@@ -553,7 +564,7 @@ def _crop(x: NDArray, centre: tuple[int, int], size: int, fill: float | None) ->
 
 def training_sample(
     seed: int, *, patch: int = CROP_SIZE_PX, spacing_mm: float = MODEL_SPACING_MM, soft: bool = False,
-    real_shapes: float = 0.0, kspace: float = 0.0, compressed: float = COMPRESSED_SHARE,
+    variation: Variation = Variation(),
 ) -> tuple[F32, NDArray]:
     """One training pair on the model grid: a (patch, patch) float32 image and its target.
 
@@ -569,7 +580,7 @@ def training_sample(
     centroid with a few mm of error, normalised on its own; outside the image zero- or
     edge-padded).
     """
-    s = generate(seed, real_shapes=real_shapes, kspace=kspace, compressed=compressed)
+    s = generate(seed, real_shapes=variation.real_shapes, kspace=variation.kspace, compressed=variation.compressed)
     rng = np.random.default_rng(seed + 7_919_000_003)
     img, fr = model_grid_fractions(s, spacing_mm=spacing_mm)
     lab = np.argmax(fr, axis=0).astype(np.uint8)

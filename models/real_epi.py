@@ -96,10 +96,11 @@ class SegmentFn(Protocol):
     def __call__(self, volume: NDArray[np.float32], zooms_mm: tuple[float, float, float]) -> NDArray[np.uint8]: ...
 
 
-def check(segment: SegmentFn, folder: Path = DATA_DIR) -> list[dict[str, Any]]:
-    """Run ``segment(volume, zooms_mm) -> labels`` on each image and score its cord (labels > 0)
-    against its own tracing and the other image's; per-slice Dice against its own (min, median)."""
-    images = load(folder)
+def check(segment: SegmentFn, folder: Path = DATA_DIR, *, images: list[EPI] | None = None) -> list[dict[str, Any]]:
+    """Run ``segment(volume, zooms_mm) -> labels`` on each image (``images``, else those in
+    ``folder``) and score its cord (labels > 0) against its own tracing and the other image's;
+    per-slice Dice against its own (min, median)."""
+    images = images if images is not None else load(folder)
     rows = []
     for k, epi in enumerate(images):
         other = images[1 - k]
@@ -117,9 +118,10 @@ def check(segment: SegmentFn, folder: Path = DATA_DIR) -> list[dict[str, Any]]:
     return rows
 
 
-def tracings_dice(folder: Path = DATA_DIR) -> float:
-    """Dice between the two tracings (the two readers' agreement)."""
-    a, b = load(folder)
+def tracings_dice(folder: Path = DATA_DIR, *, images: list[EPI] | None = None) -> float:
+    """Dice between the two tracings (the two readers' agreement) of ``images``, else of those
+    in ``folder``."""
+    a, b = images if images is not None else load(folder)
     return dice(a.cord, b.cord)
 
 
@@ -171,8 +173,9 @@ def main(argv: list[str] | None = None) -> None:
         return
     segmenter = load_segmenter(str(args.model), args.threads)
     start = time.perf_counter()
-    rows = check(lambda v, z: segmenter.segment(v, zooms_mm=z).labels, args.data)
-    print(format_table(rows, tracings_dice(args.data)))
+    images = load(args.data)
+    rows = check(lambda v, z: segmenter.segment(v, zooms_mm=z).labels, images=images)
+    print(format_table(rows, tracings_dice(images=images)))
     print(f"model {args.model.name} sha256 {segmenter.sha256[:12]}; {time.perf_counter() - start:.1f} s")
 
 

@@ -370,7 +370,6 @@ def shape_bank(folder: Path = DATA_DIR) -> tuple[RealShape, ...]:
     return tuple(bank)
 
 
-
 def check_parser(description: str | None, data_dir: Path, source: str) -> argparse.ArgumentParser:
     """The options every real-data check takes: --model, --data, --threads and --build-from
     (``source``: what the bundled copy is built from)."""

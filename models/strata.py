@@ -1,10 +1,14 @@
-"""Scoring pieces shared by the slice (:mod:`models.evaluate`) and the study-level
-(:mod:`models.cases`) evaluations: the paper's FA feature error and the bins that split scores
-by what makes an image hard."""
+"""Scoring pieces shared by the slice (:mod:`models.evaluate`), the study-level
+(:mod:`models.cases`) and the yardstick (:mod:`models.yardstick.bench`) evaluations: the paper's
+FA feature error, the bins that split scores by what makes an image hard, and the rank
+correlation of the confidence with the error."""
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
+from scipy import stats
 
 VOXEL_BINS = ("0.6-1.0 mm", "1.0-1.4 mm", "1.4-1.8 mm")
 VOXEL_EDGES_MM = (1.0, 1.4)
@@ -22,3 +26,12 @@ def fa_error_pct(pred_mean: float, true_mean: float) -> float:
     Its absolute value is the error as the paper reports it; the sign is the bias.
     """
     return (pred_mean - true_mean) / true_mean * 100
+
+
+def spearman(x: list[float], y: list[float]) -> float:
+    """Spearman's rank correlation (:func:`scipy.stats.spearmanr`, average ranks for ties) of the
+    pairs where both are defined; NaN with fewer than 3 pairs or a constant side."""
+    pairs = np.array([(a, b) for a, b in zip(x, y) if not (math.isnan(a) or math.isnan(b))])
+    if len(pairs) < 3 or np.ptp(pairs[:, 0]) == 0 or np.ptp(pairs[:, 1]) == 0:
+        return math.nan
+    return float(stats.spearmanr(pairs[:, 0], pairs[:, 1]).statistic)

@@ -42,7 +42,7 @@ from torch.utils.data import DataLoader, IterableDataset
 from core.labels import MIRROR_LUT, N_CLASSES
 from core.segment.preprocess import normalise, resample_slice
 from models.export import export
-from models.generator import COMPRESSED_SHARE, CROP_SIZE_PX, MODEL_SPACING_MM, _crop, training_sample
+from models.generator import COMPRESSED_SHARE, CROP_SIZE_PX, MODEL_SPACING_MM, Variation, _crop, training_sample
 from models.net import DEFAULT_WIDTHS, SCSNet, count_parameters
 
 log = logging.getLogger(__name__)
@@ -55,21 +55,17 @@ EVAL_SEED_BASE = 2_000_000_000
 class SyntheticStream(IterableDataset):
     """Endless stream of (image, labels) training pairs from consecutive generator seeds."""
 
-    def __init__(self, seed: int, patch: int, real_shapes: float = 0.0, kspace: float = 0.0,
-                 compressed: float = COMPRESSED_SHARE) -> None:
+    def __init__(self, seed: int, patch: int, variation: Variation = Variation()) -> None:
         self.seed = seed
-        self.compressed = compressed
         self.patch = patch
-        self.real_shapes = real_shapes
-        self.kspace = kspace
+        self.variation = variation
 
     def __iter__(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         info = torch.utils.data.get_worker_info()
         worker, n_workers = (info.id, info.num_workers) if info else (0, 1)
         n = worker
         while True:
-            x, fr = training_sample(self.seed * SEED_STRIDE + n, patch=self.patch, soft=True,
-                                    real_shapes=self.real_shapes, kspace=self.kspace, compressed=self.compressed)
+            x, fr = training_sample(self.seed * SEED_STRIDE + n, patch=self.patch, soft=True, variation=self.variation)
             yield x, quantise(fr)
             n += n_workers
 
@@ -226,7 +222,7 @@ def train(args: argparse.Namespace) -> None:
 
     synth_frac = args.synthetic_fraction if site is not None else 1.0
     patch = args.patch
-    stream = DataLoader(SyntheticStream(args.seed, patch, args.real_shapes, args.kspace, args.compressed), batch_size=None, num_workers=args.workers,
+    stream = DataLoader(SyntheticStream(args.seed, patch, Variation(args.real_shapes, args.kspace, args.compressed)), batch_size=None, num_workers=args.workers,
                         prefetch_factor=8 if args.workers else None, persistent_workers=bool(args.workers))
     it = iter(stream)
     buf_x = np.zeros((args.buffer, patch, patch), np.float32)

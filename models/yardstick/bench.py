@@ -24,7 +24,6 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 from numpy.typing import NDArray
-from scipy import stats
 
 from core import outputs
 from core.errors import ScsnetError
@@ -34,6 +33,7 @@ from core.pipeline import Options, analyze
 from core.segment.runtime import Segmenter
 from core.segment.tta import dice as mask_dice
 from core.tensor.fit import TensorFitter
+from models.strata import spearman
 from models.yardstick.render import Study, render
 
 SEED_STRIDE = 1000
@@ -111,15 +111,6 @@ def _number(value: Any) -> float:
 def _errors(measured: list[float], reference: list[float]) -> list[float]:
     """|measured - reference| / reference in %, per region (NaN where either is undefined)."""
     return [abs(m - t) / t * 100.0 if not (math.isnan(m) or math.isnan(t)) else math.nan for m, t in zip(measured, reference)]
-
-
-def spearman(x: list[float], y: list[float]) -> float:
-    """Spearman's rank correlation (:func:`scipy.stats.spearmanr`, average ranks for ties) of the
-    pairs where both are defined; NaN with fewer than 3 pairs or a constant side."""
-    pairs = np.array([(a, b) for a, b in zip(x, y) if not (math.isnan(a) or math.isnan(b))])
-    if len(pairs) < 3 or np.ptp(pairs[:, 0]) == 0 or np.ptp(pairs[:, 1]) == 0:
-        return math.nan
-    return float(stats.spearmanr(pairs[:, 0], pairs[:, 1]).statistic)
 
 
 def run(n_studies: int, *, seed: int, model_dir: Path, keep: Path | None = None, threads: int = 2,
