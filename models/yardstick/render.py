@@ -101,6 +101,8 @@ class Study:
     data : (X, Y, Z, N) float32 magnitude; affine : (4, 4) voxel -> world RAS+ (mm);
     bvals : (N,) s/mm^2; bvecs_world : (N, 3) unit, world RAS+ (zero for b=0);
     bvecs_fsl : (N, 3) the FSL convention of this image; labels : (X, Y, Z) uint8 codes 0-8;
+    shares : (9, X, Y, Z) float32, each class's share of a voxel's profile-weighted votes
+    (``labels`` is their argmax; ``1 - shares[0]`` is how much of the voxel is cord);
     fa, md : nominal tissue FA and MD (mm^2/s) per region code; sigma : noise SD per coil
     channel (real and imaginary part), in the units of ``data``.
     """
@@ -115,6 +117,7 @@ class Study:
     md: dict[int, float]
     sigma: float
     params: Params
+    shares: NDArray[np.float32]
 
     def save(self, folder: Path, *, name: str = "dwi") -> tuple[Path, Path, Path]:
         """Write ``name.nii.gz``, ``.bval``, ``.bvec`` (FSL, 3 rows) and ``name_labels.nii.gz``."""
@@ -194,12 +197,13 @@ def render(seed: int, *, params: Params | None = None) -> Study:
     kf = max(1, round(p.voxel_mm / HIRES_MM))
     fractions, votes = _hires_slices(rng, p, kf, axis)  # (C, M, M, Z), (9, M, M, Z)
     acquired = acquire(rng, fractions, kf, ghost=p.ghost)  # (C, N, N, Z) complex
-    labels = majority_labels(votes, kf)
+    shares = vote_shares(votes, kf)
+    labels = shares.argmax(axis=0).astype(np.uint8)
     signals = _class_signals(p, axis, bvals, bvecs)  # (C, V)
     data, sigma = receive(rng, p, acquired, signals, labels)
     affine = _affine(p)
     if p.storage == "LAS":
-        data, labels = data[::-1].copy(), labels[::-1].copy()
+        data, labels, shares = data[::-1].copy(), labels[::-1].copy(), shares[:, ::-1].copy()
     return Study(
         data=data.astype(np.float32),
         affine=affine,
@@ -211,6 +215,7 @@ def render(seed: int, *, params: Params | None = None) -> Study:
         md={c: p.md[c - 1] for c in range(1, 9)},
         sigma=sigma,
         params=p,
+        shares=shares,
     )
 
 
@@ -376,13 +381,14 @@ def acquire(rng: np.random.Generator, hires: F64, kf: int, *, ghost: float) -> N
     return image + ghost * phase * np.roll(image, n // 2, axis=2)
 
 
-def majority_labels(votes: F64, kf: int) -> NDArray[np.uint8]:
-    """Label (N, N, Z) of each acquired voxel: the class with most profile-weighted 0.25 mm
-    votes (9, M, M, Z) in its kf x kf footprint; ties go to the lower code."""
+def vote_shares(votes: F64, kf: int) -> NDArray[np.float32]:
+    """(9, N, N, Z) each class's share of the profile-weighted 0.25 mm votes (9, M, M, Z) in
+    an acquired voxel's kf x kf footprint (they sum to 1). A voxel's truth label is the class
+    with most votes; ties go to the lower code."""
     nine, m, _, z = votes.shape
     n = m // kf
     blocks = votes.reshape(nine, n, kf, n, kf, z).sum(axis=(2, 4))
-    return blocks.argmax(axis=0).astype(np.uint8)
+    return (blocks / np.maximum(blocks.sum(axis=0, keepdims=True), 1e-12)).astype(np.float32)
 
 
 def tensor(fa: float, md: float, direction: F64) -> F64:
