@@ -366,11 +366,32 @@ COMPRESSED_SHARE = 0.4
 class Variation:
     """The generator's optional widenings, each a probability per slice (see :func:`generate`);
     the defaults leave every slice as it always was. Training passes one of these down
-    (``python -m models.train --real-shapes P --kspace P --compressed P``)."""
+    (``python -m models.train --real-shapes P --kspace P --compressed P --gamma P``).
+
+    ``gamma``: the probability that a training sample's intensities are bent by a random gamma
+    (:func:`gamma_bend`), so that the network reads the cord by its outline and layout rather than
+    by one fixed ratio of cord, CSF and surrounding intensities.
+    """
 
     real_shapes: float = 0.0
     kspace: float = 0.0
     compressed: float = COMPRESSED_SHARE
+    gamma: float = 0.0
+
+
+GAMMA_RANGE = (0.6, 1.6)
+"""Exponents drawn (log-uniformly) by :func:`training_sample` for ``Variation.gamma``."""
+
+
+def gamma_bend(image: F32, gamma: float) -> F32:
+    """``image`` with its intensities between the 1st and 99.5th percentile mapped through
+    ``x -> x ** gamma`` (x scaled to [0, 1] there, values above kept above), back on its own
+    scale: gamma < 1 brightens the mid-tones (a dark cord looks more like bright CSF), > 1
+    darkens them."""
+    lo, hi = np.percentile(image, [1.0, 99.5])
+    span = float(hi - lo) or 1.0
+    x = np.clip((image - lo) / span, 0.0, None)
+    return (lo + span * x ** gamma).astype(np.float32)
 
 
 def generate(seed: int, *, acquisition: Acquisition | None = None,
@@ -583,6 +604,8 @@ def training_sample(
     s = generate(seed, real_shapes=variation.real_shapes, kspace=variation.kspace, compressed=variation.compressed)
     rng = np.random.default_rng(seed + 7_919_000_003)
     img, fr = model_grid_fractions(s, spacing_mm=spacing_mm)
+    if variation.gamma and np.random.default_rng([seed, 11]).random() < variation.gamma:
+        img = gamma_bend(img, float(np.exp(np.random.default_rng([seed, 12]).uniform(*np.log(GAMMA_RANGE)))))
     lab = np.argmax(fr, axis=0).astype(np.uint8)
     cord = lab > 0
     if cord.any():

@@ -2,7 +2,7 @@
 then export ONNX + manifest.
 
     python -m models.train --out models/scsnet [--steps N] [--data DIR] [--max-minutes M]
-                           [--real-shapes P] [--kspace P] [--compressed P] [--init CKPT]
+                           [--real-shapes P] [--kspace P] [--compressed P] [--gamma P] [--init CKPT]
 
 Batches: fresh samples (``--fresh`` per step, generated in the main process or ``--workers``
 DataLoader processes) go into a replay buffer; each step draws ``--batch`` samples from it (with a
@@ -222,7 +222,7 @@ def train(args: argparse.Namespace) -> None:
 
     synth_frac = args.synthetic_fraction if site is not None else 1.0
     patch = args.patch
-    stream = DataLoader(SyntheticStream(args.seed, patch, Variation(args.real_shapes, args.kspace, args.compressed)), batch_size=None, num_workers=args.workers,
+    stream = DataLoader(SyntheticStream(args.seed, patch, Variation(args.real_shapes, args.kspace, args.compressed, args.gamma)), batch_size=None, num_workers=args.workers,
                         prefetch_factor=8 if args.workers else None, persistent_workers=bool(args.workers))
     it = iter(stream)
     buf_x = np.zeros((args.buffer, patch, patch), np.float32)
@@ -313,6 +313,7 @@ def train(args: argparse.Namespace) -> None:
                if args.real_shapes else "")
             + (f"; {args.kspace:.0%} of the b0s sampled by k-space truncation" if args.kspace else "")
             + (f"; {args.compressed:.0%} of the cords compressed" if args.compressed != COMPRESSED_SHARE else "")
+            + (f"; {args.gamma:.0%} of the samples gamma-bent" if args.gamma else "")
             + (f"; fine-tuned from {args.init}" if args.init else "")
             + f"; soft class-fraction targets, batch {args.batch} x {patch}x{patch} px at {MODEL_SPACING_MM} mm,"
             + f" {minutes:.1f} min on {device}"
@@ -343,6 +344,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="share of synthetic b0s sampled by k-space truncation instead of block averaging")
     p.add_argument("--compressed", type=float, default=COMPRESSED_SHARE,
                    help="share of synthetic cords flattened front-to-back (CSM-like)")
+    p.add_argument("--gamma", type=float, default=0.0,
+                   help="share of training samples whose intensities are bent by a random gamma (generator.gamma_bend)")
     p.add_argument("--init", type=Path, default=None, help="checkpoint (.pt) to fine-tune from")
     p.add_argument("--widths", type=int, nargs="+", default=list(DEFAULT_WIDTHS))
     p.add_argument("--buffer", type=int, default=4000, help="replay buffer size (samples)")

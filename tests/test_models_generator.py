@@ -208,3 +208,22 @@ def test_compressed_share_sets_how_many_cords_are_flattened() -> None:
     more = [generate(s, compressed=0.6).params["compression"] for s in seeds]
     assert all(m == d for m, d in zip(more, default) if d < 1.0)
     assert sum(m < 1.0 for m in more) > sum(d < 1.0 for d in default)
+
+
+def test_gamma_bends_midtones_only_where_asked() -> None:
+    from models.generator import Variation, gamma_bend, training_sample
+
+    ramp = np.linspace(0.0, 100.0, 201, dtype=np.float32)[None, :].repeat(3, axis=0)
+    brighter, darker = gamma_bend(ramp, 0.6), gamma_bend(ramp, 1.6)
+    mid = ramp == 50.0
+    assert brighter[mid].min() > 55.0 and darker[mid].max() < 45.0
+    assert np.all(np.diff(brighter[0]) >= 0) and np.all(np.diff(darker[0]) >= 0), "order kept"
+    assert gamma_bend(ramp, 1.0) == pytest.approx(np.maximum(ramp, np.percentile(ramp, 1.0)), abs=1e-4)
+    # off by default: the samples are the ones training always saw; on: same labels, other image
+    for seed in range(3):
+        plain, labels = training_sample(seed)
+        same, _ = training_sample(seed, variation=Variation(gamma=0.0))
+        bent, bent_labels = training_sample(seed, variation=Variation(gamma=1.0))
+        assert np.array_equal(plain, same)
+        assert np.array_equal(labels, bent_labels)
+        assert not np.allclose(plain, bent)
