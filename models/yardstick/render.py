@@ -197,8 +197,8 @@ def render(seed: int, *, params: Params | None = None) -> Study:
     kf = max(1, round(p.voxel_mm / HIRES_MM))
     fractions, votes = _hires_slices(rng, p, kf, axis)  # (C, M, M, Z), (9, M, M, Z)
     acquired = acquire(rng, fractions, kf, ghost=p.ghost)  # (C, N, N, Z) complex
+    labels = majority_labels(votes, kf)
     shares = vote_shares(votes, kf)
-    labels = shares.argmax(axis=0).astype(np.uint8)
     signals = _class_signals(p, axis, bvals, bvecs)  # (C, V)
     data, sigma = receive(rng, p, acquired, signals, labels)
     affine = _affine(p)
@@ -381,13 +381,24 @@ def acquire(rng: np.random.Generator, hires: F64, kf: int, *, ghost: float) -> N
     return image + ghost * phase * np.roll(image, n // 2, axis=2)
 
 
-def vote_shares(votes: F64, kf: int) -> NDArray[np.float32]:
-    """(9, N, N, Z) each class's share of the profile-weighted 0.25 mm votes (9, M, M, Z) in
-    an acquired voxel's kf x kf footprint (they sum to 1). A voxel's truth label is the class
-    with most votes; ties go to the lower code."""
+def _vote_blocks(votes: F64, kf: int) -> F64:
+    """(9, N, N, Z) the profile-weighted 0.25 mm votes (9, M, M, Z) summed over each acquired
+    voxel's kf x kf footprint."""
     nine, m, _, z = votes.shape
     n = m // kf
-    blocks = votes.reshape(nine, n, kf, n, kf, z).sum(axis=(2, 4))
+    return votes.reshape(nine, n, kf, n, kf, z).sum(axis=(2, 4))
+
+
+def majority_labels(votes: F64, kf: int) -> NDArray[np.uint8]:
+    """Label (N, N, Z) of each acquired voxel: the class with most profile-weighted 0.25 mm
+    votes (9, M, M, Z) in its kf x kf footprint; ties go to the lower code."""
+    return _vote_blocks(votes, kf).argmax(axis=0).astype(np.uint8)
+
+
+def vote_shares(votes: F64, kf: int) -> NDArray[np.float32]:
+    """(9, N, N, Z) each class's share of those votes in an acquired voxel (they sum to 1;
+    :func:`majority_labels` is the largest)."""
+    blocks = _vote_blocks(votes, kf)
     return (blocks / np.maximum(blocks.sum(axis=0, keepdims=True), 1e-12)).astype(np.float32)
 
 
