@@ -41,6 +41,7 @@ from core import outputs
 from core.ingest.study import load_study
 from core.labels import REGIONS
 from core.tensor.fit import TensorFitter
+from models.strata import fa_error_pct
 from models.yardstick.bench import SEED_STRIDE, dice
 from models.yardstick.render import Study, render
 
@@ -75,8 +76,7 @@ def fa_error(fa: NDArray[np.floating], predicted: NDArray[np.bool_], true: NDArr
     """|mean FA(predicted) - mean FA(true)| / mean FA(true) in % (NaN if either mask is empty)."""
     if not predicted.any() or not true.any():
         return math.nan
-    reference = float(fa[true].mean())
-    return abs(float(fa[predicted].mean()) - reference) / reference * 100.0
+    return abs(fa_error_pct(float(fa[predicted].mean()), float(fa[true].mean())))
 
 
 def error_sources(truth: NDArray[np.uint8], labels: NDArray[np.uint8], fa: NDArray[np.floating], code: int
