@@ -371,12 +371,37 @@ class Variation:
     ``gamma``: the probability that a training sample's intensities are bent by a random gamma
     (:func:`gamma_bend`), so that the network reads the cord by its outline and layout rather than
     by one fixed ratio of cord, CSF and surrounding intensities.
+
+    ``warp``: the probability that the cord's anatomy is bent by a smooth random displacement
+    (:func:`anatomy_warp`), so that the partition is read from the image and not only from the
+    atlas's one layout.
     """
 
     real_shapes: float = 0.0
     kspace: float = 0.0
     compressed: float = COMPRESSED_SHARE
     gamma: float = 0.0
+    warp: float = 0.0
+
+
+WARP_MM = (0.2, 0.8)
+"""Largest displacement (mm) of a warped cord, drawn uniformly (:func:`anatomy_warp`)."""
+
+WARP_FEATURES = (2, 5)
+"""Features of the displacement field across the cord's 28 mm window (so 5-14 mm apart)."""
+
+
+def anatomy_warp(rng: np.random.Generator, u: F32, v: F32) -> tuple[F32, F32]:
+    """(u, v) fine-grid coordinates (mm, anatomical frame) moved by a smooth random displacement
+    of at most ``WARP_MM`` (one independent field per axis, :func:`_smooth_noise`). Sampling the
+    atlas at the moved coordinates bends the cord outline and its eight regions together, the
+    way one patient's tracts differ from the atlas's average; the labels are the same bent
+    fractions, so they stay exact."""
+    amplitude = float(rng.uniform(*WARP_MM))
+    cells = int(rng.integers(WARP_FEATURES[0], WARP_FEATURES[1] + 1))
+    du = _smooth_noise(rng, u.shape, cells) * amplitude
+    dv = _smooth_noise(rng, u.shape, cells) * amplitude
+    return (u + du).astype(np.float32), (v + dv).astype(np.float32)
 
 
 GAMMA_RANGE = (0.6, 1.6)
@@ -396,7 +421,7 @@ def gamma_bend(image: F32, gamma: float) -> F32:
 
 def generate(seed: int, *, acquisition: Acquisition | None = None,
              patient: Mapping[str, float] | None = None, real_shapes: float = 0.0,
-             kspace: float = 0.0, compressed: float = COMPRESSED_SHARE) -> SyntheticSlice:
+             kspace: float = 0.0, compressed: float = COMPRESSED_SHARE, warp: float = 0.0) -> SyntheticSlice:
     """Render one synthetic slice (see module docstring) on its acquisition grid.
 
     ``patient``: values for :data:`PATIENT_KEYS` (another slice's ``params``) that replace this
@@ -414,7 +439,10 @@ def generate(seed: int, *, acquisition: Acquisition | None = None,
 
     ``compressed``: the probability that the cord is flattened front-to-back (CSM-like, to
     50-95 % of its depth); with the default share (:data:`COMPRESSED_SHARE`) every slice is as
-    before, and a cord the default flattens is flattened alike under a larger share."""
+    before, and a cord the default flattens is flattened alike under a larger share.
+
+    ``warp``: the probability that the cord's anatomy (outline and regions together) is bent by
+    a smooth displacement (:func:`anatomy_warp`); its own stream, so 0 leaves every slice as before."""
     pat = {k: patient[k] for k in PATIENT_KEYS} if patient is not None else {}
     rng = np.random.default_rng(seed)
     # Later additions draw from their own stream, so every earlier draw (and every slice that
@@ -466,7 +494,11 @@ def generate(seed: int, *, acquisition: Acquisition | None = None,
     if rows.size and cols.size:
         rs = slice(rows.min(), rows.max() + 1)
         cs = slice(cols.min(), cols.max() + 1)
-        c_w, r_w = _sample_cord(rng, u[rs, cs], v[rs, cs], acq.thickness_mm, p, shape)
+        uw, vw = u[rs, cs], v[rs, cs]
+        bend = np.random.default_rng([seed, 5])
+        if warp > 0 and bend.random() < warp:
+            uw, vw = anatomy_warp(bend, uw, vw)
+        c_w, r_w = _sample_cord(rng, uw, vw, acq.thickness_mm, p, shape)
         cord[rs, cs] = c_w
         regions[:, rs, cs] = r_w
     # Thecal sac: the cord's extent plus a margin that varies around the circumference.
@@ -601,7 +633,8 @@ def training_sample(
     centroid with a few mm of error, normalised on its own; outside the image zero- or
     edge-padded).
     """
-    s = generate(seed, real_shapes=variation.real_shapes, kspace=variation.kspace, compressed=variation.compressed)
+    s = generate(seed, real_shapes=variation.real_shapes, kspace=variation.kspace, compressed=variation.compressed,
+                 warp=variation.warp)
     rng = np.random.default_rng(seed + 7_919_000_003)
     img, fr = model_grid_fractions(s, spacing_mm=spacing_mm)
     if variation.gamma and np.random.default_rng([seed, 11]).random() < variation.gamma:

@@ -2,7 +2,8 @@
 then export ONNX + manifest.
 
     python -m models.train --out models/scsnet [--steps N] [--data DIR] [--max-minutes M]
-                           [--real-shapes P] [--kspace P] [--compressed P] [--gamma P] [--init CKPT]
+                           [--real-shapes P] [--kspace P] [--compressed P] [--gamma P] [--warp P]
+                           [--init CKPT]
 
 Batches: fresh samples (``--fresh`` per step, generated in the main process or ``--workers``
 DataLoader processes) go into a replay buffer; each step draws ``--batch`` samples from it (with a
@@ -162,7 +163,8 @@ def mirror_batch(x: torch.Tensor, y: torch.Tensor, flip: torch.Tensor) -> tuple[
     return x, y
 
 
-def dice_ce_loss(logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def dice_ce_loss(logits: torch.Tensor, target: torch.Tensor, *,
+                 per_sample: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Cross-entropy + (1 - soft Dice averaged over the nine classes, batch-pooled, smoothed by 1).
 
     ``target``: (N, H, W) integer labels or (N, 9, H, W) float class fractions summing to 1.
@@ -170,15 +172,25 @@ def dice_ce_loss(logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tens
     probabilities equal the fractions); the Dice term takes their argmax labels, because soft
     Dice against fractional targets is lowest when every pixel with more than about Dice/2 of a
     class is called that class, which over-segments the small regions (a model fine-tuned that
-    way predicted 1.33-1.36 times the true ventral funiculus area on held-out slices)."""
+    way predicted 1.33-1.36 times the true ventral funiculus area on held-out slices).
+
+    ``per_sample``: the Dice of each class in each sample, averaged over the pairs where the class
+    is in the target or predicted (about a pixel or more), rather than pooled over the batch: a
+    small region of a small cord then weighs as much as a large one, as it does in a per-study
+    score."""
     ce = F.cross_entropy(logits, target)
     p = torch.softmax(logits, dim=1)
     labels = target.argmax(dim=1) if target.is_floating_point() else target
     share = F.one_hot(labels, N_CLASSES).permute(0, 3, 1, 2).float()
-    inter = (p * share).sum(dim=(0, 2, 3))
-    denom = p.sum(dim=(0, 2, 3)) + share.sum(dim=(0, 2, 3))
+    dims = (2, 3) if per_sample else (0, 2, 3)
+    inter = (p * share).sum(dim=dims)
+    denom = p.sum(dim=dims) + share.sum(dim=dims)
     dice = (2 * inter + 1.0) / (denom + 1.0)
-    dice_loss = 1.0 - dice.mean()
+    if per_sample:  # over the (sample, class) pairs where the class is present or predicted
+        present = (share.sum(dim=dims) > 0) | (p.sum(dim=dims) > 1.0)
+        dice_loss = 1.0 - dice[present].sum() / present.sum().clamp_min(1)
+    else:
+        dice_loss = 1.0 - dice.mean()
     return ce + dice_loss, ce, dice_loss
 
 
@@ -222,7 +234,8 @@ def train(args: argparse.Namespace) -> None:
 
     synth_frac = args.synthetic_fraction if site is not None else 1.0
     patch = args.patch
-    stream = DataLoader(SyntheticStream(args.seed, patch, Variation(args.real_shapes, args.kspace, args.compressed, args.gamma)), batch_size=None, num_workers=args.workers,
+    variation = Variation(args.real_shapes, args.kspace, args.compressed, args.gamma, args.warp)
+    stream = DataLoader(SyntheticStream(args.seed, patch, variation), batch_size=None, num_workers=args.workers,
                         prefetch_factor=8 if args.workers else None, persistent_workers=bool(args.workers))
     it = iter(stream)
     buf_x = np.zeros((args.buffer, patch, patch), np.float32)
@@ -277,7 +290,7 @@ def train(args: argparse.Namespace) -> None:
         for g in opt.param_groups:
             g["lr"] = lr
         model.train()
-        loss, ce, dl = dice_ce_loss(model(x), y)
+        loss, ce, dl = dice_ce_loss(model(x), y, per_sample=args.dice_per_sample)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -314,6 +327,8 @@ def train(args: argparse.Namespace) -> None:
             + (f"; {args.kspace:.0%} of the b0s sampled by k-space truncation" if args.kspace else "")
             + (f"; {args.compressed:.0%} of the cords compressed" if args.compressed != COMPRESSED_SHARE else "")
             + (f"; {args.gamma:.0%} of the samples gamma-bent" if args.gamma else "")
+            + (f"; {args.warp:.0%} of the cords warped (generator.anatomy_warp)" if args.warp else "")
+            + ("; Dice per sample" if args.dice_per_sample else "")
             + (f"; fine-tuned from {args.init}" if args.init else "")
             + f"; soft class-fraction targets, batch {args.batch} x {patch}x{patch} px at {MODEL_SPACING_MM} mm,"
             + f" {minutes:.1f} min on {device}"
@@ -346,6 +361,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="share of synthetic cords flattened front-to-back (CSM-like)")
     p.add_argument("--gamma", type=float, default=0.0,
                    help="share of training samples whose intensities are bent by a random gamma (generator.gamma_bend)")
+    p.add_argument("--warp", type=float, default=0.0,
+                   help="share of synthetic cords whose anatomy is bent by a smooth displacement "
+                        "(generator.anatomy_warp)")
+    p.add_argument("--dice-per-sample", action="store_true",
+                   help="soft Dice per class and sample, averaged (default: pooled over the batch)")
     p.add_argument("--init", type=Path, default=None, help="checkpoint (.pt) to fine-tune from")
     p.add_argument("--widths", type=int, nargs="+", default=list(DEFAULT_WIDTHS))
     p.add_argument("--buffer", type=int, default=4000, help="replay buffer size (samples)")

@@ -227,3 +227,28 @@ def test_gamma_bends_midtones_only_where_asked() -> None:
         assert np.array_equal(plain, same)
         assert np.array_equal(labels, bent_labels)
         assert not np.allclose(plain, bent)
+
+
+def test_anatomy_warp_bends_the_cord_only_where_asked() -> None:
+    from models.generator import WARP_MM, Variation, anatomy_warp, generate, training_sample
+
+    axis = np.linspace(-14, 14, 113, dtype=np.float32)
+    u, v = np.meshgrid(axis, axis, indexing="ij")
+    for seed in range(3):
+        wu, wv = anatomy_warp(np.random.default_rng(seed), u, v)
+        shift = np.hypot(wu - u, wv - v)
+        assert 0.0 < shift.max() <= WARP_MM[1] * np.sqrt(2) + 1e-5
+        assert np.abs(np.diff(wu - u, axis=0)).max() < 0.1, "smooth: neighbours 0.25 mm apart move alike"
+    # off by default (the slices training always saw); on: another layout, a whole partition
+    changed = 0
+    for seed in range(4):
+        plain = generate(seed)
+        assert np.array_equal(plain.labels, generate(seed, warp=0.0).labels)
+        bent = generate(seed, warp=1.0)
+        assert abs(int((bent.labels > 0).sum()) - int((plain.labels > 0).sum())) <= 0.25 * (plain.labels > 0).sum()
+        assert set(np.unique(bent.labels)) == set(np.unique(plain.labels))
+        changed += int(not np.array_equal(plain.labels, bent.labels))
+        x, labels = training_sample(seed)
+        x0, labels0 = training_sample(seed, variation=Variation(warp=0.0))
+        assert np.array_equal(x, x0) and np.array_equal(labels, labels0)
+    assert changed >= 3

@@ -176,3 +176,25 @@ def test_generator_test_ranks_confidence_against_fa_error() -> None:
     rho = res["confidence_spearman"]
     assert -1.0 <= rho <= 1.0  # NaN (no pairs) would fail here
     assert f"{rho:.3f}" in print_table(res)
+
+
+def test_per_sample_dice_weighs_a_small_region_like_a_large_one() -> None:
+    import torch
+
+    from models.train import dice_ce_loss
+
+    def logits_for(labels: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.one_hot(labels, 9).permute(0, 3, 1, 2).float() * 20.0
+
+    # sample 0: a large gray-matter region, found; sample 1: a 2-pixel ventral region, missed
+    truth = torch.zeros(2, 16, 16, dtype=torch.long)
+    truth[0, 2:12, 2:12] = 4
+    truth[1, 5, 5:7] = 3
+    pred = truth.clone()
+    pred[1][truth[1] == 3] = 0
+    _, _, pooled = dice_ce_loss(logits_for(pred), truth)
+    _, _, per_sample = dice_ce_loss(logits_for(pred), truth, per_sample=True)
+    assert per_sample.item() > pooled.item() > 0.0
+    # everything found: nothing to pay either way
+    found = [dice_ce_loss(logits_for(truth), truth, per_sample=flag)[2].item() for flag in (False, True)]
+    assert max(found) < 1e-3
