@@ -3,7 +3,7 @@ then export ONNX + manifest.
 
     python -m models.train --out models/scsnet [--steps N] [--data DIR] [--max-minutes M]
                            [--real-shapes P] [--kspace P] [--compressed P] [--gamma P] [--warp P]
-                           [--init CKPT]
+                           [--dice-per-sample] [--init CKPT]
 
 Batches: fresh samples (``--fresh`` per step, generated in the main process or ``--workers``
 DataLoader processes) go into a replay buffer; each step draws ``--batch`` samples from it (with a
@@ -20,7 +20,8 @@ nearest) and served in both inference modes (whole slice and cord crop). ``--ini
 from an existing checkpoint (fine-tuning).
 
 Loss: cross-entropy against the class fractions + soft Dice against their argmax labels (mean
-over the nine classes), see :func:`dice_ce_loss`.
+over the nine classes, pooled over the batch; ``--dice-per-sample``: per sample and class), see
+:func:`dice_ce_loss`.
 """
 
 from __future__ import annotations
