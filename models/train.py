@@ -166,7 +166,8 @@ def mirror_batch(x: torch.Tensor, y: torch.Tensor, flip: torch.Tensor) -> tuple[
 
 def dice_ce_loss(logits: torch.Tensor, target: torch.Tensor, *,
                  per_sample: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Cross-entropy + (1 - soft Dice averaged over the nine classes, batch-pooled, smoothed by 1).
+    """Cross-entropy + (1 - soft Dice averaged over the nine classes, smoothed by 1; pooled over the
+    batch unless ``per_sample``).
 
     ``target``: (N, H, W) integer labels or (N, 9, H, W) float class fractions summing to 1.
     Cross-entropy takes the fractions as they are (a proper score: it is lowest when the
@@ -235,7 +236,8 @@ def train(args: argparse.Namespace) -> None:
 
     synth_frac = args.synthetic_fraction if site is not None else 1.0
     patch = args.patch
-    variation = Variation(args.real_shapes, args.kspace, args.compressed, args.gamma, args.warp)
+    variation = Variation(real_shapes=args.real_shapes, kspace=args.kspace, compressed=args.compressed,
+                          gamma=args.gamma, warp=args.warp)
     stream = DataLoader(SyntheticStream(args.seed, patch, variation), batch_size=None, num_workers=args.workers,
                         prefetch_factor=8 if args.workers else None, persistent_workers=bool(args.workers))
     it = iter(stream)
