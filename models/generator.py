@@ -375,6 +375,9 @@ class Variation:
     ``warp``: the probability that the cord's anatomy is bent by a smooth random displacement
     (:func:`anatomy_warp`), so that the partition is read from the image and not only from the
     atlas's one layout.
+
+    ``csf_void``: the probability that part of the CSF ring loses its signal (:func:`csf_void`),
+    so that the network finds the cord's edge where no bright CSF lies against it.
     """
 
     real_shapes: float = 0.0
@@ -382,6 +385,7 @@ class Variation:
     compressed: float = COMPRESSED_SHARE
     gamma: float = 0.0
     warp: float = 0.0
+    csf_void: float = 0.0
 
 
 WARP_MM = (0.2, 0.8)
@@ -404,6 +408,33 @@ def anatomy_warp(rng: np.random.Generator, u: F32, v: F32) -> tuple[F32, F32]:
     return (u + du).astype(np.float32), (v + dv).astype(np.float32)
 
 
+VOID_SIGNAL = (0.3, 1.0)
+"""CSF signal (relative to cord white matter = 1) at the centre of a void (:func:`csf_void`)."""
+
+VOID_HALF_WIDTH_DEG = (40.0, 110.0)
+"""Half-width (degrees around the cord centre) of a void's sector."""
+
+
+def csf_void(rng: np.random.Generator, u: F32, v: F32, cu: float, cv: float, csf_int: float) -> F32:
+    """(Hf, Wf) CSF signal (relative to cord white matter) with a sector of the ring gone dark.
+
+    CSF that moves with the heartbeat, or dephases at air and bone, loses its signal: on a real
+    b0 or EPI of the neck the ring around the cord is often bright in front and dark behind it,
+    and the cord then meets dark CSF, ligament or fat there. The sector is centred behind the
+    cord (v < 0, the posterior direction of the anatomical frame) on 60 % of draws and anywhere
+    otherwise; the signal falls smoothly (a raised cosine of the angle around ``(cu, cv)``) from
+    ``csf_int`` at the sector's edges to ``VOID_SIGNAL`` at its centre. The cord and its labels are
+    untouched."""
+    centre = -np.pi / 2 if rng.random() < 0.6 else float(rng.uniform(-np.pi, np.pi))
+    centre += float(rng.normal(0.0, 0.3))
+    half = np.deg2rad(rng.uniform(*VOID_HALF_WIDTH_DEG))
+    dark = float(rng.uniform(*VOID_SIGNAL))
+    angle = np.arctan2(v - cv, u - cu) - centre
+    angle = np.abs((angle + np.pi) % (2 * np.pi) - np.pi)
+    depth = np.where(angle < half, 0.5 * (1.0 + np.cos(np.pi * angle / half)), 0.0)
+    return (csf_int + (min(dark, csf_int) - csf_int) * depth).astype(np.float32)
+
+
 GAMMA_RANGE = (0.6, 1.6)
 """Exponents drawn (log-uniformly) by :func:`training_sample` for ``Variation.gamma``."""
 
@@ -421,7 +452,8 @@ def gamma_bend(image: F32, gamma: float) -> F32:
 
 def generate(seed: int, *, acquisition: Acquisition | None = None,
              patient: Mapping[str, float] | None = None, real_shapes: float = 0.0,
-             kspace: float = 0.0, compressed: float = COMPRESSED_SHARE, warp: float = 0.0) -> SyntheticSlice:
+             kspace: float = 0.0, compressed: float = COMPRESSED_SHARE, warp: float = 0.0,
+             void: float = 0.0) -> SyntheticSlice:
     """Render one synthetic slice (see module docstring) on its acquisition grid.
 
     ``patient``: values for :data:`PATIENT_KEYS` (another slice's ``params``) that replace this
@@ -442,7 +474,10 @@ def generate(seed: int, *, acquisition: Acquisition | None = None,
     before, and a cord the default flattens is flattened alike under a larger share.
 
     ``warp``: the probability that the cord's anatomy (outline and regions together) is bent by
-    a smooth displacement (:func:`anatomy_warp`); its own stream, so 0 leaves every slice as before."""
+    a smooth displacement (:func:`anatomy_warp`); its own stream, so 0 leaves every slice as before.
+
+    ``void``: the probability that a sector of the CSF ring is dark (:func:`csf_void`); its own
+    stream, so 0 leaves every slice as before."""
     pat = {k: patient[k] for k in PATIENT_KEYS} if patient is not None else {}
     rng = np.random.default_rng(seed)
     # Later additions draw from their own stream, so every earlier draw (and every slice that
@@ -532,7 +567,12 @@ def generate(seed: int, *, acquisition: Acquisition | None = None,
     gm = regions[3] + regions[7]
     wm = cord - gm
     cord_tex = 1.0 + 0.04 * _smooth_noise(rng, u.shape, 6)
-    fine = other * (1.0 - fluid) + csf * csf_int + (wm * wm_int + gm * gm_int) * cord_tex
+    voids = np.random.default_rng([seed, 6])
+    csf_signal: F32 | float = csf_int
+    voided = void > 0 and voids.random() < void
+    if voided:
+        csf_signal = csf_void(voids, u, v, cu, cv, csf_int)
+    fine = other * (1.0 - fluid) + csf * csf_signal + (wm * wm_int + gm * gm_int) * cord_tex
     # Epidural ring (fat / veins) directly around the sac.
     ring = np.clip(_soft(_ellipse(u, v, cu, sac_cv, sac_lr + 1.2, (sac_ant - sac_post) / 2 + 1.2), 0.4) - fluid, 0, 1)
     fine = fine * (1 - ring) + ring * rng.uniform(0.1, 0.9) * (1 + 0.3 * _smooth_noise(rng, u.shape, 20))
@@ -574,7 +614,7 @@ def generate(seed: int, *, acquisition: Acquisition | None = None,
     b0 = (np.sqrt((clean * bias + n1) ** 2 + n2**2) * scale).astype(np.float32)
     labels = np.argmax(fr, axis=0).astype(np.uint8)
     p.update(csf_int=csf_int, gm_int=gm_int, thin_csf=float(thin), scale=scale, k=float(k),
-             real_shape=float(shape is not None), kspace=float(img_kspace))
+             real_shape=float(shape is not None), kspace=float(img_kspace), csf_void=float(voided))
     return SyntheticSlice(b0=b0, labels=labels, fractions=fr.astype(np.float32), csf=csf_a.astype(np.float32),
                           clean=clean, bias=bias, acquisition=acq, params=p)
 
@@ -634,7 +674,7 @@ def training_sample(
     edge-padded).
     """
     s = generate(seed, real_shapes=variation.real_shapes, kspace=variation.kspace, compressed=variation.compressed,
-                 warp=variation.warp)
+                 warp=variation.warp, void=variation.csf_void)
     rng = np.random.default_rng(seed + 7_919_000_003)
     img, fr = model_grid_fractions(s, spacing_mm=spacing_mm)
     if variation.gamma and np.random.default_rng([seed, 11]).random() < variation.gamma:
@@ -707,6 +747,9 @@ def simulate_dwi(s: SyntheticSlice, seed: int, *, bval: float = 800.0, n_dirs: i
     still lowers its FA) while their noise stays independent. Without it all of them come
     from ``seed``.
     """
+    if s.params.get("csf_void"):
+        raise ValueError("a slice with a dark CSF sector (generate(void=...)) is for training the b0 network; "
+                         "simulate_dwi takes the CSF's b0 as uniform")
     rng = np.random.default_rng((seed if patient_seed is None else patient_seed) + 104_729)
     tensors, _ = region_tensors(rng, s.params.get("compression", 1.0))
     g = rng.standard_normal((n_dirs, 3))

@@ -3,7 +3,7 @@ then export ONNX + manifest.
 
     python -m models.train --out models/scsnet [--steps N] [--data DIR] [--max-minutes M]
                            [--real-shapes P] [--kspace P] [--compressed P] [--gamma P] [--warp P]
-                           [--dice-per-sample] [--init CKPT]
+                           [--void P] [--dice-per-sample] [--init CKPT]
 
 Batches: fresh samples (``--fresh`` per step, generated in the main process or ``--workers``
 DataLoader processes) go into a replay buffer; each step draws ``--batch`` samples from it (with a
@@ -237,7 +237,7 @@ def train(args: argparse.Namespace) -> None:
     synth_frac = args.synthetic_fraction if site is not None else 1.0
     patch = args.patch
     variation = Variation(real_shapes=args.real_shapes, kspace=args.kspace, compressed=args.compressed,
-                          gamma=args.gamma, warp=args.warp)
+                          gamma=args.gamma, warp=args.warp, csf_void=args.void)
     stream = DataLoader(SyntheticStream(args.seed, patch, variation), batch_size=None, num_workers=args.workers,
                         prefetch_factor=8 if args.workers else None, persistent_workers=bool(args.workers))
     it = iter(stream)
@@ -331,6 +331,7 @@ def train(args: argparse.Namespace) -> None:
             + (f"; {args.compressed:.0%} of the cords compressed" if args.compressed != COMPRESSED_SHARE else "")
             + (f"; {args.gamma:.0%} of the samples gamma-bent" if args.gamma else "")
             + (f"; {args.warp:.0%} of the cords warped (generator.anatomy_warp)" if args.warp else "")
+            + (f"; {args.void:.0%} of the CSF rings with a dark sector (generator.csf_void)" if args.void else "")
             + ("; Dice per sample" if args.dice_per_sample else "")
             + (f"; fine-tuned from {args.init}" if args.init else "")
             + f"; soft class-fraction targets, batch {args.batch} x {patch}x{patch} px at {MODEL_SPACING_MM} mm,"
@@ -367,6 +368,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warp", type=float, default=0.0,
                    help="share of synthetic cords whose anatomy is bent by a smooth displacement "
                         "(generator.anatomy_warp)")
+    p.add_argument("--void", type=float, default=0.0,
+                   help="share of synthetic slices where a sector of the CSF ring is dark (generator.csf_void)")
     p.add_argument("--dice-per-sample", action="store_true",
                    help="soft Dice per class and sample, averaged (default: pooled over the batch)")
     p.add_argument("--init", type=Path, default=None, help="checkpoint (.pt) to fine-tune from")

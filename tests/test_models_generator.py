@@ -252,3 +252,35 @@ def test_anatomy_warp_bends_the_cord_only_where_asked() -> None:
         x0, labels0 = training_sample(seed, variation=Variation(warp=0.0))
         assert np.array_equal(x, x0) and np.array_equal(labels, labels0)
     assert changed >= 3
+
+
+def test_csf_void_darkens_a_sector_of_the_ring_only_where_asked() -> None:
+    from models.generator import VOID_SIGNAL, Variation, csf_void, generate, simulate_dwi, training_sample
+
+    axis = np.linspace(-14, 14, 113, dtype=np.float32)
+    u, v = np.meshgrid(axis, axis, indexing="ij")
+    behind = 0
+    for seed in range(10):
+        signal = csf_void(np.random.default_rng(seed), u, v, 0.0, 0.0, 2.0)
+        assert VOID_SIGNAL[0] - 1e-6 <= signal.min() < 2.0 and signal.max() == np.float32(2.0)
+        darkest = np.unravel_index(np.argmin(np.where(np.hypot(u, v) > 5, signal, np.inf)), u.shape)
+        behind += int(v[darkest] < 0)
+    assert behind >= 5, "most voids lie behind the cord (v < 0 is posterior)"
+    assert np.array_equal(csf_void(np.random.default_rng(0), u, v, 0.0, 0.0, 0.5), np.full(u.shape, 0.5, np.float32)), \
+        "CSF already darker than the void stays as it is"
+    changed = 0
+    for seed in range(4):
+        plain = generate(seed)
+        assert np.array_equal(plain.b0, generate(seed, void=0.0).b0)
+        dark = generate(seed, void=1.0)
+        assert np.array_equal(plain.labels, dark.labels) and np.array_equal(plain.fractions, dark.fractions)
+        cord = plain.labels > 0
+        assert np.allclose(plain.clean[cord & (plain.csf == 0)], dark.clean[cord & (plain.csf == 0)]), "cord untouched"
+        assert (dark.clean <= plain.clean + 1e-6).all(), "a void only darkens"
+        changed += int(not np.allclose(plain.clean, dark.clean))
+        with pytest.raises(ValueError, match="uniform"):
+            simulate_dwi(dark, seed)
+        x, labels = training_sample(seed)
+        x0, labels0 = training_sample(seed, variation=Variation(csf_void=0.0))
+        assert np.array_equal(x, x0) and np.array_equal(labels, labels0)
+    assert changed >= 3
