@@ -35,6 +35,7 @@ from numpy.typing import NDArray
 
 import core
 from core.ingest.dwi import DWI
+from core.ingest.gradients import B0_THRESHOLD
 from core.ingest.rules import DEFAULT_LIMITS, UploadLimits
 from core.ingest.study import load_study
 from core.labels import REGIONS
@@ -135,6 +136,7 @@ def refine_stage(
         segmenter=segmenter,
         zooms_mm=canonical.zooms,
         refit=lambda labels: fit_stage(canonical, labels, options),
+        bval_s_mm2=float(np.mean(canonical.bvals[canonical.bvals > B0_THRESHOLD])),
     )
 
 

@@ -45,7 +45,7 @@ from core.segment.runtime import Segmentation, Segmenter
 from core.tensor.fit import TensorFitter, fit_mask
 from models import anatomy_check
 from models.cases import Labeller, evaluate_cases, print_cases
-from models.generator import SyntheticSlice, fit_fa_md, generate, simulate_dwi
+from models.generator import BVAL_S_MM2, SyntheticSlice, fit_fa_md, generate, simulate_dwi
 from models.strata import VOXEL_BINS, VOXEL_EDGES_MM, bin_of, fa_error_pct, spearman
 from models.train import EVAL_SEED_BASE
 
@@ -98,7 +98,8 @@ class SliceSegmenter:
             mask = fit_mask(labels, zooms_mm=zooms)
             return MDMap(md=np.where(mask, md, 0.0).astype(np.float32), mask=mask)
 
-        result = refine(seg, b0=b0, maps=fitted(seg.labels), segmenter=self.segmenter, zooms_mm=zooms, refit=fitted)
+        result = refine(seg, b0=b0, maps=fitted(seg.labels), segmenter=self.segmenter, zooms_mm=zooms, refit=fitted,
+                        bval_s_mm2=BVAL_S_MM2)
         return result.segmentation
 
     def volume(self, volume: NDArray, zooms_mm: tuple[float, float, float]) -> Segmentation:

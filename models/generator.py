@@ -733,7 +733,11 @@ def region_tensors(rng: np.random.Generator, compression: float) -> tuple[dict[i
     return out, fas
 
 
-def simulate_dwi(s: SyntheticSlice, seed: int, *, bval: float = 800.0, n_dirs: int = 30,
+BVAL_S_MM2 = 800.0
+"""The simulated DWI's b-value (s/mm^2, :func:`simulate_dwi`)."""
+
+
+def simulate_dwi(s: SyntheticSlice, seed: int, *, bval: float = BVAL_S_MM2, n_dirs: int = 30,
                  patient_seed: int | None = None) -> tuple[F32, NDArray, NDArray]:
     """Simulated DWI on the acquisition grid: (H, W, 1 + n_dirs) signal, bvals, bvecs (n, 3).
 

@@ -50,7 +50,7 @@ def test_measures_match_the_known_tensors(result, phantom) -> None:
         assert region["top_probability"] > 0.99 and 0 <= region["confidence"] <= 1
         assert set(region["augmentation_dice"]) == {"shift", "flip", "mean"}
     assert report["cord"]["voxels"] == int((phantom["labels"] > 0).sum())
-    assert report["estimator"] == "binary-mean" and report["schema_version"] == "2.2"
+    assert report["estimator"] == "binary-mean" and report["schema_version"] == "2.3"
     assert report["confidence_method"]["augmentations"] == ["shift", "flip"]
     assert report["anatomy"] == {"applied": True, "filled_voxels": 0, "reassigned_voxels": 0, "slices": []}
     for entry in report["slices"]:
@@ -164,6 +164,8 @@ def test_outline_voxels_with_csf_diffusion_are_trimmed_before_measuring(tmp_path
     segmenter = Segmenter(decoder_dir)
     n_rim, n_cord = int(ph["rim"].sum()), int((ph["labels"] > 0).sum())
     report = pipeline.analyze([ph["image"]], out_dir=tmp_path / "trimmed", segmenter=segmenter)
+    by_slice = report["refinement"].pop("md_threshold_by_slice_mm2_s")
+    assert len(by_slice) == ph["labels"].shape[2] and all(1.0e-3 < t <= CSF_MD_MM2_S for t in by_slice)
     assert report["refinement"] == {"applied": True, "csf_contrast_pass": True, "refit": False,
                                     "md_threshold_mm2_s": CSF_MD_MM2_S, "voxels_removed": n_rim, "cord_voxels": n_cord,
                                     "first_pass_slices": []}
@@ -177,8 +179,8 @@ def test_outline_voxels_with_csf_diffusion_are_trimmed_before_measuring(tmp_path
     kept = pipeline.analyze([ph["image"]], out_dir=tmp_path / "kept", segmenter=segmenter,
                             options=pipeline.Options(refine=False))
     assert kept["refinement"] == {"applied": False, "csf_contrast_pass": False, "refit": False,
-                                  "md_threshold_mm2_s": None, "voxels_removed": 0, "cord_voxels": n_cord + n_rim,
-                                  "first_pass_slices": []}
+                                  "md_threshold_mm2_s": None, "md_threshold_by_slice_mm2_s": [], "voxels_removed": 0,
+                                  "cord_voxels": n_cord + n_rim, "first_pass_slices": []}
     assert "refine" in report["timings_s"] and list(report["timings_s"]) == list(pipeline.STAGES)
     on_rim = {int(c) for c in np.unique(np.asarray(nib.load(str(ph["image"])).dataobj)[..., 0][ph["rim"]] / phantoms.SCALE)}
     assert on_rim  # the rim lies on some regions: their FA is lower without the trim

@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     from core.ingest.dicom import DicomSeriesInfo
     from core.segment.runtime import Segmenter
 
-SCHEMA_VERSION = "2.2"
+SCHEMA_VERSION = "2.3"
 """2.0: the refinement by MD is reported in ``refinement`` (was ``qc.csf_rim``), timed as the
 ``refine`` stage. 2.1 (optional keys, a 2.0 reader is unaffected): ``estimator``,
 ``confidence_method`` and ``anatomy``; per region and per slice-region ``fa_weighted``,

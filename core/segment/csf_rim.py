@@ -5,7 +5,8 @@ their contrast; where CSF is about as bright as the cord the masks take in edge 
 are mostly CSF, and partial volume with CSF is the main error source of region FA (low FA,
 high MD). The tensor fit sees that edge plainly: cord tissue has MD about 0.6-1.0e-3 mm^2/s
 (1.2-1.4e-3 in an oedematous cord), CSF about 3e-3. An outline voxel whose MD exceeds
-``CSF_MD_MM2_S`` is mostly CSF and is given back to the background, at most ``MAX_LAYERS``
+``CSF_MD_MM2_S`` (or a slice's own, lower line: the pipeline passes each slice's half-cord MD,
+:mod:`core.segment.half_cord`) is mostly CSF and is given back to the background, at most ``MAX_LAYERS``
 voxels deep from the outline per slice, so the inside of the cord (a syrinx, a noisy voxel)
 is never carved out.
 
@@ -51,6 +52,7 @@ class RimTrim:
     cord_median_md : median MD (mm^2/s) of the labelled voxels before the trim (NaN if none).
     skipped : True when that median is not cord-like (``CORD_MD_MAX_MM2_S``) and nothing was
         trimmed.
+    thresholds_mm2_s : the MD threshold each axial slice was trimmed at (empty when skipped).
     """
 
     labels: NDArray[np.uint8]
@@ -58,6 +60,7 @@ class RimTrim:
     kept_slices: tuple[int, ...] = ()
     cord_median_md: float = float("nan")
     skipped: bool = False
+    thresholds_mm2_s: tuple[float, ...] = ()
 
     @property
     def voxels_removed(self) -> int:
@@ -82,7 +85,7 @@ def trim_csf_rim(
     md: NDArray[np.floating],
     *,
     pixel_area_mm2: float,
-    threshold_mm2_s: float = CSF_MD_MM2_S,
+    threshold_mm2_s: float | NDArray[np.floating] = CSF_MD_MM2_S,
     max_layers: int = MAX_LAYERS,
 ) -> RimTrim:
     """Give CSF-like outline voxels back to the background, slice by slice.
@@ -92,7 +95,8 @@ def trim_csf_rim(
     labels : (X, Y, Z) uint8 region codes (0 background), axial slices along Z; a (X, Y)
         slice is taken as one slice.
     md : mean diffusivity (mm^2/s) on the same grid (NaN counts as not CSF-like).
-    threshold_mm2_s : MD above which an outline voxel is trimmed.
+    threshold_mm2_s : MD above which an outline voxel is trimmed: one value, or one per axial
+        slice (Z,) (NaN: that slice is not trimmed).
     max_layers : how many times the outline is peeled at most.
     pixel_area_mm2 : in-plane voxel area (mm^2); a slice whose cord the trim would leave
         smaller than ``MIN_CORD_AREA_MM2`` (the run-time's "no cord") keeps its labels.
@@ -111,7 +115,8 @@ def trim_csf_rim(
     median = cord_median_md(lab, diff)
     if not md_is_cord_like(median):
         return RimTrim(labels=labels.copy(), removed=removed, cord_median_md=median, skipped=True)
-    csf_like = np.nan_to_num(diff, nan=0.0) > threshold_mm2_s
+    per_slice = np.broadcast_to(np.asarray(threshold_mm2_s, np.float64), (lab.shape[2],))
+    csf_like = np.nan_to_num(diff, nan=0.0) > per_slice[None, None, :]  # never on a NaN threshold
     out = lab.copy()
     kept: list[int] = []
     for z in range(lab.shape[2]):
@@ -133,5 +138,6 @@ def trim_csf_rim(
             continue
         out[:, :, z] = trimmed
         removed[z] = before - after
-    return RimTrim(labels=out[:, :, 0] if flat else out, removed=removed, kept_slices=tuple(kept), cord_median_md=median)
+    return RimTrim(labels=out[:, :, 0] if flat else out, removed=removed, kept_slices=tuple(kept), cord_median_md=median,
+                   thresholds_mm2_s=tuple(float(t) for t in per_slice))
 

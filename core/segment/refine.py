@@ -11,7 +11,9 @@ So, once the tensor is fitted:
    (:func:`core.segment.csf_contrast.keep_first_where_lost`); where the second cord reaches
    beyond the voxels the tensor was fitted on, the tensor is fitted again on both cords
    (``refit``);
-2. the CSF rim trimmed off the outline by MD (:mod:`core.segment.csf_rim`).
+2. the CSF rim trimmed off the outline by MD (:mod:`core.segment.csf_rim`): an outline voxel
+   goes when its MD is above 1.8e-3 mm^2/s or, given the b-value, above what a voxel half
+   cord and half CSF reads on its slice (:mod:`core.segment.half_cord`), whichever is lower.
 
 The soft probabilities follow the labels: the refined segmentation keeps those of the pass its
 labels come from, and a voxel the trim gave back to the background (CSF by its MD) gets
@@ -32,6 +34,7 @@ from numpy.typing import NDArray
 from core.labels import BACKGROUND
 from core.segment.csf_contrast import contrast_pass, keep_first_where_lost
 from core.segment.csf_rim import CSF_MD_MM2_S, RimTrim, trim_csf_rim
+from core.segment.half_cord import half_cord_md
 from core.segment.runtime import Segmentation, Segmenter
 
 
@@ -90,6 +93,7 @@ def refine(
     segmenter: Segmenter,
     zooms_mm: tuple[float, float, float],
     refit: Callable[[NDArray[np.uint8]], M],
+    bval_s_mm2: float | None = None,
 ) -> Refinement[M]:
     """Refine ``first`` by the MD of ``maps`` (see the module).
 
@@ -101,6 +105,9 @@ def refine(
     segmenter : the network, for the second pass.
     zooms_mm : voxel size (mm) of the grid.
     refit : fits the tensor again on the given (X, Y, Z) labels' cord (plus its margin).
+    bval_s_mm2 : the b-value (s/mm^2) the MD was fitted at; with it each slice's trim threshold
+        is lowered to its half-cord MD (:func:`core.segment.half_cord.half_cord_md`) where that
+        is below ``CSF_MD_MM2_S``; None: the fixed threshold alone.
     """
     second = contrast_pass(segmenter, b0, maps.md, first, zooms_mm=zooms_mm)
     segmentation, refitted, lost = first, False, ()
@@ -110,7 +117,10 @@ def refine(
         if np.any((second.labels > 0) & ~maps.mask):
             maps = refit(((first.labels > 0) | (second.labels > 0)).astype(np.uint8))
             refitted = True
-    trim = trim_csf_rim(segmentation.labels, maps.md, pixel_area_mm2=zooms_mm[0] * zooms_mm[1])
+    threshold: float | NDArray[np.float64] = CSF_MD_MM2_S
+    if bval_s_mm2 is not None:
+        threshold = np.fmin(half_cord_md(segmentation.labels, maps.md, b0, bval_s_mm2=bval_s_mm2), CSF_MD_MM2_S)
+    trim = trim_csf_rim(segmentation.labels, maps.md, pixel_area_mm2=zooms_mm[0] * zooms_mm[1], threshold_mm2_s=threshold)
     warnings = segmentation.warnings
     if lost:
         warnings += (
@@ -162,6 +172,7 @@ def refinement_section(refinement: Refinement[Any] | None, labels: NDArray[np.ui
         "csf_contrast_pass": refinement is not None and refinement.second_pass,
         "refit": refinement is not None and refinement.refitted,
         "md_threshold_mm2_s": None if refinement is None else CSF_MD_MM2_S,
+        "md_threshold_by_slice_mm2_s": [] if refinement is None else [float(f"{t:.4g}") for t in refinement.trim.thresholds_mm2_s],
         "voxels_removed": 0 if refinement is None else refinement.trim.voxels_removed,
         "cord_voxels": int(np.count_nonzero(labels)),
         "first_pass_slices": [] if refinement is None else list(refinement.first_pass_slices),
