@@ -136,8 +136,16 @@ def refine_stage(
         segmenter=segmenter,
         zooms_mm=canonical.zooms,
         refit=lambda labels: fit_stage(canonical, labels, options),
-        bval_s_mm2=float(np.mean(canonical.bvals[canonical.bvals > B0_THRESHOLD])),
+        bval_s_mm2=diffusion_weighting(canonical.bvals),
     )
+
+
+def diffusion_weighting(bvals: NDArray[np.floating]) -> float | None:
+    """The study's b-value (s/mm^2) for the half-cord trim line: the mean over its
+    diffusion-weighted volumes (None without any)."""
+    weighted = np.asarray(bvals, np.float64)
+    weighted = weighted[weighted > B0_THRESHOLD]
+    return float(weighted.mean()) if weighted.size else None
 
 
 def whole_stage(segmentation: Segmentation) -> tuple[Segmentation, WholeMasks]:

@@ -108,3 +108,10 @@ def test_bad_inputs_are_refused() -> None:
     with pytest.raises(ValueError):
         trim_csf_rim(labels, md, pixel_area_mm2=1.0, threshold_mm2_s=np.array([1e-3, 2e-3]))
     assert np.isnan(half_cord_md(np.zeros_like(labels), md, b0, bval_s_mm2=B)).all()
+
+
+def test_the_pipeline_takes_the_mean_b_value_of_the_weighted_volumes() -> None:
+    from core.pipeline import diffusion_weighting
+
+    assert diffusion_weighting(np.array([0.0, 5.0, 800.0, 1000.0, 0.0])) == pytest.approx(900.0)
+    assert diffusion_weighting(np.array([0.0, 10.0])) is None
