@@ -142,9 +142,10 @@ def refine_stage(
 
 def diffusion_weighting(bvals: NDArray[np.floating]) -> float | None:
     """The study's b-value (s/mm^2) for the half-cord trim line: the mean over its
-    diffusion-weighted volumes (None without any)."""
+    diffusion-weighted volumes, those that are not b=0 by :attr:`core.ingest.dwi.DWI.is_b0`'s
+    rule (b < ``B0_THRESHOLD``); None without any."""
     weighted = np.asarray(bvals, np.float64)
-    weighted = weighted[weighted > B0_THRESHOLD]
+    weighted = weighted[~(weighted < B0_THRESHOLD)]
     return float(weighted.mean()) if weighted.size else None
 
 
