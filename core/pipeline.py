@@ -104,13 +104,15 @@ class _Clock:
         self.progress(name, 1.0)
 
 
-def segment_stage(canonical: DWI, segmenter: Segmenter, *, augment: bool = True) -> tuple[NDArray[np.float32], Segmentation]:
+def segment_stage(canonical: DWI, segmenter: Segmenter, *, augment: bool = True, ventral_lean: bool = False
+                  ) -> tuple[NDArray[np.float32], Segmentation]:
     """Mean b0 (X, Y, Z) of the canonical study and its eight-region segmentation (with
-    ``augment``, also its test-time-augmentation agreement); a b0 that is negative throughout
-    is refused first (:func:`core.measures.plausibility.check_b0_signal`)."""
+    ``augment``, also its test-time-augmentation agreement; ``ventral_lean``: when the
+    refinement's trim by MD follows, :meth:`core.segment.runtime.Segmenter.segment`); a b0 that
+    is negative throughout is refused first (:func:`core.measures.plausibility.check_b0_signal`)."""
     b0 = canonical.mean_b0()
     plausibility.check_b0_signal(b0)
-    return b0, segmenter.segment(b0, zooms_mm=canonical.zooms, augment=augment)
+    return b0, segmenter.segment(b0, zooms_mm=canonical.zooms, augment=augment, ventral_lean=ventral_lean)
 
 
 def fit_stage(canonical: DWI, labels: NDArray[np.uint8], options: Options) -> TensorMaps:
@@ -248,7 +250,7 @@ def analyze(
             if study.dicom is not None:
                 plausibility.check_body_part(study.dicom.series.body_part, study.dicom.series.series_description)
         with clock.stage("segment"):
-            b0, segmentation = segment_stage(canonical, segmenter, augment=options.augment)
+            b0, segmentation = segment_stage(canonical, segmenter, augment=options.augment, ventral_lean=options.refine)
         with clock.stage("fit"):
             maps = fit_stage(canonical, segmentation.labels, options)
         with clock.stage("refine"):

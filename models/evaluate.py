@@ -72,10 +72,10 @@ class SliceSegmenter:
         """The (H, W, 1) segmentation of one (H, W) slice with in-plane voxel ``spacing_mm`` (with
         ``augment``, also its test-time-augmentation agreement, for the confidence)."""
         return self.segmenter.segment(np.asarray(image, np.float32)[:, :, None], zooms_mm=(*spacing_mm, 1.0),
-                                      augment=self.augment)
+                                      augment=self.augment, ventral_lean=self.refine)
 
     def labels(self, image: NDArray, spacing_mm: tuple[float, float]) -> NDArray[np.uint8]:
-        """(H, W) labels of one slice, as the network gives them (no refinement by MD)."""
+        """(H, W) labels of one slice before the refinement by MD (labelled for it with ``refine``)."""
         return self.segment(image, spacing_mm).labels[:, :, 0]
 
     def refined(self, seg: Segmentation, b0: NDArray, md: NDArray, spacing_mm: tuple[float, float]) -> NDArray[np.uint8]:

@@ -252,3 +252,25 @@ def test_a_hole_in_the_cord_is_filled_and_reported(tmp_path, decoder_dir) -> Non
                             options=pipeline.Options(whole_masks=False))
     assert kept["anatomy"]["applied"] is False
     assert kept["regions"][0]["voxels"] == report["regions"][0]["voxels"] - info["labels"].shape[2]
+
+
+def test_the_ventral_lean_labels_only_masks_the_md_trim_checks_afterwards(tmp_path, decoder_dir) -> None:
+    """Both network passes of a refined analysis label with the ventral lean (the trim by MD
+    gives back what is CSF); with ``--no-refine`` nothing checks the outline, so the plain
+    argmax stands."""
+
+    class Recording(Segmenter):
+        def __init__(self, model_dir: Path) -> None:
+            super().__init__(model_dir)
+            self.leans: list[bool] = []
+
+        def segment(self, b0, **kwargs):  # type: ignore[no-untyped-def, override]
+            self.leans.append(kwargs.get("ventral_lean", False))
+            return super().segment(b0, **kwargs)
+
+    ph = phantoms.region_phantom(tmp_path / "phantom", csf_rim=True)
+    refined, plain = Recording(decoder_dir), Recording(decoder_dir)
+    pipeline.analyze([ph["image"]], out_dir=tmp_path / "refined", segmenter=refined)
+    pipeline.analyze([ph["image"]], out_dir=tmp_path / "plain", segmenter=plain, options=pipeline.Options(refine=False))
+    assert refined.leans == [True, True]
+    assert plain.leans == [False]

@@ -190,3 +190,41 @@ def test_onnx_threads_setting_reaches_the_session(decoder_dir: Path, monkeypatch
     assert seg._session.get_session_options().intra_op_num_threads == 1
     labels = phantoms.region_labels((40, 36, 2))
     assert np.array_equal(seg.segment(labels.astype(np.float32) * phantoms.SCALE, zooms_mm=(1.0, 1.0, 4.0)).labels, labels)
+
+
+def test_a_voxel_the_network_hesitates_to_give_to_a_ventral_funiculus_takes_it() -> None:
+    """With ``ventral_lean`` (the refinement's CSF-contrast pass), background voxels whose most
+    probable region is a ventral funiculus join it below VENTRAL_LEAN_P_BACKGROUND; other
+    regions keep the plain argmax, and the lean voxels still obey the one-connected-cord rule."""
+    from core.segment.runtime import VENTRAL_LEAN_P_BACKGROUND, _labels_of
+
+    shape = (20, 20, 1)
+    probs = np.zeros((9, *shape), np.float32)
+    probs[0] = 1.0
+    probs[:, 6:14, 6:14] = 0.0
+    probs[3, 6:10, 6:14] = 0.9  # left ventral (front half, larger j)
+    probs[1, 6:10, 6:14] = 0.1
+    probs[7, 10:14, 6:14] = 1.0  # right ventral
+    below, above = VENTRAL_LEAN_P_BACKGROUND - 0.05, VENTRAL_LEAN_P_BACKGROUND + 0.05
+
+    def edge(i: int, j: int, p_bg: float, code: int, rest: int = 1) -> None:
+        probs[:, i, j] = 0.0
+        probs[0, i, j] = p_bg
+        probs[code, i, j] = (1 - p_bg) * 0.7
+        probs[rest, i, j] = (1 - p_bg) * 0.3
+
+    edge(8, 14, below, 3)  # next to the cord, ventral most probable: taken in
+    edge(11, 14, below, 7, rest=5)  # the same on the right
+    edge(9, 14, above, 3)  # background too probable: left out
+    edge(12, 14, below, 5, rest=7)  # lateral most probable: left out (the plain argmax)
+    edge(2, 2, 0.3, 3)  # ventral by the plain argmax, but not touching the cord: dropped
+    edge(17, 17, below, 7)  # would lean, but not touching the cord: dropped
+    labels, missing = _labels_of(probs, min_voxels=4, ventral_lean=True)
+    assert missing == []
+    assert labels[8, 14, 0] == 3 and labels[11, 14, 0] == 7
+    assert labels[9, 14, 0] == 0 and labels[12, 14, 0] == 0
+    assert labels[2, 2, 0] == 0 and labels[17, 17, 0] == 0
+    assert np.count_nonzero(labels) == 64 + 2
+    # without the lean (every pass but the refinement's): the plain argmax, one cord
+    plain, _ = _labels_of(probs, min_voxels=4)
+    assert plain[8, 14, 0] == 0 and plain[11, 14, 0] == 0 and np.count_nonzero(plain) == 64

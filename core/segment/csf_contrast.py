@@ -94,7 +94,7 @@ def contrast_pass(
     """
     if not first.labels.any() or not md_is_cord_like(cord_median_md(first.labels, md)):
         return None
-    return segmenter.segment(csf_contrast_b0(b0, md, first.labels > 0), zooms_mm=zooms_mm)
+    return segmenter.segment(csf_contrast_b0(b0, md, first.labels > 0), zooms_mm=zooms_mm, ventral_lean=True)
 
 
 def keep_first_where_lost(first: Segmentation, second: Segmentation, md: NDArray[np.floating]
