@@ -382,10 +382,9 @@ def _ventral_lean(probabilities: NDArray[np.float32], labels: NDArray[np.uint8])
     towards the cord instead raised the lateral funiculi's error on both draws
     (models/scsnet/MODEL_CARD.md).
     """
-    region = np.argmax(probabilities[1:], axis=0) + 1  # the most probable region, codes 1-8
     hesitant = (labels == BACKGROUND) & (probabilities[BACKGROUND] < VENTRAL_LEAN_P_BACKGROUND)
-    lean = hesitant & np.isin(region, _VENTRAL_CODES)
-    labels[lean] = region[lean]
+    region = np.argmax(probabilities[1:, hesitant], axis=0) + 1  # their most probable region, codes 1-8
+    labels[hesitant] = np.where(np.isin(region, _VENTRAL_CODES), region, BACKGROUND)
     return labels
 
 
