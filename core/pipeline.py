@@ -35,7 +35,7 @@ from numpy.typing import NDArray
 
 import core
 from core.ingest.dwi import DWI
-from core.ingest.gradients import B0_THRESHOLD
+from core.ingest.gradients import is_b0
 from core.ingest.rules import DEFAULT_LIMITS, UploadLimits
 from core.ingest.study import load_study
 from core.labels import REGIONS
@@ -144,10 +144,10 @@ def refine_stage(
 
 def diffusion_weighting(bvals: NDArray[np.floating]) -> float | None:
     """The study's b-value (s/mm^2) for the half-cord trim line: the mean over its
-    diffusion-weighted volumes, those that are not b=0 by :attr:`core.ingest.dwi.DWI.is_b0`'s
-    rule (b < ``B0_THRESHOLD``); None without any."""
-    weighted = np.asarray(bvals, np.float64)
-    weighted = weighted[~(weighted < B0_THRESHOLD)]
+    diffusion-weighted volumes (not b=0 by :func:`core.ingest.gradients.is_b0`, the rule of
+    :attr:`core.ingest.dwi.DWI.is_b0`); None without any."""
+    bvals = np.asarray(bvals, np.float64)
+    weighted = bvals[~is_b0(bvals)]
     return float(weighted.mean()) if weighted.size else None
 
 

@@ -193,7 +193,7 @@ def test_onnx_threads_setting_reaches_the_session(decoder_dir: Path, monkeypatch
 
 
 def test_a_voxel_the_network_hesitates_to_give_to_a_ventral_funiculus_takes_it() -> None:
-    """With ``ventral_lean`` (the refinement's CSF-contrast pass), background voxels whose most
+    """With ``ventral_lean`` (a refined analysis's network passes), background voxels whose most
     probable region is a ventral funiculus join it below VENTRAL_LEAN_P_BACKGROUND; other
     regions keep the plain argmax, and the lean voxels still obey the one-connected-cord rule."""
     from core.segment.runtime import VENTRAL_LEAN_P_BACKGROUND, _labels_of

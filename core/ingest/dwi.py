@@ -16,7 +16,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from core.errors import ImageError
-from core.ingest.gradients import B0_THRESHOLD, check_gradients, count_directions, rotation_of
+from core.ingest.gradients import check_gradients, count_directions, is_b0, rotation_of
 
 InputFormat = Literal["nifti", "dicom"]
 
@@ -93,7 +93,7 @@ class DWI:
 
     @property
     def is_b0(self) -> NDArray[np.bool_]:
-        return self.bvals < B0_THRESHOLD
+        return is_b0(self.bvals)
 
     @property
     def n_directions(self) -> int:

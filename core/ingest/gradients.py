@@ -23,6 +23,11 @@ UNIT_TOLERANCE = 0.10
 """Diffusion-weighted b-vectors whose length is within 10 % of 1 are normalised; others rejected."""
 
 
+def is_b0(bvals: NDArray[np.floating]) -> NDArray[np.bool_]:
+    """Which volumes count as b=0: b-value below ``B0_THRESHOLD`` (s/mm^2)."""
+    return np.asarray(bvals) < B0_THRESHOLD
+
+
 def read_bvals(path: Path) -> NDArray[np.float64]:
     """Read a b-value file: one row or one column of numbers (s/mm^2). Returns shape (N,).
 
@@ -65,14 +70,14 @@ def check_gradients(
     rules.check_gradient_counts(n_bvals=bvals.size, n_bvecs=bvecs.shape[0], n_volumes=n_volumes)
     if not (np.all(np.isfinite(bvals)) and np.all(np.isfinite(bvecs))):
         raise GradientError("the gradient table contains NaN or infinite values")
-    is_b0 = bvals < B0_THRESHOLD
-    if not is_b0.any():
+    b0 = is_b0(bvals)
+    if not b0.any():
         raise GradientError(
             f"the study has no b=0 volume (no b-value below {B0_THRESHOLD:g} s/mm^2); "
             "the cord is segmented on the b=0 image, so one is required"
         )
     norms = np.linalg.norm(bvecs, axis=1)
-    dw = ~is_b0
+    dw = ~b0
     bad = dw & (np.abs(norms - 1.0) > UNIT_TOLERANCE)
     if bad.any():
         first = int(np.flatnonzero(bad)[0])
@@ -88,7 +93,7 @@ def check_gradients(
             f"the study has {n_dirs} distinct diffusion directions, which do not determine a "
             "tensor: at least 6 non-collinear directions are needed"
         )
-    out_bvals = np.where(is_b0, 0.0, bvals)
+    out_bvals = np.where(b0, 0.0, bvals)
     return out_bvals, clean
 
 

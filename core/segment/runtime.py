@@ -38,7 +38,7 @@ from scipy import ndimage
 
 from core.errors import ModelError
 from core.ingest.rules import check_resampled_slice
-from core.labels import BACKGROUND, BY_CODE, MIRROR_LUT, N_CLASSES
+from core.labels import BACKGROUND, MIRROR_LUT, N_CLASSES, REGIONS
 from core.segment.cord import keep_largest_cord, min_cord_voxels
 from core.segment.manifest import load_manifest
 from core.segment.preprocess import (
@@ -65,7 +65,7 @@ VENTRAL_LEAN_P_BACKGROUND = 0.8
 probability is below this, not only when the background is less probable than that region; see
 :func:`_ventral_lean`."""
 
-_VENTRAL_CODES = np.asarray([r.code for r in BY_CODE.values() if r.tissue == "ventral"])
+_VENTRAL_CODES = np.asarray([r.code for r in REGIONS if r.tissue == "ventral"])
 
 
 @dataclass(frozen=True)
