@@ -102,9 +102,12 @@ class SliceSegmenter:
                         bval_s_mm2=BVAL_S_MM2)
         return result.segmentation
 
-    def volume(self, volume: NDArray, zooms_mm: tuple[float, float, float]) -> Segmentation:
-        """The segmentation of a canonical-RAS (X, Y, Z) volume."""
-        return self.segmenter.segment(np.asarray(volume, np.float32), zooms_mm=zooms_mm)
+    def volume(self, volume: NDArray, zooms_mm: tuple[float, float, float], *, to_refine: bool = False
+               ) -> Segmentation:
+        """The segmentation of a canonical-RAS (X, Y, Z) volume; ``to_refine``: labelled for the
+        refinement by MD that follows (the ventral lean, as the pipeline does, with ``refine``)."""
+        return self.segmenter.segment(np.asarray(volume, np.float32), zooms_mm=zooms_mm,
+                                      ventral_lean=to_refine and self.refine)
 
     def volume_labels(self, volume: NDArray, zooms_mm: tuple[float, float, float]) -> NDArray[np.uint8]:
         """(X, Y, Z) labels of a canonical-RAS volume (no refinement by MD)."""
@@ -252,7 +255,7 @@ def segment_real(seg: SliceSegmenter, path: Path) -> dict[str, Any]:
     fa, md = maps.fa, maps.md
     zx, zy, zz = dwi.zooms
     zooms = (zx, zy)
-    labels = seg.refined(seg.volume(b0, (zx, zy, zz)), b0, md, zooms)
+    labels = seg.refined(seg.volume(b0, (zx, zy, zz), to_refine=True), b0, md, zooms)
     aff = dwi.affine
     rows = []
     for k in range(labels.shape[2]):
