@@ -24,12 +24,15 @@ placement carry over to real anatomy, not how accurate the model is on DTI.
 ``HELD_OUT_SUBJECTS`` are never to be used for training (both sessions of a subject stay on the
 same side of the split); :func:`partition_slice` fits the atlas's eight-region partition to a
 real cord and gray-matter slice, and :func:`shape_bank` so partitions every usable slice of the
-training scans for the generator (``python -m models.train --real-shapes P``).
+training scans for the generator (``python -m models.train --real-shapes P``), and
+:func:`write_training_pairs` writes the training scans' images themselves as site data
+(``python -m models.train --data DIR``).
 
 Run::
 
     python -m models.real_shapes                 # shipped model, 0.9 mm in-plane
     python -m models.real_shapes --voxel-mm 0    # native T2* grid
+    python -m models.real_shapes --write-training-data DIR   # real T2* training pairs
 """
 
 from __future__ import annotations
@@ -370,6 +373,37 @@ def shape_bank(folder: Path = DATA_DIR) -> tuple[RealShape, ...]:
     return tuple(bank)
 
 
+TRAINING_VOXELS_MM = (0.9, 1.1)
+"""In-plane voxels (mm) the real training images are written at (:func:`write_training_pairs`)."""
+
+
+def write_training_pairs(out: Path, *, folder: Path = DATA_DIR, voxels_mm: tuple[float, ...] = TRAINING_VOXELS_MM
+                         ) -> list[Path]:
+    """Write the training scans (held-out subjects excluded) as ``python -m models.train --data``
+    pairs: ``<scan>_<voxel x 10>_b0.nii.gz`` (the T2* image area-averaged to each of ``voxels_mm``
+    in-plane, :func:`at_voxel_size`) and ``..._labels.nii.gz`` (codes 0-8: the manual cord and
+    gray matter with the atlas's white-matter partition fitted by :func:`partition_slice`; a
+    slice whose gray matter is not traced is left unlabelled). The images keep their real
+    surroundings and T2* contrast: they teach real outlines, not b0 contrast. Returns the
+    image paths written."""
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name in training_scans():
+        scan = load_scan(folder, name)
+        for voxel in voxels_mm:
+            s = at_voxel_size(scan, voxel)
+            labels = np.zeros(s.cord.shape, np.uint8)
+            for z in np.flatnonzero(s.cord.any(axis=(0, 1))):
+                if s.gray[:, :, z].any():
+                    labels[:, :, z] = partition_slice(s.cord[:, :, z], s.gray[:, :, z], spacing_mm=s.zooms_mm[:2])
+            affine = np.diag([*s.zooms_mm, 1.0])  # closest-canonical RAS already
+            case = out / f"{name}_{round(voxel * 10)}"
+            nib.save(nib.Nifti1Image(s.image, affine), f"{case}_b0.nii.gz")
+            nib.save(nib.Nifti1Image(labels, affine), f"{case}_labels.nii.gz")
+            written.append(Path(f"{case}_b0.nii.gz"))
+    return written
+
+
 def check_parser(description: str | None, data_dir: Path, source: str) -> argparse.ArgumentParser:
     """The options every real-data check takes: --model, --data, --threads and --build-from
     (``source``: what the bundled copy is built from)."""
@@ -390,9 +424,15 @@ def main(argv: list[str] | None = None) -> None:
     parser = check_parser(__doc__, DATA_DIR, "a gm-challenge-data folder")
     parser.add_argument("--voxel-mm", type=float, default=DTI_VOXEL_MM,
                         help="in-plane voxel to area-average the scans to first; 0: their native grid")
+    parser.add_argument("--write-training-data", type=Path, default=None, metavar="DIR",
+                        help="write the training scans as `models.train --data` pairs into DIR, then stop")
     args = parser.parse_args(argv)
     if args.build_from is not None:
         build_copy(args.build_from, args.data)
+        return
+    if args.write_training_data is not None:
+        for path in write_training_pairs(args.write_training_data, folder=args.data):
+            print(path.name)
         return
     segmenter = load_segmenter(str(args.model), args.threads)
     start = time.perf_counter()

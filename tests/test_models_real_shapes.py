@@ -128,3 +128,23 @@ def test_generator_draws_real_shapes_only_when_asked_and_keeps_its_other_draws()
             # sides still right: left codes (1-4) at smaller x than right codes (5-8) on average
             ii = np.indices(m.labels.shape)[0]
             assert ii[np.isin(m.labels, (1, 2, 3, 4))].mean() < ii[np.isin(m.labels, (5, 6, 7, 8))].mean()
+
+
+def test_training_pairs_are_site_data_of_training_subjects_only(tmp_path) -> None:
+    from models.real_shapes import training_scans, write_training_pairs
+    from models.train import load_site_data
+
+    written = write_training_pairs(tmp_path, voxels_mm=(1.1,))
+    assert sorted(p.name for p in written) == sorted(f"{s}_11_b0.nii.gz" for s in training_scans())
+    assert not any(subject_of(p.name.split("_")[0]) in HELD_OUT_SUBJECTS for p in written)
+    name = training_scans()[0]
+    labels = np.asarray(nib.load(tmp_path / f"{name}_11_labels.nii.gz").dataobj)
+    coarse = at_voxel_size(load_scan(DATA_DIR, name), 1.1)
+    traced = coarse.gray.any(axis=(0, 1))  # slices with traced gray matter are labelled
+    assert set(np.unique(labels)) <= set(range(9)) and {4, 8} <= set(np.unique(labels))
+    assert np.array_equal(labels[:, :, traced] > 0, coarse.cord[:, :, traced])
+    assert np.array_equal(np.isin(labels, (4, 8)), coarse.gray & (labels > 0))
+    assert np.asarray(nib.load(written[0]).dataobj).shape == labels.shape
+    slices = load_site_data(tmp_path)  # what `models.train --data` reads
+    assert len(slices) == sum(int((np.asarray(nib.load(str(p).replace("_b0", "_labels")).dataobj) > 0)
+                                  .any(axis=(0, 1)).sum()) for p in written)
