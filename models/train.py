@@ -3,7 +3,7 @@ then export ONNX + manifest.
 
     python -m models.train --out models/scsnet [--steps N] [--data DIR] [--max-minutes M]
                            [--real-shapes P] [--kspace P] [--compressed P] [--gamma P] [--warp P]
-                           [--void P] [--dice-per-sample] [--init CKPT]
+                           [--void P] [--dice-per-sample] [--site-partial] [--init CKPT]
 
 Batches: fresh samples (``--fresh`` per step, generated in the main process or ``--workers``
 DataLoader processes) go into a replay buffer; each step draws ``--batch`` samples from it (with a
@@ -16,8 +16,10 @@ margin), the pass-2 crop size the manifest then gives the run-time. Everything i
 ``--data DIR`` adds (or, with ``--synthetic-fraction 0``, uses only) a folder of
 ``<case>_b0.nii.gz`` + ``<case>_labels.nii.gz`` pairs: volumes are brought to closest-canonical
 RAS, every axial slice that holds cord is resampled to the model grid (b0 linear, labels
-nearest) and served in both inference modes (whole slice and cord crop). ``--init CKPT`` starts
-from an existing checkpoint (fine-tuning).
+nearest) and served in both inference modes (whole slice and cord crop); with ``--site-partial``
+only their outline and gray matter are scored (:func:`merged_loss`), for labels whose
+white-matter funiculi are not traced (the real T2* pairs of ``python -m models.real_shapes
+--write-training-data DIR``). ``--init CKPT`` starts from an existing checkpoint (fine-tuning).
 
 Loss: cross-entropy against the class fractions + soft Dice against their argmax labels (mean
 over the nine classes, pooled over the batch; ``--dice-per-sample``: per sample and class), see
@@ -196,6 +198,42 @@ def dice_ce_loss(logits: torch.Tensor, target: torch.Tensor, *,
     return ce + dice_loss, ce, dice_loss
 
 
+SITE_GROUPS = ((0,), (1, 2, 3, 5, 6, 7), (4,), (8,))
+"""What ``--site-partial`` supervises on site samples: background, white matter, left and right gray matter."""
+
+
+def merged_loss(logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`dice_ce_loss` on the classes merged into ``SITE_GROUPS`` (probabilities and
+    targets summed within each group), for labels whose white-matter funiculi are not traced:
+    only the cord's outline and its gray matter (left, right) are scored.
+
+    ``logits``: (N, 9, H, W); ``target``: (N, 9, H, W) class fractions. Returns (loss, ce, dice loss)."""
+    m = torch.zeros(len(SITE_GROUPS), N_CLASSES, device=logits.device)
+    for g, codes in enumerate(SITE_GROUPS):
+        m[g, list(codes)] = 1.0
+    q = torch.einsum("gc,nchw->nghw", m, torch.softmax(logits, dim=1))
+    t = torch.einsum("gc,nchw->nghw", m, target)
+    ce = -(t * q.clamp_min(1e-7).log()).sum(dim=1).mean()
+    share = F.one_hot(t.argmax(dim=1), len(SITE_GROUPS)).permute(0, 3, 1, 2).float()
+    dims = (0, 2, 3)
+    dice = (2 * (q * share).sum(dim=dims) + 1.0) / (q.sum(dim=dims) + share.sum(dim=dims) + 1.0)
+    return ce + 1.0 - dice.mean(), ce, 1.0 - dice.mean()
+
+
+def batch_loss(logits: torch.Tensor, target: torch.Tensor, *, partial: torch.Tensor | None = None,
+               per_sample: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`dice_ce_loss` over the batch, except for the samples where ``partial`` (N,) bool is
+    true, which are scored by :func:`merged_loss`; the two parts weigh by their sample counts."""
+    if partial is None or not bool(partial.any()):
+        return dice_ce_loss(logits, target, per_sample=per_sample)
+    parts = [(int(partial.sum()), merged_loss(logits[partial], target[partial]))]
+    if not bool(partial.all()):
+        parts.append((int((~partial).sum()), dice_ce_loss(logits[~partial], target[~partial], per_sample=per_sample)))
+    total = sum(n for n, _ in parts)
+    loss, ce, dice = (sum(n * part[k] for n, part in parts) / total for k in range(3))
+    return loss, ce, dice
+
+
 def hard_dice(pred: np.ndarray, truth: np.ndarray) -> np.ndarray:
     """Per-class Dice for codes 1..8 over a batch (NaN where the class is absent in both)."""
     out = np.full(N_CLASSES - 1, np.nan)
@@ -243,23 +281,23 @@ def train(args: argparse.Namespace) -> None:
     it = iter(stream)
     buf_x = np.zeros((args.buffer, patch, patch), np.float32)
     buf_y = np.zeros((args.buffer, N_CLASSES, patch, patch), np.uint8)  # class fractions x 255
+    buf_site = np.zeros(args.buffer, bool)
     filled = 0
     pos = 0
 
-    def push(x: np.ndarray, y: np.ndarray) -> None:
+    def push(x: np.ndarray, y: np.ndarray, is_site: bool = False) -> None:
         nonlocal filled, pos
-        buf_x[pos], buf_y[pos] = x, y
+        buf_x[pos], buf_y[pos], buf_site[pos] = x, y, is_site
         pos = (pos + 1) % args.buffer
         filled = min(filled + 1, args.buffer)
 
     def fresh(n: int) -> None:
         for _ in range(n):
             if rng.random() < synth_frac:
-                x, y = next(it)
+                push(*next(it))
             else:
                 x, lab = site_sample(site, rng, patch)  # type: ignore[arg-type]
-                y = one_hot(lab)
-            push(x, y)
+                push(x, one_hot(lab), is_site=True)
 
     t0 = time.time()
     fresh(args.warmup_samples)
@@ -293,7 +331,8 @@ def train(args: argparse.Namespace) -> None:
         for g in opt.param_groups:
             g["lr"] = lr
         model.train()
-        loss, ce, dl = dice_ce_loss(model(x), y, per_sample=args.dice_per_sample)
+        partial = torch.from_numpy(buf_site[idx]).to(device) if args.site_partial else None
+        loss, ce, dl = batch_loss(model(x), y, partial=partial, per_sample=args.dice_per_sample)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -357,6 +396,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data", type=Path, default=None, help="folder of <case>_b0.nii.gz + <case>_labels.nii.gz")
     p.add_argument("--synthetic-fraction", type=float, default=0.5, help="share of synthetic samples with --data")
+    p.add_argument("--site-partial", action="store_true",
+                   help="on --data samples supervise only background / white matter / left and right gray matter")
     p.add_argument("--real-shapes", type=float, default=0.0,
                    help="share of synthetic cords shaped like a real slice of the training subjects (models/real_shapes.py)")
     p.add_argument("--kspace", type=float, default=0.0,

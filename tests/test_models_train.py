@@ -198,3 +198,63 @@ def test_per_sample_dice_weighs_a_small_region_like_a_large_one() -> None:
     # everything found: nothing to pay either way
     found = [dice_ce_loss(logits_for(truth), truth, per_sample=flag)[2].item() for flag in (False, True)]
     assert max(found) < 1e-3
+
+
+def test_merged_loss_ignores_how_white_matter_is_split_but_not_its_outline() -> None:
+    import torch
+
+    from models.train import merged_loss
+
+    def logits_for(labels: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.one_hot(labels, 9).permute(0, 3, 1, 2).float() * 20.0
+
+    def fractions(labels: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.one_hot(labels, 9).permute(0, 3, 1, 2).float()
+
+    truth = torch.zeros(1, 16, 16, dtype=torch.long)
+    truth[0, 3:13, 3:13] = 1  # white matter traced as one funiculus
+    truth[0, 6:10, 5:8] = 4
+    truth[0, 6:10, 8:11] = 8
+    other_split = truth.clone()
+    other_split[0, 3:8, 3:13][other_split[0, 3:8, 3:13] == 1] = 3  # the same white matter, other funiculi
+    smaller = truth.clone()
+    smaller[0, 3, 3:13] = 0  # a row of cord given to the background
+    swapped = truth.clone()
+    swapped[truth == 4], swapped[truth == 8] = 8, 4  # gray matter sides swapped
+    same = merged_loss(logits_for(truth), fractions(truth))[0].item()
+    assert merged_loss(logits_for(other_split), fractions(truth))[0].item() == pytest.approx(same, abs=1e-6)
+    assert same < 1e-3
+    assert merged_loss(logits_for(smaller), fractions(truth))[0].item() > same + 0.01
+    assert merged_loss(logits_for(swapped), fractions(truth))[0].item() > same + 0.1
+
+
+def test_site_partial_training_runs_on_site_data(tmp_path: Path) -> None:
+    from models.real_shapes import write_training_pairs
+
+    site = tmp_path / "site"
+    write_training_pairs(site, voxels_mm=(1.1,))
+    train_main([
+        "--out", str(tmp_path / "out"), "--steps", "3", "--batch", "4", "--patch", "48", "--warmup-samples", "8",
+        "--val-samples", "2", "--fresh", "2", "--log-every", "1", "--data", str(site), "--synthetic-fraction", "0.5",
+        "--site-partial",
+    ])
+    _check_manifest(tmp_path / "out")
+
+
+def test_batch_loss_scores_partial_samples_by_outline_and_gray_matter_only() -> None:
+    import torch
+
+    from models.train import batch_loss, dice_ce_loss
+
+    truth = torch.zeros(2, 16, 16, dtype=torch.long)
+    truth[:, 3:13, 3:13] = 1
+    truth[:, 6:10, 5:8] = 4
+    target = torch.nn.functional.one_hot(truth, 9).permute(0, 3, 1, 2).float()
+    pred = truth.clone()
+    pred[1, 3:6, 3:13] = 3  # sample 1: another white-matter split, same outline and gray matter
+    logits = torch.nn.functional.one_hot(pred, 9).permute(0, 3, 1, 2).float() * 20.0
+    none = torch.tensor([False, False])
+    assert torch.equal(batch_loss(logits, target, partial=none)[0], dice_ce_loss(logits, target)[0])
+    full = batch_loss(logits, target)[0].item()
+    partial = batch_loss(logits, target, partial=torch.tensor([False, True]))[0].item()
+    assert full > 0.05 and partial < 1e-3  # the split only costs where funiculi are traced
