@@ -354,6 +354,17 @@ def training_scans() -> tuple[str, ...]:
     return tuple(s for s in SCANS if not is_held_out(s))
 
 
+def partition_scan(scan: Scan) -> NDArray[np.uint8]:
+    """(X, Y, Z) codes 0-8: :func:`partition_slice` of every slice of ``scan`` whose cord and
+    gray matter are both traced; other slices 0."""
+    labels = np.zeros(scan.cord.shape, np.uint8)
+    for z in np.flatnonzero(scan.scored):
+        cord, gray = scan.cord[:, :, z], scan.gray[:, :, z] & scan.cord[:, :, z]
+        if gray.any():
+            labels[:, :, z] = partition_slice(cord, gray, spacing_mm=scan.zooms_mm[:2])
+    return labels
+
+
 @lru_cache(maxsize=1)
 def shape_bank(folder: Path = DATA_DIR) -> tuple[RealShape, ...]:
     """Every usable slice of the training scans (held-out subjects excluded) as a :class:`RealShape`,
@@ -362,11 +373,11 @@ def shape_bank(folder: Path = DATA_DIR) -> tuple[RealShape, ...]:
     for name in training_scans():
         scan = load_scan(folder, name)
         voxel_area = scan.zooms_mm[0] * scan.zooms_mm[1]
-        for z in np.flatnonzero(scan.scored):
-            cord, gray = scan.cord[:, :, z], scan.gray[:, :, z] & scan.cord[:, :, z]
-            if cord.sum() * voxel_area < MIN_SHAPE_AREA_MM2 or not gray.any():
+        partitioned = partition_scan(scan)
+        for z in np.flatnonzero(partitioned.any(axis=(0, 1))):
+            if scan.cord[:, :, z].sum() * voxel_area < MIN_SHAPE_AREA_MM2:
                 continue
-            labels = partition_slice(cord, gray, spacing_mm=scan.zooms_mm[:2])
+            labels = partitioned[:, :, z]
             regions = (labels[None] == np.arange(1, 9)[:, None, None]).astype(np.float32)
             bank.append(RealShape(regions, regions.sum(axis=0), scan.zooms_mm[:2],
                                   np.argwhere(labels > 0).mean(axis=0), f"{name}:{z}"))
@@ -392,10 +403,7 @@ def write_training_pairs(out: Path, *, folder: Path = DATA_DIR, voxels_mm: tuple
         scan = load_scan(folder, name)
         for voxel in voxels_mm:
             s = at_voxel_size(scan, voxel)
-            labels = np.zeros(s.cord.shape, np.uint8)
-            for z in np.flatnonzero(s.cord.any(axis=(0, 1))):
-                if s.gray[:, :, z].any():
-                    labels[:, :, z] = partition_slice(s.cord[:, :, z], s.gray[:, :, z], spacing_mm=s.zooms_mm[:2])
+            labels = partition_scan(s)
             affine = np.diag([*s.zooms_mm, 1.0])  # closest-canonical RAS already
             case = out / f"{name}_{round(voxel * 10)}"
             nib.save(nib.Nifti1Image(s.image, affine), f"{case}_b0.nii.gz")

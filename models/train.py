@@ -185,11 +185,8 @@ def dice_ce_loss(logits: torch.Tensor, target: torch.Tensor, *,
     ce = F.cross_entropy(logits, target)
     p = torch.softmax(logits, dim=1)
     labels = target.argmax(dim=1) if target.is_floating_point() else target
-    share = F.one_hot(labels, N_CLASSES).permute(0, 3, 1, 2).float()
     dims = (2, 3) if per_sample else (0, 2, 3)
-    inter = (p * share).sum(dim=dims)
-    denom = p.sum(dim=dims) + share.sum(dim=dims)
-    dice = (2 * inter + 1.0) / (denom + 1.0)
+    dice, share = _soft_dice(p, labels, dims)
     if per_sample:  # over the (sample, class) pairs where the class is present or predicted
         present = (share.sum(dim=dims) > 0) | (p.sum(dim=dims) > 1.0)
         dice_loss = 1.0 - dice[present].sum() / present.sum().clamp_min(1)
@@ -198,8 +195,20 @@ def dice_ce_loss(logits: torch.Tensor, target: torch.Tensor, *,
     return ce + dice_loss, ce, dice_loss
 
 
+def _soft_dice(p: torch.Tensor, labels: torch.Tensor, dims: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Soft Dice (smoothed by 1) of (N, C, H, W) probabilities ``p`` against (N, H, W) integer
+    ``labels``, summed over ``dims``; and the labels one-hot (N, C, H, W)."""
+    share = F.one_hot(labels, p.shape[1]).permute(0, 3, 1, 2).float()
+    dice = (2 * (p * share).sum(dim=dims) + 1.0) / (p.sum(dim=dims) + share.sum(dim=dims) + 1.0)
+    return dice, share
+
+
 SITE_GROUPS = ((0,), (1, 2, 3, 5, 6, 7), (4,), (8,))
 """What ``--site-partial`` supervises on site samples: background, white matter, left and right gray matter."""
+
+_SITE_MERGE = torch.zeros(len(SITE_GROUPS), N_CLASSES)
+for _g, _codes in enumerate(SITE_GROUPS):
+    _SITE_MERGE[_g, list(_codes)] = 1.0
 
 
 def merged_loss(logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -208,16 +217,12 @@ def merged_loss(logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tenso
     only the cord's outline and its gray matter (left, right) are scored.
 
     ``logits``: (N, 9, H, W); ``target``: (N, 9, H, W) class fractions. Returns (loss, ce, dice loss)."""
-    m = torch.zeros(len(SITE_GROUPS), N_CLASSES, device=logits.device)
-    for g, codes in enumerate(SITE_GROUPS):
-        m[g, list(codes)] = 1.0
+    m = _SITE_MERGE.to(logits.device)
     q = torch.einsum("gc,nchw->nghw", m, torch.softmax(logits, dim=1))
     t = torch.einsum("gc,nchw->nghw", m, target)
     ce = -(t * q.clamp_min(1e-7).log()).sum(dim=1).mean()
-    share = F.one_hot(t.argmax(dim=1), len(SITE_GROUPS)).permute(0, 3, 1, 2).float()
-    dims = (0, 2, 3)
-    dice = (2 * (q * share).sum(dim=dims) + 1.0) / (q.sum(dim=dims) + share.sum(dim=dims) + 1.0)
-    return ce + 1.0 - dice.mean(), ce, 1.0 - dice.mean()
+    dice_loss = 1.0 - _soft_dice(q, t.argmax(dim=1), (0, 2, 3))[0].mean()
+    return ce + dice_loss, ce, dice_loss
 
 
 def batch_loss(logits: torch.Tensor, target: torch.Tensor, *, partial: torch.Tensor | None = None,
