@@ -16,6 +16,18 @@ SHIPPED = Path(__file__).resolve().parents[1] / "models" / "scsnet"
 MANIFEST_KEYS = {"name", "version", "file", "sha256", "opset", "input", "output", "labels", "training", "parameters"}
 
 
+def _fractions(labels):
+    """(N, H, W) integer codes -> (N, 9, H, W) class fractions (one-hot) as a float tensor."""
+    import torch
+
+    return torch.nn.functional.one_hot(labels, 9).permute(0, 3, 1, 2).float()
+
+
+def _confident_logits(labels):
+    """Logits that put all probability on ``labels`` (N, H, W)."""
+    return _fractions(labels) * 20.0
+
+
 def _check_manifest(folder: Path) -> dict:
     manifest = json.loads((folder / "manifest.json").read_text())
     assert set(manifest) == MANIFEST_KEYS
@@ -183,20 +195,17 @@ def test_per_sample_dice_weighs_a_small_region_like_a_large_one() -> None:
 
     from models.train import dice_ce_loss
 
-    def logits_for(labels: torch.Tensor) -> torch.Tensor:
-        return torch.nn.functional.one_hot(labels, 9).permute(0, 3, 1, 2).float() * 20.0
-
     # sample 0: a large gray-matter region, found; sample 1: a 2-pixel ventral region, missed
     truth = torch.zeros(2, 16, 16, dtype=torch.long)
     truth[0, 2:12, 2:12] = 4
     truth[1, 5, 5:7] = 3
     pred = truth.clone()
     pred[1][truth[1] == 3] = 0
-    _, _, pooled = dice_ce_loss(logits_for(pred), truth)
-    _, _, per_sample = dice_ce_loss(logits_for(pred), truth, per_sample=True)
+    _, _, pooled = dice_ce_loss(_confident_logits(pred), truth)
+    _, _, per_sample = dice_ce_loss(_confident_logits(pred), truth, per_sample=True)
     assert per_sample.item() > pooled.item() > 0.0
     # everything found: nothing to pay either way
-    found = [dice_ce_loss(logits_for(truth), truth, per_sample=flag)[2].item() for flag in (False, True)]
+    found = [dice_ce_loss(_confident_logits(truth), truth, per_sample=flag)[2].item() for flag in (False, True)]
     assert max(found) < 1e-3
 
 
@@ -204,12 +213,6 @@ def test_merged_loss_ignores_how_white_matter_is_split_but_not_its_outline() -> 
     import torch
 
     from models.train import merged_loss
-
-    def logits_for(labels: torch.Tensor) -> torch.Tensor:
-        return torch.nn.functional.one_hot(labels, 9).permute(0, 3, 1, 2).float() * 20.0
-
-    def fractions(labels: torch.Tensor) -> torch.Tensor:
-        return torch.nn.functional.one_hot(labels, 9).permute(0, 3, 1, 2).float()
 
     truth = torch.zeros(1, 16, 16, dtype=torch.long)
     truth[0, 3:13, 3:13] = 1  # white matter traced as one funiculus
@@ -221,11 +224,11 @@ def test_merged_loss_ignores_how_white_matter_is_split_but_not_its_outline() -> 
     smaller[0, 3, 3:13] = 0  # a row of cord given to the background
     swapped = truth.clone()
     swapped[truth == 4], swapped[truth == 8] = 8, 4  # gray matter sides swapped
-    same = merged_loss(logits_for(truth), fractions(truth))[0].item()
-    assert merged_loss(logits_for(other_split), fractions(truth))[0].item() == pytest.approx(same, abs=1e-6)
+    same = merged_loss(_confident_logits(truth), _fractions(truth))[0].item()
+    assert merged_loss(_confident_logits(other_split), _fractions(truth))[0].item() == pytest.approx(same, abs=1e-6)
     assert same < 1e-3
-    assert merged_loss(logits_for(smaller), fractions(truth))[0].item() > same + 0.01
-    assert merged_loss(logits_for(swapped), fractions(truth))[0].item() > same + 0.1
+    assert merged_loss(_confident_logits(smaller), _fractions(truth))[0].item() > same + 0.01
+    assert merged_loss(_confident_logits(swapped), _fractions(truth))[0].item() > same + 0.1
 
 
 def test_site_partial_training_runs_on_site_data(tmp_path: Path) -> None:
@@ -249,10 +252,10 @@ def test_batch_loss_scores_partial_samples_by_outline_and_gray_matter_only() -> 
     truth = torch.zeros(2, 16, 16, dtype=torch.long)
     truth[:, 3:13, 3:13] = 1
     truth[:, 6:10, 5:8] = 4
-    target = torch.nn.functional.one_hot(truth, 9).permute(0, 3, 1, 2).float()
+    target = _fractions(truth)
     pred = truth.clone()
     pred[1, 3:6, 3:13] = 3  # sample 1: another white-matter split, same outline and gray matter
-    logits = torch.nn.functional.one_hot(pred, 9).permute(0, 3, 1, 2).float() * 20.0
+    logits = _confident_logits(pred)
     none = torch.tensor([False, False])
     assert torch.equal(batch_loss(logits, target, partial=none)[0], dice_ce_loss(logits, target)[0])
     full = batch_loss(logits, target)[0].item()
