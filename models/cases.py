@@ -39,9 +39,11 @@ class Labeller(Protocol):
 
     def segment(self, image: NDArray, spacing_mm: tuple[float, float]) -> Segmentation: ...
 
-    def refined(self, seg: Segmentation, b0: NDArray, md: NDArray, spacing_mm: tuple[float, float]) -> NDArray[np.uint8]: ...
+    def refined(self, seg: Segmentation, b0: NDArray, md: NDArray, spacing_mm: tuple[float, float], *,
+                fa: NDArray | None = None) -> NDArray[np.uint8]: ...
 
-    def refined_segmentation(self, seg: Segmentation, b0: NDArray, md: NDArray, spacing_mm: tuple[float, float]) -> Segmentation: ...
+    def refined_segmentation(self, seg: Segmentation, b0: NDArray, md: NDArray, spacing_mm: tuple[float, float], *,
+                             fa: NDArray | None = None) -> Segmentation: ...
 
 
 def stack_slices(segs: list[Segmentation]) -> Segmentation:
@@ -95,7 +97,8 @@ def evaluate_cases(seg: Labeller, n_cases: int, slices: int) -> dict[str, Any]:
             pred.append(seg.segment(s.b0, s.acquisition.spacing_mm))
             b0.append(s.b0)
         # the refinement by MD sees the whole study, as in the pipeline
-        refined = seg.refined(stack_slices(pred), np.stack(b0, axis=2), np.stack(md, axis=2), s.acquisition.spacing_mm)
+        refined = seg.refined(stack_slices(pred), np.stack(b0, axis=2), np.stack(md, axis=2), s.acquisition.spacing_mm,
+                              fa=np.stack(fa, axis=2))
         for k in range(slices):
             for c in range(1, N_CLASSES):
                 p, g, fa_k = refined[:, :, k] == c, truth[k] == c, fa[k]

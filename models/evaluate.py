@@ -78,12 +78,15 @@ class SliceSegmenter:
         """(H, W) labels of one slice before the refinement by MD (labelled for it with ``refine``)."""
         return self.segment(image, spacing_mm).labels[:, :, 0]
 
-    def refined(self, seg: Segmentation, b0: NDArray, md: NDArray, spacing_mm: tuple[float, float]) -> NDArray[np.uint8]:
-        """``seg``'s (X, Y, Z) labels refined by ``md`` (mm^2/s, on the grid of ``b0``) as the
-        pipeline refines them; unchanged with ``refine`` off."""
-        return self.refined_segmentation(seg, b0, md, spacing_mm).labels
+    def refined(self, seg: Segmentation, b0: NDArray, md: NDArray, spacing_mm: tuple[float, float], *,
+                fa: NDArray | None = None) -> NDArray[np.uint8]:
+        """``seg``'s (X, Y, Z) labels refined by ``md`` (mm^2/s, on the grid of ``b0``) and ``fa``
+        (the second pass's gray-matter contrast; None: without it) as the pipeline refines them;
+        unchanged with ``refine`` off."""
+        return self.refined_segmentation(seg, b0, md, spacing_mm, fa=fa).labels
 
-    def refined_segmentation(self, seg: Segmentation, b0: NDArray, md: NDArray, spacing_mm: tuple[float, float]) -> Segmentation:
+    def refined_segmentation(self, seg: Segmentation, b0: NDArray, md: NDArray, spacing_mm: tuple[float, float], *,
+                             fa: NDArray | None = None) -> Segmentation:
         """:meth:`refined`, with the soft probabilities that follow the labels (for the
         probability-weighted measures).
 
@@ -96,7 +99,8 @@ class SliceSegmenter:
 
         def fitted(labels: NDArray[np.uint8]) -> MDMap:
             mask = fit_mask(labels, zooms_mm=zooms)
-            return MDMap(md=np.where(mask, md, 0.0).astype(np.float32), mask=mask)
+            return MDMap(md=np.where(mask, md, 0.0).astype(np.float32), mask=mask,
+                         fa=None if fa is None else np.where(mask, fa, 0.0).astype(np.float32))
 
         result = refine(seg, b0=b0, maps=fitted(seg.labels), segmenter=self.segmenter, zooms_mm=zooms, refit=fitted,
                         bval_s_mm2=BVAL_S_MM2)
@@ -135,7 +139,8 @@ def evaluate_synthetic(seg: Labeller, n: int) -> dict[str, Any]:
         t_first = time.perf_counter() - t
         fa, md = fit_fa_md(*simulate_dwi(s, seed))
         t = time.perf_counter()
-        refined = seg.refined_segmentation(slice_seg, s.b0[:, :, None], md[:, :, None], s.acquisition.spacing_mm)
+        refined = seg.refined_segmentation(slice_seg, s.b0[:, :, None], md[:, :, None], s.acquisition.spacing_mm,
+                                           fa=fa[:, :, None])
         pred = refined.labels[:, :, 0]
         within = support(refined.labels)
         t_inf.append(t_first + time.perf_counter() - t)
@@ -255,7 +260,7 @@ def segment_real(seg: SliceSegmenter, path: Path) -> dict[str, Any]:
     fa, md = maps.fa, maps.md
     zx, zy, zz = dwi.zooms
     zooms = (zx, zy)
-    labels = seg.refined(seg.volume(b0, (zx, zy, zz), to_refine=True), b0, md, zooms)
+    labels = seg.refined(seg.volume(b0, (zx, zy, zz), to_refine=True), b0, md, zooms, fa=fa)
     aff = dwi.affine
     rows = []
     for k in range(labels.shape[2]):

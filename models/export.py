@@ -21,6 +21,7 @@ import torch
 
 from core.digest import sha256_of
 from core.labels import label_table
+from core.segment.gray_contrast import GAIN as GRAY_CONTRAST_GAIN
 from models.generator import CROP_SIZE_PX, MODEL_SPACING_MM
 from models.net import SCSNet, count_parameters
 
@@ -71,6 +72,7 @@ def write_manifest(
             "crop_size_px": [crop_px, crop_px],
             "pad_multiple": model.pad_multiple,
             "mirror_average": True,  # trained on mirrored slices with the side labels swapped
+            "gray_contrast_gain": GRAY_CONTRAST_GAIN,  # it reads gray matter as the brighter butterfly
         },
         "output": {"name": "logits", "kind": "logits"},
         "labels": label_table(),

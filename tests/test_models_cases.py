@@ -36,8 +36,9 @@ class _Oracle:
             truth[truth == 3] = 1
         return exact_segmentation(truth)
 
-    def refined(self, seg: Segmentation, b0: np.ndarray, md: np.ndarray, spacing_mm: tuple[float, float]) -> np.ndarray:
-        assert md.shape == b0.shape == seg.labels.shape
+    def refined(self, seg: Segmentation, b0: np.ndarray, md: np.ndarray, spacing_mm: tuple[float, float], *,
+                fa: np.ndarray | None = None) -> np.ndarray:
+        assert fa is not None and md.shape == b0.shape == seg.labels.shape == fa.shape
         return seg.labels
 
 

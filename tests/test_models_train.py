@@ -144,12 +144,12 @@ class _Oracle:
             truth[truth == 3] = 1
         return exact_segmentation(truth)
 
-    def refined(self, seg, b0: np.ndarray, md: np.ndarray, spacing_mm: tuple[float, float]) -> np.ndarray:
-        assert md.shape == b0.shape == seg.labels.shape
+    def refined(self, seg, b0: np.ndarray, md: np.ndarray, spacing_mm: tuple[float, float], *, fa=None) -> np.ndarray:
+        assert md.shape == b0.shape == seg.labels.shape == fa.shape
         return seg.labels  # exact labels need no refinement by MD
 
-    def refined_segmentation(self, seg, b0: np.ndarray, md: np.ndarray, spacing_mm: tuple[float, float]):
-        self.refined(seg, b0, md, spacing_mm)
+    def refined_segmentation(self, seg, b0: np.ndarray, md: np.ndarray, spacing_mm: tuple[float, float], *, fa=None):
+        self.refined(seg, b0, md, spacing_mm, fa=fa)
         return seg
 
 

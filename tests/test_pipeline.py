@@ -274,3 +274,48 @@ def test_the_ventral_lean_labels_only_masks_the_md_trim_checks_afterwards(tmp_pa
     pipeline.analyze([ph["image"]], out_dir=tmp_path / "plain", segmenter=plain, options=pipeline.Options(refine=False))
     assert refined.leans == [True, True]
     assert plain.leans == [False]
+
+
+def test_the_second_pass_brightens_gray_matter_by_fa_when_the_manifest_asks(phantom, decoder_dir, tmp_path) -> None:
+    """With a manifest's ``gray_contrast_gain``, the refinement's second pass also segments the
+    CSF-contrast image with the cord's inside brightened by the first fit's FA-estimated
+    gray-matter share (the phantom's gray matter has lower FA), and the regions come from it
+    while the outline stays the CSF-contrast image's; the decoder test model's manifest sets no
+    gain, so no such image is segmented."""
+    import shutil
+
+    from core.segment.gray_contrast import ERODE_VOXELS, gray_share
+    from scipy import ndimage
+
+    class Recording(Segmenter):
+        def __init__(self, model_dir: Path) -> None:
+            super().__init__(model_dir)
+            self.images: list[np.ndarray] = []
+
+        def segment(self, b0, **kwargs):  # type: ignore[no-untyped-def, override]
+            self.images.append(np.array(b0))
+            return super().segment(b0, **kwargs)
+
+    gained = tmp_path / "gained"
+    shutil.copytree(decoder_dir, gained)
+    manifest = json.loads((gained / "manifest.json").read_text())
+    manifest["input"]["gray_contrast_gain"] = 0.5
+    (gained / "manifest.json").write_text(json.dumps(manifest))
+    canonical, _ = load_nifti_dwi(phantom["image"]).to_canonical()
+    b0 = canonical.mean_b0()
+    for model_dir, gain in ((gained, 0.5), (decoder_dir, 0.0)):
+        segmenter = Recording(model_dir)
+        assert segmenter.gray_contrast_gain == gain
+        first = segmenter.segment(b0, zooms_mm=canonical.zooms, ventral_lean=True)
+        maps = pipeline.fit_stage(canonical, first.labels, pipeline.Options())
+        refined = pipeline.refine_stage(canonical, b0, first, maps, segmenter, pipeline.Options())
+        assert refined.second_pass and len(segmenter.images) == (3 if gain else 2)
+        inside = ndimage.binary_erosion(first.labels > 0, ndimage.generate_binary_structure(2, 1)[:, :, None],
+                                        iterations=ERODE_VOXELS)
+        share = gray_share(maps.fa, first.labels)
+        gray_inside = inside & np.isin(first.labels, (4, 8))
+        assert gray_inside.any() and np.all(share[gray_inside] > 0.9)
+        np.testing.assert_allclose(segmenter.images[-1][inside], (b0 * (1 + gain * share))[inside], rtol=1e-5)
+        # the outline is the CSF-contrast image's either way (the decoder reads it exactly)
+        outline = Segmenter(decoder_dir).segment(segmenter.images[1], zooms_mm=canonical.zooms, ventral_lean=True)
+        assert np.array_equal(refined.segmentation.labels > 0, outline.labels > 0)

@@ -149,6 +149,25 @@ def test_pass_one_runs_on_every_fourth_slice_and_a_moving_cord_is_followed(decod
     assert crops[0] == nz
 
 
+def test_a_known_cord_centres_the_crops_without_pass_one(decoder_dir: Path) -> None:
+    """Given the cord of an earlier segmentation, only pass 2 runs, on crops centred on it, and
+    the labels are those of a full segmentation; a slice without that cord gets none."""
+    nz = 5
+    labels = np.concatenate(
+        [phantoms.region_labels((48, 40, 1), centre=(14.0 + 3 * z, 18.0 + z)) for z in range(nz)], axis=2
+    )
+    b0 = labels.astype(np.float32) * phantoms.SCALE
+    seg_model = _CountingSegmenter(decoder_dir)
+    cord = labels > 0
+    cord[:, :, 2] = False
+    seg = seg_model.segment(b0, zooms_mm=(1.0, 1.0, 4.0), cord=cord)
+    assert [c[0] for c in seg_model.calls] == [nz - 1]  # one batch of crops, no whole slice
+    expected = labels.copy()
+    expected[:, :, 2] = 0
+    assert np.array_equal(seg.labels, expected)
+    assert seg.slices_without_cord == (2,)
+
+
 def test_a_cord_far_from_its_interpolated_centre_is_located_on_its_own(decoder_dir: Path) -> None:
     """Slices 0 and 4 put the cord on the left of the field, slice 2 on the far right: the crop
     around the interpolated centre misses it, so slice 2 is located by pass 1 after all."""

@@ -34,6 +34,7 @@ from numpy.typing import NDArray
 from scipy import ndimage
 
 from core.segment.csf_rim import cord_median_md, md_is_cord_like
+from core.segment.gray_contrast import gray_contrast_b0, repartition
 
 if TYPE_CHECKING:
     from core.segment.runtime import Segmentation, Segmenter
@@ -58,6 +59,14 @@ tissue (1.0-1.6e-3), which the second pass is right to drop."""
 _IN_PLANE = ndimage.generate_binary_structure(2, 1)[:, :, None]
 
 
+def free_water_share(md: NDArray[np.floating]) -> NDArray[np.float32]:
+    """(X, Y, Z) the free-water share ``f`` in [0, 1] that each voxel's MD (mm^2/s; 0 or NaN where
+    not fitted, read as 0) suggests: 0 at :data:`MD_LOW_MM2_S` and below, 1 at
+    :data:`MD_HIGH_MM2_S` and above, linear between."""
+    md = np.nan_to_num(np.asarray(md, dtype=np.float32), nan=0.0)
+    return np.clip((md - MD_LOW_MM2_S) / (MD_HIGH_MM2_S - MD_LOW_MM2_S), 0.0, 1.0).astype(np.float32)
+
+
 def csf_contrast_b0(b0: NDArray[np.floating], md: NDArray[np.floating], cord: NDArray[np.bool_]) -> NDArray[np.float32]:
     """The b0 with each voxel brightened by its MD-estimated free-water share.
 
@@ -77,24 +86,36 @@ def csf_contrast_b0(b0: NDArray[np.floating], md: NDArray[np.floating], cord: ND
     md = np.asarray(md, dtype=np.float32)
     if md.shape != b0.shape or cord.shape != b0.shape:
         raise ValueError(f"b0 {b0.shape}, MD {md.shape} and cord {cord.shape} are not on one grid")
-    share = np.clip((np.nan_to_num(md, nan=0.0) - MD_LOW_MM2_S) / (MD_HIGH_MM2_S - MD_LOW_MM2_S), 0.0, 1.0)
+    share = free_water_share(md)
     share[ndimage.binary_erosion(cord, _IN_PLANE)] = 0.0
     return (b0 * (1.0 + share)).astype(np.float32)
 
 
 def contrast_pass(
     segmenter: Segmenter, b0: NDArray[np.floating], md: NDArray[np.floating], first: Segmentation,
-    *, zooms_mm: tuple[float, float, float],
+    *, zooms_mm: tuple[float, float, float], fa: NDArray[np.floating] | None = None,
 ) -> Segmentation | None:
     """The segmentation of :func:`csf_contrast_b0` of ``b0`` (X, Y, Z), or None where the pass
     should not run: the first pass found no cord, or its cord's median MD is not cord-like (the
     MD map, or the masks, cannot be trusted; :func:`core.segment.csf_rim.md_is_cord_like`).
 
-    ``md`` (mm^2/s, same grid) is what the tensor fit gave, 0 where it did not fit.
+    ``md`` (mm^2/s, same grid) is what the tensor fit gave, 0 where it did not fit. With ``fa``
+    (same grid) and a model whose manifest sets a ``gray_contrast_gain``, that image with the
+    cord's inside also brightened by its gray-matter share (:mod:`core.segment.gray_contrast`;
+    the CSF brightening leaves that inside as it is) is segmented too, and divides the first
+    image's cord into the regions (:func:`core.segment.gray_contrast.repartition`): the
+    outline stays that of the CSF contrast (a brighter inside moved it, on the real DWI
+    shrinking one slice's cord by a fifth).
     """
     if not first.labels.any() or not md_is_cord_like(cord_median_md(first.labels, md)):
         return None
-    return segmenter.segment(csf_contrast_b0(b0, md, first.labels > 0), zooms_mm=zooms_mm, ventral_lean=True)
+    image = csf_contrast_b0(b0, md, first.labels > 0)
+    second = segmenter.segment(image, zooms_mm=zooms_mm, ventral_lean=True)
+    if fa is None or segmenter.gray_contrast_gain <= 0 or not second.labels.any():
+        return second
+    gray = gray_contrast_b0(image, fa, first.labels, gain=segmenter.gray_contrast_gain, free_water=free_water_share(md))
+    partition = segmenter.segment(gray, zooms_mm=zooms_mm, ventral_lean=True, cord=second.labels > 0)
+    return repartition(second, partition)
 
 
 def keep_first_where_lost(first: Segmentation, second: Segmentation, md: NDArray[np.floating]

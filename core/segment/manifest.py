@@ -35,6 +35,13 @@ class ModelInput(BaseModel):
         description="trained with left-right mirroring and swapped side labels: pass 2 averages "
         "the answer with that of the mirrored crop",
     )
+    gray_contrast_gain: float = Field(
+        0.0,
+        ge=0.0,
+        description="the second, CSF-contrast pass also brightens the cord's inside by its "
+        "FA-estimated gray-matter share, up to 1 + this (core.segment.gray_contrast); 0: not, for "
+        "a model that does not read gray matter by its brightness",
+    )
 
 
 class ModelOutput(BaseModel):

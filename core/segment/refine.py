@@ -6,7 +6,9 @@ the CSF; the MD map shows that edge plainly (cord tissue 0.6-1.0e-3 mm^2/s, CSF 
 So, once the tensor is fitted:
 
 1. a second network pass on the b0 with its CSF brightened by MD
-   (:mod:`core.segment.csf_contrast`), skipped when the first found no cord or its MD is not
+   (:mod:`core.segment.csf_contrast`; given the FA, its cord divided into the regions by the
+   segmentation of a copy whose cord inside is brightened by its FA-estimated gray-matter share,
+   :mod:`core.segment.gray_contrast`), skipped when the first found no cord or its MD is not
    cord-like; a slice where it lost the cord keeps the first pass's masks
    (:func:`core.segment.csf_contrast.keep_first_where_lost`); where the second cord reaches
    beyond the voxels the tensor was fitted on, the tensor is fitted again on both cords
@@ -51,13 +53,20 @@ class FittedMD(Protocol):
         """(X, Y, Z) the voxels that were fitted."""
         ...
 
+    @property
+    def fa(self) -> NDArray[np.float32] | None:
+        """(X, Y, Z) fractional anisotropy, 0 outside ``mask``; None: not known (no gray-matter
+        contrast in the second pass)."""
+        ...
+
 
 @dataclass(frozen=True)
 class MDMap:
-    """A bare :class:`FittedMD`: an MD map (mm^2/s) and the voxels it holds."""
+    """A bare :class:`FittedMD`: an MD map (mm^2/s), the voxels it holds and, if known, the FA."""
 
     md: NDArray[np.float32]
     mask: NDArray[np.bool_]
+    fa: NDArray[np.float32] | None = None
 
 
 M = TypeVar("M", bound=FittedMD)
@@ -109,7 +118,7 @@ def refine(
         is lowered to its half-cord MD (:func:`core.segment.half_cord.half_cord_md`) where that
         is below ``CSF_MD_MM2_S``; None: the fixed threshold alone.
     """
-    second = contrast_pass(segmenter, b0, maps.md, first, zooms_mm=zooms_mm)
+    second = contrast_pass(segmenter, b0, maps.md, first, zooms_mm=zooms_mm, fa=maps.fa)
     segmentation, refitted, lost = first, False, ()
     if second is not None:
         second, lost = keep_first_where_lost(first, second, maps.md)

@@ -132,6 +132,12 @@ class Segmenter:
     def sha256(self) -> str:
         return self.manifest.sha256
 
+    @property
+    def gray_contrast_gain(self) -> float:
+        """The manifest's gain of the second pass's gray-matter contrast (0: none;
+        :mod:`core.segment.gray_contrast`)."""
+        return float(self._input.gray_contrast_gain)
+
     def _normalise(self, image: NDArray[np.float32]) -> NDArray[np.float32]:
         if self._input.normalisation == "identity":
             return image.astype(np.float32)
@@ -226,7 +232,7 @@ class Segmenter:
 
     def segment(
         self, b0: NDArray[np.floating], *, zooms_mm: tuple[float, float, float], augment: bool = False,
-        ventral_lean: bool = False,
+        ventral_lean: bool = False, cord: NDArray[np.bool_] | None = None,
     ) -> Segmentation:
         """Segment a mean-b0 volume.
 
@@ -239,6 +245,10 @@ class Segmenter:
         ventral_lean : label by :func:`_ventral_lean` rather than the plain argmax (the
             augmentations too); for masks whose outline the refinement's trim by MD checks
             afterwards (the pipeline's passes unless ``--no-refine``).
+        cord : (X, Y, Z) a cord already found on this grid (another segmentation of the same
+            study): pass 2's crops are centred on each slice's cord centroid and pass 1 is
+            skipped (a slice without cord gets no labels); for an image that differs from an
+            already segmented one only inside the cord.
 
         Returns
         -------
@@ -253,7 +263,7 @@ class Segmenter:
         slices = np.stack([resample_slice(b0[:, :, z], spacing_mm=spacing, target_mm=target) for z in range(nz)])
         pixel_area = target[0] * target[1]
 
-        centres = self._locate(slices, min_pixels=min_cord_voxels(pixel_area))
+        centres = self._locate(slices, min_pixels=min_cord_voxels(pixel_area)) if cord is None else _centres_of(cord, (fx, fy))
         found = [z for z in range(nz) if centres[z] is not None]
         fine = self._fine_pass(slices, centres, found)
         # A slice whose centre was interpolated, where the crop shows no cord near its middle,
@@ -386,6 +396,19 @@ def _ventral_lean(probabilities: NDArray[np.float32], labels: NDArray[np.uint8])
     region = np.argmax(probabilities[1:, hesitant], axis=0) + 1  # their most probable region, codes 1-8
     labels[hesitant] = np.where(np.isin(region, _VENTRAL_CODES), region, BACKGROUND)
     return labels
+
+
+def _centres_of(cord: NDArray[np.bool_], factors: tuple[float, float]) -> list[_Centre | None]:
+    """Per slice of an (X, Y, Z) cord mask, its centroid on the model grid (``factors``: model
+    pixels per input voxel along X and Y), or None where the slice has no cord."""
+    centres: list[_Centre | None] = []
+    for z in range(cord.shape[2]):
+        if not cord[:, :, z].any():
+            centres.append(None)
+            continue
+        ci, cj = ndimage.center_of_mass(cord[:, :, z])
+        centres.append(_Centre(int(round((ci + 0.5) * factors[0] - 0.5)), int(round((cj + 0.5) * factors[1] - 0.5))))
+    return centres
 
 
 def _cord_centre(p_cord: NDArray[np.float32], *, min_pixels: float) -> _Centre | None:
