@@ -6,7 +6,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from core.segment.csf_contrast import MD_HIGH_MM2_S, MD_LOW_MM2_S, csf_contrast_b0, keep_first_where_lost
+from core.segment.csf_contrast import (
+    MD_HIGH_MM2_S,
+    MD_LOW_MM2_S,
+    csf_contrast_b0,
+    free_water_share,
+    keep_first_where_lost,
+)
 from core.segment.runtime import Segmentation, Segmenter
 from core.settings import SHIPPED_MODEL_DIR
 from models.generator import fit_fa_md, generate, simulate_dwi
@@ -34,6 +40,19 @@ def test_the_inside_of_the_first_cord_keeps_its_b0_and_its_outline_does_not() ->
     assert np.all(out[inner] == 1.0) and np.all(out[~inner] == 2.0)
     with pytest.raises(ValueError, match="not on one grid"):
         csf_contrast_b0(np.ones(cord.shape), md[:-1], cord)
+
+
+def test_a_share_the_caller_has_is_used_as_given_and_left_unmodified() -> None:
+    cord = np.zeros((9, 9, 2), bool)
+    cord[2:7, 2:7, :] = True
+    md = np.full(cord.shape, 3.0e-3)
+    water = free_water_share(md)
+    kept = water.copy()
+    assert csf_contrast_b0(np.ones(cord.shape), md, cord, free_water=water).tolist() == \
+        csf_contrast_b0(np.ones(cord.shape), md, cord).tolist()
+    assert water.tolist() == kept.tolist()  # the cord's inside was zeroed in a copy
+    half = np.full(cord.shape, 0.5, np.float32)
+    assert np.all(csf_contrast_b0(np.ones(cord.shape), md, cord, free_water=half)[~cord] == 1.5)
 
 
 def test_the_network_finds_the_cord_better_where_csf_is_as_bright_as_the_cord() -> None:

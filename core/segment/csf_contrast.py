@@ -67,7 +67,10 @@ def free_water_share(md: NDArray[np.floating]) -> NDArray[np.float32]:
     return np.clip((md - MD_LOW_MM2_S) / (MD_HIGH_MM2_S - MD_LOW_MM2_S), 0.0, 1.0).astype(np.float32)
 
 
-def csf_contrast_b0(b0: NDArray[np.floating], md: NDArray[np.floating], cord: NDArray[np.bool_]) -> NDArray[np.float32]:
+def csf_contrast_b0(
+    b0: NDArray[np.floating], md: NDArray[np.floating], cord: NDArray[np.bool_],
+    *, free_water: NDArray[np.floating] | None = None,
+) -> NDArray[np.float32]:
     """The b0 with each voxel brightened by its MD-estimated free-water share.
 
     Parameters
@@ -77,6 +80,8 @@ def csf_contrast_b0(b0: NDArray[np.floating], md: NDArray[np.floating], cord: ND
         (0, NaN) keep their b0.
     cord : (X, Y, Z) the first pass's cord; its voxels off the in-plane (4-connected) outline
         keep their b0.
+    free_water : (X, Y, Z) :func:`free_water_share` of ``md`` when the caller has it already
+        (not modified); computed here otherwise.
 
     Returns
     -------
@@ -86,7 +91,7 @@ def csf_contrast_b0(b0: NDArray[np.floating], md: NDArray[np.floating], cord: ND
     md = np.asarray(md, dtype=np.float32)
     if md.shape != b0.shape or cord.shape != b0.shape:
         raise ValueError(f"b0 {b0.shape}, MD {md.shape} and cord {cord.shape} are not on one grid")
-    share = free_water_share(md)
+    share = free_water_share(md) if free_water is None else np.array(free_water, dtype=np.float32)
     share[ndimage.binary_erosion(cord, _IN_PLANE)] = 0.0
     return (b0 * (1.0 + share)).astype(np.float32)
 
@@ -109,11 +114,12 @@ def contrast_pass(
     """
     if not first.labels.any() or not md_is_cord_like(cord_median_md(first.labels, md)):
         return None
-    image = csf_contrast_b0(b0, md, first.labels > 0)
+    water = free_water_share(md)
+    image = csf_contrast_b0(b0, md, first.labels > 0, free_water=water)
     second = segmenter.segment(image, zooms_mm=zooms_mm, ventral_lean=True)
     if fa is None or segmenter.gray_contrast_gain <= 0 or not second.labels.any():
         return second
-    gray = gray_contrast_b0(image, fa, first.labels, gain=segmenter.gray_contrast_gain, free_water=free_water_share(md))
+    gray = gray_contrast_b0(image, fa, first.labels, gain=segmenter.gray_contrast_gain, free_water=water)
     partition = segmenter.segment(gray, zooms_mm=zooms_mm, ventral_lean=True, cord=second.labels > 0)
     return repartition(second, partition)
 
