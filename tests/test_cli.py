@@ -46,7 +46,8 @@ def test_no_refine_keeps_the_networks_masks_and_no_csf_trim_is_its_deprecated_al
     assert runs["refined"]["voxels_removed"] == int(info["rim"].sum()) > 0
     assert runs["kept"] == runs["alias"] == {
         "applied": False, "csf_contrast_pass": False, "refit": False, "md_threshold_mm2_s": None,
-        "md_threshold_by_slice_mm2_s": [], "voxels_removed": 0, "cord_voxels": runs["refined"]["cord_voxels"] + runs["refined"]["voxels_removed"], "first_pass_slices": [],
+        "md_threshold_by_slice_mm2_s": [], "fa_fraction_of_white_matter": None, "fa_threshold_by_slice": [],
+        "voxels_removed": 0, "cord_voxels": runs["refined"]["cord_voxels"] + runs["refined"]["voxels_removed"], "first_pass_slices": [],
     }
 
 

@@ -1,5 +1,6 @@
-"""The CSF-rim trim (core.segment.csf_rim): outline voxels with CSF-like MD go back to the
-background, never the inside of the cord, at most two layers deep, never below the minimum."""
+"""The CSF-rim trim (core.segment.csf_rim): outline voxels with CSF-like MD (or, given the FA,
+CSF-like FA for their slice's white matter) go back to the background, never the inside of the
+cord, at most two layers deep, never below the minimum."""
 
 from __future__ import annotations
 
@@ -10,10 +11,12 @@ from scipy import ndimage
 from core.segment.csf_rim import (
     CORD_MD_MAX_MM2_S,
     CSF_MD_MM2_S,
+    FA_FRACTION,
     MAX_LAYERS,
     cord_median_md,
     md_is_cord_like,
     trim_csf_rim,
+    white_matter_median_fa,
 )
 
 CORD_MD = 0.9e-3
@@ -118,3 +121,52 @@ def test_the_cord_median_md_guard() -> None:
     md[labels > 0] = np.nan
     assert np.isnan(cord_median_md(labels, md)) and md_is_cord_like(float("nan"))
     assert md_is_cord_like(CORD_MD_MAX_MM2_S) and not md_is_cord_like(CORD_MD_MAX_MM2_S * 1.01)
+
+
+WM_FA = 0.7
+
+
+def _fa_slice() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """A cord (radius 6; codes 1 and 5, white matter) whose one-voxel outline spills into
+    voxels with cord-like MD but CSF-like FA (mostly CSF: the tissue share carries the MD);
+    returns labels, MD, FA and that rim."""
+    labels, _ = _slice(cord_radius=6.0, label_radius=7.0)
+    rim = (labels > 0) & ~_disc(6.0)
+    md = np.full(labels.shape, CORD_MD)
+    fa = np.where(rim, 0.2, WM_FA)
+    return labels, md, fa, rim
+
+
+def test_outline_voxels_with_csf_like_fa_for_their_slice_are_trimmed() -> None:
+    labels, md, fa, rim = _fa_slice()
+    assert trim_csf_rim(labels, md, pixel_area_mm2=1.0).voxels_removed == 0  # MD alone sees nothing
+    trim = trim_csf_rim(labels, md, pixel_area_mm2=1.0, fa=fa)
+    assert np.array_equal(trim.labels > 0, _disc(6.0)) and trim.voxels_removed == int(rim.sum())
+    assert trim.fa_thresholds == pytest.approx((FA_FRACTION * WM_FA,))
+
+
+def test_the_fa_line_follows_the_slices_own_white_matter() -> None:
+    labels, md, fa, rim = _fa_slice()
+    # a cord whose FA is low throughout (as in myelopathy): the same rim is no longer CSF-like
+    low = np.where(rim, 0.2, 0.45)
+    assert trim_csf_rim(labels, md, pixel_area_mm2=1.0, fa=low).voxels_removed == 0
+    # gray matter reaching the outline (FA 0.6 x white matter) stays; gray matter does not set the line
+    gray = labels.copy()
+    gray[rim & (np.indices(labels.shape)[1] < 20)] = 4
+    fa_gray = np.where(gray == 4, 0.6 * WM_FA, WM_FA)
+    trim = trim_csf_rim(gray, md, pixel_area_mm2=1.0, fa=fa_gray)
+    assert trim.voxels_removed == 0 and trim.fa_thresholds == pytest.approx((FA_FRACTION * WM_FA,))
+
+
+def test_the_fa_trim_never_carves_the_inside_nor_reads_nan() -> None:
+    labels, md, fa, rim = _fa_slice()
+    inside = _disc(3.0)
+    fa[inside] = 0.05  # an isotropic inside (a syrinx) stays
+    fa[rim] = np.nan  # a voxel the fit did not resolve is not taken for CSF
+    trim = trim_csf_rim(labels, md, pixel_area_mm2=1.0, fa=fa)
+    assert np.array_equal(trim.labels, labels)
+    no_white = np.where(labels > 0, 4, 0).astype(np.uint8)  # no white matter: no line on the slice
+    assert np.isnan(white_matter_median_fa(no_white[:, :, None], fa[:, :, None])[0])
+    assert trim_csf_rim(no_white, md, pixel_area_mm2=1.0, fa=np.where(rim, 0.01, WM_FA)).voxels_removed == 0
+    with pytest.raises(ValueError, match="not on one grid"):
+        trim_csf_rim(labels, md, pixel_area_mm2=1.0, fa=fa[:-1])

@@ -15,8 +15,9 @@ import pytest
 from core import pipeline
 from core.errors import ModelError
 from core.ingest.nifti import load_nifti_dwi
+from core.labels import REGIONS
 from core.report.build import validate_report
-from core.segment.csf_rim import CSF_MD_MM2_S
+from core.segment.csf_rim import CSF_MD_MM2_S, FA_FRACTION
 from core.segment.runtime import Segmentation, Segmenter
 
 
@@ -50,7 +51,7 @@ def test_measures_match_the_known_tensors(result, phantom) -> None:
         assert region["top_probability"] > 0.99 and 0 <= region["confidence"] <= 1
         assert set(region["augmentation_dice"]) == {"shift", "flip", "mean"}
     assert report["cord"]["voxels"] == int((phantom["labels"] > 0).sum())
-    assert report["estimator"] == "binary-mean" and report["schema_version"] == "2.3"
+    assert report["estimator"] == "binary-mean" and report["schema_version"] == "2.4"
     assert report["confidence_method"]["augmentations"] == ["shift", "flip"]
     assert report["anatomy"] == {"applied": True, "filled_voxels": 0, "reassigned_voxels": 0, "slices": []}
     for entry in report["slices"]:
@@ -166,9 +167,13 @@ def test_outline_voxels_with_csf_diffusion_are_trimmed_before_measuring(tmp_path
     report = pipeline.analyze([ph["image"]], out_dir=tmp_path / "trimmed", segmenter=segmenter)
     by_slice = report["refinement"].pop("md_threshold_by_slice_mm2_s")
     assert len(by_slice) == ph["labels"].shape[2] and all(1.0e-3 < t <= CSF_MD_MM2_S for t in by_slice)
+    fa_lines = report["refinement"].pop("fa_threshold_by_slice")
+    white_codes = [r.code for r in REGIONS if r.tissue != "gray"]  # each slice's median white-matter FA, 0.4 of it
+    medians = [np.median([ph["fa"][c] for c in z_labels[np.isin(z_labels, white_codes)]]) for z_labels in np.moveaxis(ph["labels"], 2, 0)]
+    assert fa_lines == pytest.approx([FA_FRACTION * m for m in medians], abs=2e-3)
     assert report["refinement"] == {"applied": True, "csf_contrast_pass": True, "refit": False,
-                                    "md_threshold_mm2_s": CSF_MD_MM2_S, "voxels_removed": n_rim, "cord_voxels": n_cord,
-                                    "first_pass_slices": []}
+                                    "md_threshold_mm2_s": CSF_MD_MM2_S, "fa_fraction_of_white_matter": FA_FRACTION,
+                                    "voxels_removed": n_rim, "cord_voxels": n_cord, "first_pass_slices": []}
     assert np.array_equal(np.asarray(nib.load(str(tmp_path / "trimmed" / "labels.nii.gz")).dataobj), ph["labels"])
     for region in report["regions"]:
         assert region["fa"]["mean"] == pytest.approx(ph["fa"][region["code"]], abs=1e-3)
@@ -179,7 +184,8 @@ def test_outline_voxels_with_csf_diffusion_are_trimmed_before_measuring(tmp_path
     kept = pipeline.analyze([ph["image"]], out_dir=tmp_path / "kept", segmenter=segmenter,
                             options=pipeline.Options(refine=False))
     assert kept["refinement"] == {"applied": False, "csf_contrast_pass": False, "refit": False,
-                                  "md_threshold_mm2_s": None, "md_threshold_by_slice_mm2_s": [], "voxels_removed": 0,
+                                  "md_threshold_mm2_s": None, "md_threshold_by_slice_mm2_s": [],
+                                  "fa_fraction_of_white_matter": None, "fa_threshold_by_slice": [], "voxels_removed": 0,
                                   "cord_voxels": n_cord + n_rim, "first_pass_slices": []}
     assert "refine" in report["timings_s"] and list(report["timings_s"]) == list(pipeline.STAGES)
     on_rim = {int(c) for c in np.unique(np.asarray(nib.load(str(ph["image"])).dataobj)[..., 0][ph["rim"]] / phantoms.SCALE)}

@@ -1,4 +1,4 @@
-"""Trim the CSF rim off a segmentation with the mean diffusivity of the tensor fit.
+"""Trim the CSF rim off a segmentation with the mean diffusivity and FA of the tensor fit.
 
 The network segments the mean b0, where the edge between cord and CSF is only as clear as
 their contrast; where CSF is about as bright as the cord the masks take in edge voxels that
@@ -9,6 +9,13 @@ high MD). The tensor fit sees that edge plainly: cord tissue has MD about 0.6-1.
 :mod:`core.segment.half_cord`) is mostly CSF and is given back to the background, at most ``MAX_LAYERS``
 voxels deep from the outline per slice, so the inside of the cord (a syrinx, a noisy voxel)
 is never carved out.
+
+Given the FA, an outline voxel also goes when its FA is below ``FA_FRACTION`` of its slice's
+white-matter median FA: CSF is isotropic, so a voxel that is mostly CSF has lost most of the
+anisotropy of the funiculus it borders, while its MD can stay below the MD line (the diffusion-
+weighted signal comes from the tissue share, whose MD dominates the fit). The line is relative
+to the slice's own white matter, so a cord whose FA is low throughout (myelopathy, low SNR)
+moves its line with it; gray matter (FA about 0.6-0.75 of white matter) lies above it.
 
 Measured on simulated studies (``python -m models.evaluate``; the threshold was chosen on
 separate held-out cases, seeds 2 011 000 000 onwards): the white-matter columns' FA bias
@@ -23,6 +30,7 @@ import numpy as np
 from numpy.typing import NDArray
 from scipy import ndimage
 
+from core.labels import REGIONS
 from core.segment.cord import keep_largest_cord, min_cord_voxels
 
 CSF_MD_MM2_S = 1.8e-3
@@ -37,6 +45,15 @@ CORD_MD_MAX_MM2_S = 1.5e-3
 """A study whose labelled voxels have a median MD above this is not trimmed: no cord reads so
 (healthy 0.6-1.0e-3, oedema 1.2-1.4e-3), so the MD map itself is off (wrong b-values or
 units) or the masks are mostly not cord, and a trim by MD would take the wrong voxels."""
+
+FA_FRACTION = 0.4
+"""Share of the slice's white-matter median FA below which an outline voxel counts as mostly
+CSF. On the independent yardstick (models/scsnet/MODEL_CARD.md) the outline voxels a ventral
+funiculus had beyond the truth read FA 0.27-0.59 of the slice's white matter (10th-90th
+percentile), its true outline voxels 0.52-1.11; chosen from 0.3-0.45 on seeds 0-1 and confirmed
+on seeds 2-3."""
+
+_WHITE_MATTER_CODES = tuple(r.code for r in REGIONS if r.tissue != "gray")
 
 _CROSS = ndimage.generate_binary_structure(2, 1)
 
@@ -53,6 +70,9 @@ class RimTrim:
     skipped : True when that median is not cord-like (``CORD_MD_MAX_MM2_S``) and nothing was
         trimmed.
     thresholds_mm2_s : the MD threshold each axial slice was trimmed at (empty when skipped).
+    fa_thresholds : the FA below which each axial slice's outline voxels were trimmed
+        (``fa_fraction`` x its white-matter median FA; NaN: no white matter or no FA); empty when
+        no FA was given or nothing was trimmed.
     """
 
     labels: NDArray[np.uint8]
@@ -61,6 +81,7 @@ class RimTrim:
     cord_median_md: float = float("nan")
     skipped: bool = False
     thresholds_mm2_s: tuple[float, ...] = ()
+    fa_thresholds: tuple[float, ...] = ()
 
     @property
     def voxels_removed(self) -> int:
@@ -80,6 +101,17 @@ def md_is_cord_like(median_md: float) -> bool:
     return not median_md > CORD_MD_MAX_MM2_S
 
 
+def white_matter_median_fa(labels: NDArray[np.uint8], fa: NDArray[np.floating]) -> NDArray[np.float64]:
+    """(Z,) per axial slice of (X, Y, Z) ``labels`` the median FA (dimensionless) of its
+    white-matter voxels (the six funiculi) with finite FA; NaN on a slice with none."""
+    out = np.full(labels.shape[2], np.nan)
+    for z in range(labels.shape[2]):
+        values = fa[:, :, z][np.isin(labels[:, :, z], _WHITE_MATTER_CODES) & np.isfinite(fa[:, :, z])]
+        if values.size:
+            out[z] = float(np.median(values))
+    return out
+
+
 def trim_csf_rim(
     labels: NDArray[np.uint8],
     md: NDArray[np.floating],
@@ -87,6 +119,8 @@ def trim_csf_rim(
     pixel_area_mm2: float,
     threshold_mm2_s: float | NDArray[np.floating] = CSF_MD_MM2_S,
     max_layers: int = MAX_LAYERS,
+    fa: NDArray[np.floating] | None = None,
+    fa_fraction: float = FA_FRACTION,
 ) -> RimTrim:
     """Give CSF-like outline voxels back to the background, slice by slice.
 
@@ -100,11 +134,15 @@ def trim_csf_rim(
     max_layers : how many times the outline is peeled at most.
     pixel_area_mm2 : in-plane voxel area (mm^2); a slice whose cord the trim would leave
         smaller than ``MIN_CORD_AREA_MM2`` (the run-time's "no cord") keeps its labels.
+    fa : FA (dimensionless) on the same grid, NaN where not fitted; with it an outline voxel
+        whose FA is below ``fa_fraction`` x its slice's white-matter median FA (of ``labels``,
+        :func:`white_matter_median_fa`) is trimmed too. None: MD alone.
 
     Nothing is trimmed when the labelled voxels' median MD exceeds ``CORD_MD_MAX_MM2_S``.
 
     Each layer removes the cord voxels that touch the background (in-plane, 4-connected) and
-    have MD above the threshold; after trimming only the largest connected cord is kept.
+    have MD above the threshold (or FA below the slice's FA line); after trimming only the
+    largest connected cord is kept.
     """
     flat = labels.ndim == 2
     lab = labels[:, :, None] if flat else labels
@@ -117,6 +155,15 @@ def trim_csf_rim(
         return RimTrim(labels=labels.copy(), removed=removed, cord_median_md=median, skipped=True)
     per_slice = np.broadcast_to(np.asarray(threshold_mm2_s, np.float64), (lab.shape[2],))
     csf_like = np.nan_to_num(diff, nan=0.0) > per_slice[None, None, :]  # never on a NaN threshold
+    fa_lines: tuple[float, ...] = ()
+    if fa is not None:
+        aniso = np.asarray(fa, dtype=np.float64)
+        aniso = aniso[:, :, None] if flat else aniso
+        if aniso.shape != lab.shape:
+            raise ValueError(f"labels {lab.shape} and FA {aniso.shape} are not on one grid")
+        lines = fa_fraction * white_matter_median_fa(lab, aniso)
+        csf_like |= np.nan_to_num(aniso, nan=np.inf) < lines[None, None, :]  # never on NaN FA or line
+        fa_lines = tuple(float(t) for t in lines)
     out = lab.copy()
     kept: list[int] = []
     for z in range(lab.shape[2]):
@@ -139,5 +186,5 @@ def trim_csf_rim(
         out[:, :, z] = trimmed
         removed[z] = before - after
     return RimTrim(labels=out[:, :, 0] if flat else out, removed=removed, kept_slices=tuple(kept), cord_median_md=median,
-                   thresholds_mm2_s=tuple(float(t) for t in per_slice))
+                   thresholds_mm2_s=tuple(float(t) for t in per_slice), fa_thresholds=fa_lines)
 

@@ -13,9 +13,10 @@ So, once the tensor is fitted:
    (:func:`core.segment.csf_contrast.keep_first_where_lost`); where the second cord reaches
    beyond the voxels the tensor was fitted on, the tensor is fitted again on both cords
    (``refit``);
-2. the CSF rim trimmed off the outline by MD (:mod:`core.segment.csf_rim`): an outline voxel
-   goes when its MD is above 1.8e-3 mm^2/s or, given the b-value, above what a voxel half
-   cord and half CSF reads on its slice (:mod:`core.segment.half_cord`), whichever is lower.
+2. the CSF rim trimmed off the outline by MD and FA (:mod:`core.segment.csf_rim`): an outline
+   voxel goes when its MD is above 1.8e-3 mm^2/s or, given the b-value, above what a voxel half
+   cord and half CSF reads on its slice (:mod:`core.segment.half_cord`), whichever is lower;
+   and, given the FA, when its FA is below 0.4 of its slice's white-matter median FA.
 
 The soft probabilities follow the labels: the refined segmentation keeps those of the pass its
 labels come from, and a voxel the trim gave back to the background (CSF by its MD) gets
@@ -35,7 +36,7 @@ from numpy.typing import NDArray
 
 from core.labels import BACKGROUND
 from core.segment.csf_contrast import contrast_pass, keep_first_where_lost
-from core.segment.csf_rim import CSF_MD_MM2_S, RimTrim, trim_csf_rim
+from core.segment.csf_rim import CSF_MD_MM2_S, FA_FRACTION, RimTrim, trim_csf_rim
 from core.segment.half_cord import half_cord_md
 from core.segment.runtime import Segmentation, Segmenter
 
@@ -129,7 +130,9 @@ def refine(
     threshold: float | NDArray[np.float64] = CSF_MD_MM2_S
     if bval_s_mm2 is not None:
         threshold = np.fmin(half_cord_md(segmentation.labels, maps.md, b0, bval_s_mm2=bval_s_mm2), CSF_MD_MM2_S)
-    trim = trim_csf_rim(segmentation.labels, maps.md, pixel_area_mm2=zooms_mm[0] * zooms_mm[1], threshold_mm2_s=threshold)
+    fa = None if maps.fa is None else np.where(maps.mask, maps.fa, np.nan)
+    trim = trim_csf_rim(segmentation.labels, maps.md, pixel_area_mm2=zooms_mm[0] * zooms_mm[1], threshold_mm2_s=threshold,
+                        fa=fa)
     warnings = segmentation.warnings
     if lost:
         warnings += (
@@ -182,7 +185,14 @@ def refinement_section(refinement: Refinement[Any] | None, labels: NDArray[np.ui
         "refit": refinement is not None and refinement.refitted,
         "md_threshold_mm2_s": None if refinement is None else CSF_MD_MM2_S,
         "md_threshold_by_slice_mm2_s": [] if refinement is None else [float(f"{t:.4g}") for t in refinement.trim.thresholds_mm2_s],
+        "fa_fraction_of_white_matter": None if refinement is None or not refinement.trim.fa_thresholds else FA_FRACTION,
+        "fa_threshold_by_slice": [] if refinement is None else [_rounded(t) for t in refinement.trim.fa_thresholds],
         "voxels_removed": 0 if refinement is None else refinement.trim.voxels_removed,
         "cord_voxels": int(np.count_nonzero(labels)),
         "first_pass_slices": [] if refinement is None else list(refinement.first_pass_slices),
     }
+
+
+def _rounded(value: float) -> float | None:
+    """``value`` to 4 significant digits, None when not finite (JSON has no NaN)."""
+    return float(f"{value:.4g}") if np.isfinite(value) else None
