@@ -13,10 +13,11 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+from scipy import ndimage
 
-from core.labels import BY_CODE
+from core.labels import BY_CODE, REGIONS
 from core.report.build import validate_report
-from core.segment.csf_rim import CSF_MD_MM2_S
+from core.segment.csf_rim import CSF_MD_MM2_S, FA_FRACTION
 from core.settings import SHIPPED_MODEL_DIR
 
 
@@ -100,6 +101,20 @@ def test_the_csf_rim_trim_takes_a_thin_csf_like_rim_and_no_more(run) -> None:
     assert np.median(md[labels > 0]) < 1.0e-3
     for region in report["regions"]:
         assert 0.4e-3 < region["md"]["mean"] < 1.2e-3, region["name"]
+    # the FA line: 0.4 of each slice's white-matter median FA (taken before the trim), and the
+    # outline it leaves is above it (bar a voxel uncovered under the second layer)
+    assert rim["fa_fraction_of_white_matter"] == FA_FRACTION
+    fa = np.asarray(nib.load(str(out / "fa.nii.gz")).dataobj)
+    lines = rim["fa_threshold_by_slice"]
+    assert len(lines) == labels.shape[2]
+    below = outline = 0
+    for z, line in enumerate(lines):
+        cord = labels[:, :, z] > 0
+        white = np.median(fa[:, :, z][np.isin(labels[:, :, z], [r.code for r in REGIONS if r.tissue != "gray"])])
+        assert 0.9 < line / (FA_FRACTION * white) < 1.01, z
+        edge = cord & ~ndimage.binary_erosion(cord, ndimage.generate_binary_structure(2, 1))
+        below, outline = below + int((fa[:, :, z][edge] < line).sum()), outline + int(edge.sum())
+    assert below <= 0.02 * outline
 
 
 def test_the_refinement_by_md_adds_tissue_and_takes_csf(run, real_dwi_paths, tmp_path) -> None:

@@ -72,7 +72,7 @@ class RimTrim:
     thresholds_mm2_s : the MD threshold each axial slice was trimmed at (empty when skipped).
     fa_thresholds : the FA below which each axial slice's outline voxels were trimmed
         (``fa_fraction`` x its white-matter median FA; NaN: no white matter or no FA); empty when
-        no FA was given or nothing was trimmed.
+        no FA was given or the trim was skipped.
     """
 
     labels: NDArray[np.uint8]

@@ -19,7 +19,7 @@ So, once the tensor is fitted:
    and, given the FA, when its FA is below 0.4 of its slice's white-matter median FA.
 
 The soft probabilities follow the labels: the refined segmentation keeps those of the pass its
-labels come from, and a voxel the trim gave back to the background (CSF by its MD) gets
+labels come from, and a voxel the trim gave back to the background (CSF by its MD or FA) gets
 probability 0 in every region (1 for the background), so it weighs nothing in the
 probability-weighted measures (:mod:`core.measures.weighted`). The test-time-augmentation
 agreement stays the first pass's (the augmentations segment the plain b0).
