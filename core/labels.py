@@ -105,6 +105,9 @@ def _build() -> tuple[Region, ...]:
 REGIONS: tuple[Region, ...] = _build()
 BY_CODE: dict[int, Region] = {r.code: r for r in REGIONS}
 BY_KEY: dict[str, Region] = {r.key: r for r in REGIONS}
+GRAY_MATTER_CODES: tuple[int, ...] = tuple(r.code for r in REGIONS if r.tissue == "gray")
+WHITE_MATTER_CODES: tuple[int, ...] = tuple(r.code for r in REGIONS if r.tissue != "gray")
+"""The six funiculi (lateral, dorsal and ventral, both sides)."""
 
 
 def mirror_code(code: int) -> int:

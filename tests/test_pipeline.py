@@ -15,7 +15,7 @@ import pytest
 from core import pipeline
 from core.errors import ModelError
 from core.ingest.nifti import load_nifti_dwi
-from core.labels import REGIONS
+from core.labels import WHITE_MATTER_CODES
 from core.report.build import validate_report
 from core.segment.csf_rim import CSF_MD_MM2_S, FA_FRACTION
 from core.segment.runtime import Segmentation, Segmenter
@@ -168,8 +168,9 @@ def test_outline_voxels_with_csf_diffusion_are_trimmed_before_measuring(tmp_path
     by_slice = report["refinement"].pop("md_threshold_by_slice_mm2_s")
     assert len(by_slice) == ph["labels"].shape[2] and all(1.0e-3 < t <= CSF_MD_MM2_S for t in by_slice)
     fa_lines = report["refinement"].pop("fa_threshold_by_slice")
-    white_codes = [r.code for r in REGIONS if r.tissue != "gray"]  # each slice's median white-matter FA, 0.4 of it
-    medians = [np.median([ph["fa"][c] for c in z_labels[np.isin(z_labels, white_codes)]]) for z_labels in np.moveaxis(ph["labels"], 2, 0)]
+    # each slice's median white-matter FA, 0.4 of it
+    medians = [np.median([ph["fa"][c] for c in z_labels[np.isin(z_labels, WHITE_MATTER_CODES)]])
+               for z_labels in np.moveaxis(ph["labels"], 2, 0)]
     assert fa_lines == pytest.approx([FA_FRACTION * m for m in medians], abs=2e-3)
     assert report["refinement"] == {"applied": True, "csf_contrast_pass": True, "refit": False,
                                     "md_threshold_mm2_s": CSF_MD_MM2_S, "fa_fraction_of_white_matter": FA_FRACTION,

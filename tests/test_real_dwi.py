@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from core.labels import BY_CODE, REGIONS
+from core.labels import BY_CODE, WHITE_MATTER_CODES
 from core.report.build import validate_report
 from core.segment.csf_rim import CSF_MD_MM2_S, FA_FRACTION
 from core.settings import SHIPPED_MODEL_DIR
@@ -110,7 +110,7 @@ def test_the_csf_rim_trim_takes_a_thin_csf_like_rim_and_no_more(run) -> None:
     below = outline = 0
     for z, line in enumerate(lines):
         cord = labels[:, :, z] > 0
-        white = np.median(fa[:, :, z][np.isin(labels[:, :, z], [r.code for r in REGIONS if r.tissue != "gray"])])
+        white = np.median(fa[:, :, z][np.isin(labels[:, :, z], WHITE_MATTER_CODES)])
         assert 0.9 < line / (FA_FRACTION * white) < 1.01, z
         edge = cord & ~ndimage.binary_erosion(cord, ndimage.generate_binary_structure(2, 1))
         below, outline = below + int((fa[:, :, z][edge] < line).sum()), outline + int(edge.sum())

@@ -1,5 +1,5 @@
-"""Cord rules shared by the run-time and the CSF-rim trim: one connected cord per slice, and
-a least cord area below which a slice holds no cord."""
+"""Cord rules shared by the run-time and the refinement: one connected cord per slice, a least
+cord area below which a slice holds no cord, and per-slice summaries of a map over regions."""
 
 from __future__ import annotations
 
@@ -26,3 +26,15 @@ def keep_largest_cord(labels: NDArray[np.uint8]) -> NDArray[np.uint8]:
     sizes = ndimage.sum_labels(np.ones_like(labels), components, index=np.arange(1, n + 1))
     keep = components == (int(np.argmax(sizes)) + 1)
     return np.where(keep, labels, 0).astype(np.uint8)
+
+
+def median_by_slice(values: NDArray[np.floating], labels: NDArray[np.integer], codes: tuple[int, ...]) -> NDArray[np.float64]:
+    """(Z,) per axial slice of (X, Y, Z) ``labels`` the median of ``values`` (same grid, any
+    units) over its voxels labelled with one of ``codes`` and a finite value; NaN on a slice
+    with none."""
+    out = np.full(labels.shape[2], np.nan)
+    for z in range(labels.shape[2]):
+        picked = values[:, :, z][np.isin(labels[:, :, z], codes) & np.isfinite(values[:, :, z])]
+        if picked.size:
+            out[z] = float(np.median(picked))
+    return out

@@ -30,8 +30,8 @@ import numpy as np
 from numpy.typing import NDArray
 from scipy import ndimage
 
-from core.labels import REGIONS
-from core.segment.cord import keep_largest_cord, min_cord_voxels
+from core.labels import WHITE_MATTER_CODES
+from core.segment.cord import keep_largest_cord, median_by_slice, min_cord_voxels
 
 CSF_MD_MM2_S = 1.8e-3
 """MD (mm^2/s) above which an outline voxel counts as mostly CSF. At b = 800 s/mm^2 a voxel
@@ -52,8 +52,6 @@ CSF. On the independent yardstick (models/scsnet/MODEL_CARD.md) the outline voxe
 funiculus had beyond the truth read FA 0.27-0.59 of the slice's white matter (10th-90th
 percentile), its true outline voxels 0.52-1.11; chosen from 0.3-0.45 on seeds 0-1 and confirmed
 on seeds 2-3."""
-
-_WHITE_MATTER_CODES = tuple(r.code for r in REGIONS if r.tissue != "gray")
 
 _CROSS = ndimage.generate_binary_structure(2, 1)
 
@@ -104,12 +102,7 @@ def md_is_cord_like(median_md: float) -> bool:
 def white_matter_median_fa(labels: NDArray[np.uint8], fa: NDArray[np.floating]) -> NDArray[np.float64]:
     """(Z,) per axial slice of (X, Y, Z) ``labels`` the median FA (dimensionless) of its
     white-matter voxels (the six funiculi) with finite FA; NaN on a slice with none."""
-    out = np.full(labels.shape[2], np.nan)
-    for z in range(labels.shape[2]):
-        values = fa[:, :, z][np.isin(labels[:, :, z], _WHITE_MATTER_CODES) & np.isfinite(fa[:, :, z])]
-        if values.size:
-            out[z] = float(np.median(values))
-    return out
+    return median_by_slice(fa, labels, WHITE_MATTER_CODES)
 
 
 def trim_csf_rim(
@@ -164,6 +157,7 @@ def trim_csf_rim(
         lines = fa_fraction * white_matter_median_fa(lab, aniso)
         csf_like |= np.nan_to_num(aniso, nan=np.inf) < lines[None, None, :]  # never on NaN FA or line
         fa_lines = tuple(float(t) for t in lines)
+    csf_like &= lab > 0  # only labelled voxels can be trimmed: a slice without such voxels is skipped
     out = lab.copy()
     kept: list[int] = []
     for z in range(lab.shape[2]):

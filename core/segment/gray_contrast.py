@@ -42,7 +42,8 @@ import numpy as np
 from numpy.typing import NDArray
 from scipy import ndimage
 
-from core.labels import BACKGROUND, REGIONS
+from core.labels import BACKGROUND, GRAY_MATTER_CODES, WHITE_MATTER_CODES
+from core.segment.cord import median_by_slice
 
 if TYPE_CHECKING:
     from core.segment.runtime import Segmentation
@@ -58,7 +59,6 @@ lost more Dice on the second yardstick draw than they saved in FA error)."""
 MIN_FA_GAP = 0.05
 """Smallest difference of the slice's white- and gray-matter median FA for which it is brightened."""
 
-_GRAY = tuple(r.code for r in REGIONS if r.tissue == "gray")
 _IN_PLANE = ndimage.generate_binary_structure(2, 1)[:, :, None]
 
 
@@ -82,20 +82,13 @@ def gray_share(fa: NDArray[np.floating], labels: NDArray[np.integer],
     labels = np.asarray(labels)
     if fa.shape != labels.shape:
         raise ValueError(f"FA {fa.shape} and labels {labels.shape} are not on one grid")
-    cord = labels > 0
-    gray = np.isin(labels, _GRAY)
-    white = cord & ~gray
-    inside = ndimage.binary_erosion(cord, _IN_PLANE, iterations=ERODE_VOXELS)
-    share = np.zeros(fa.shape, dtype=np.float32)
-    for z in range(fa.shape[2]):
-        if not (gray[:, :, z].any() and white[:, :, z].any() and inside[:, :, z].any()):
-            continue
-        fa_z = fa[:, :, z]
-        fa_white, fa_gray = float(np.median(fa_z[white[:, :, z]])), float(np.median(fa_z[gray[:, :, z]]))
-        if fa_white - fa_gray < MIN_FA_GAP:
-            continue
-        g = np.clip((fa_white - fa_z) / (fa_white - fa_gray), 0.0, 1.0)
-        share[:, :, z] = np.where(inside[:, :, z], g, 0.0)
+    inside = ndimage.binary_erosion(labels > 0, _IN_PLANE, iterations=ERODE_VOXELS)
+    fa_white = median_by_slice(fa, labels, WHITE_MATTER_CODES)  # (Z,), NaN without that tissue
+    fa_gray = median_by_slice(fa, labels, GRAY_MATTER_CODES)
+    gap = fa_white - fa_gray
+    contrast = np.nan_to_num(gap, nan=0.0) >= MIN_FA_GAP  # (Z,) slices with a gray/white contrast
+    g = np.clip((fa_white - fa) / np.where(contrast, gap, 1.0), 0.0, 1.0)
+    share = np.where(inside & contrast, g, 0.0).astype(np.float32)
     if free_water is not None:
         share *= 1.0 - np.clip(np.asarray(free_water, dtype=np.float32), 0.0, 1.0)
     return share

@@ -184,7 +184,7 @@ def refinement_section(refinement: Refinement[Any] | None, labels: NDArray[np.ui
         "csf_contrast_pass": refinement is not None and refinement.second_pass,
         "refit": refinement is not None and refinement.refitted,
         "md_threshold_mm2_s": None if refinement is None else CSF_MD_MM2_S,
-        "md_threshold_by_slice_mm2_s": [] if refinement is None else [float(f"{t:.4g}") for t in refinement.trim.thresholds_mm2_s],
+        "md_threshold_by_slice_mm2_s": [] if refinement is None else [_rounded(t) for t in refinement.trim.thresholds_mm2_s],
         "fa_fraction_of_white_matter": None if refinement is None or not refinement.trim.fa_thresholds else FA_FRACTION,
         "fa_threshold_by_slice": [] if refinement is None else [_rounded(t) for t in refinement.trim.fa_thresholds],
         "voxels_removed": 0 if refinement is None else refinement.trim.voxels_removed,
