@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from core.segment.cord import missing_cord_warning
 from core.segment.csf_contrast import (
     MD_HIGH_MM2_S,
     MD_LOW_MM2_S,
@@ -78,31 +79,38 @@ def test_the_network_finds_the_cord_better_where_csf_is_as_bright_as_the_cord() 
     assert sum(a > b for a, b in zip(after, before)) >= 6, (before, after)
 
 
-def _seg(labels: np.ndarray, fill: float) -> Segmentation:
+def _seg(labels: np.ndarray, fill: float, warnings: tuple[str, ...] = ()) -> Segmentation:
     probs = np.zeros((9,) + labels.shape, np.float32)
     for code in range(9):
         probs[code] = np.where(labels == code, fill, (1 - fill) / 8)
+    missing = tuple(int(z) for z in np.flatnonzero(~(labels > 0).any(axis=(0, 1))))
+    if missing:
+        warnings += (missing_cord_warning(missing),)
     return Segmentation(labels=labels, cord_probability=1 - probs[0], probabilities=probs,
-                        slices_without_cord=tuple(int(z) for z in np.flatnonzero(~(labels > 0).any(axis=(0, 1)))))
+                        slices_without_cord=missing, warnings=warnings)
 
 
 def test_a_slice_where_the_second_pass_lost_the_cord_keeps_the_first_pass() -> None:
-    shape = (12, 12, 3)
+    shape = (12, 12, 4)
     first = np.zeros(shape, np.uint8)
-    first[3:9, 3:9, :] = 2  # 36 cord voxels on each slice
+    first[3:9, 3:9, :3] = 2  # 36 cord voxels on each slice but the last, where neither pass found cord
     md = np.full(shape, 0.8e-3, np.float32)  # cord-like everywhere
     second = first.copy()
     second[3:9, 3, 0] = 0  # slice 0: a rim of 6 voxels moved (keeps 30 of 36)
     second[:, :, 1] = 0
     second[5:7, 5:7, 1] = 3  # slice 1: 4 of 36 kept: the cord was lost
     second[:, :, 2] = 0  # slice 2: nothing found
-    merged, lost = keep_first_where_lost(_seg(first, 0.9), _seg(second, 0.6), md)
+    other = "the left regions lie to the patient's right of the right regions on slice(s) 0; check it"
+    merged, lost = keep_first_where_lost(_seg(first, 0.9), _seg(second, 0.6, (other,)), md)
     assert lost == (1, 2)
     assert np.array_equal(merged.labels[:, :, 0], second[:, :, 0])
     assert np.array_equal(merged.labels[:, :, 1:], first[:, :, 1:])
     assert merged.probabilities is not None and merged.probabilities[2, 4, 4, 1] == pytest.approx(0.9)
     assert merged.probabilities[2, 4, 4, 0] == pytest.approx(0.6)
-    assert merged.slices_without_cord == ()
+    assert merged.slices_without_cord == (3,)
+    # The second pass said slices 2 and 3 had no cord; slice 2 has the first pass's now.
+    assert merged.warnings == (other, missing_cord_warning((3,)))
+    assert "slice(s) 3;" in merged.warnings[1]
 
 
 def test_dropping_csf_is_not_losing_the_cord() -> None:

@@ -1,5 +1,6 @@
 """Cord rules shared by the run-time and the refinement: one connected cord per slice, a least
-cord area below which a slice holds no cord, and per-slice summaries of a map over regions."""
+cord area below which a slice holds no cord (and the QC sentence naming such slices), and
+per-slice summaries of a map over regions."""
 
 from __future__ import annotations
 
@@ -15,6 +16,12 @@ cervical cord is 50-75 mm^2 and even a severely compressed one keeps more than 2
 def min_cord_voxels(pixel_area_mm2: float) -> float:
     """``MIN_CORD_AREA_MM2`` in voxels of ``pixel_area_mm2`` (mm^2) each."""
     return MIN_CORD_AREA_MM2 / pixel_area_mm2
+
+
+def missing_cord_warning(slices: tuple[int, ...] | list[int]) -> str:
+    """The QC sentence for axial ``slices`` (indices) where no cord was found."""
+    return (f"no spinal cord was found on slice(s) {', '.join(str(z) for z in slices)}; "
+            "they carry no labels and are left out of the measures")
 
 
 def keep_largest_cord(labels: NDArray[np.uint8]) -> NDArray[np.uint8]:

@@ -33,6 +33,7 @@ import numpy as np
 from numpy.typing import NDArray
 from scipy import ndimage
 
+from core.segment.cord import missing_cord_warning
 from core.segment.csf_rim import cord_median_md, md_is_cord_like
 from core.segment.gray_contrast import gray_contrast_b0, repartition
 
@@ -127,7 +128,8 @@ def contrast_pass(
 def keep_first_where_lost(first: Segmentation, second: Segmentation, md: NDArray[np.floating]
                           ) -> tuple[Segmentation, tuple[int, ...]]:
     """``second`` with the first pass's labels and probabilities on every axial slice where the
-    second pass lost the cord, and those slices.
+    second pass lost the cord, and those slices (its QC sentence on slices without cord then
+    names only those still without).
 
     The second pass is there to move the outline by the CSF rim, a voxel or two. On a slice
     where it keeps less than :data:`LOST_SHARE` of the first pass's voxels whose MD (mm^2/s,
@@ -150,5 +152,8 @@ def keep_first_where_lost(first: Segmentation, second: Segmentation, md: NDArray
         probabilities = probabilities.copy()
         probabilities[:, :, :, lost] = first.probabilities[:, :, :, lost]
     missing = tuple(z for z in second.slices_without_cord if z not in lost)
+    # The second pass's sentence on slices without cord names the lost ones too: say it anew.
+    stale = missing_cord_warning(second.slices_without_cord) if second.slices_without_cord else None
+    warnings = tuple(w for w in second.warnings if w != stale) + ((missing_cord_warning(missing),) if missing else ())
     return replace(second, labels=labels, cord_probability=cord_probability, probabilities=probabilities,
-                   slices_without_cord=missing), lost
+                   slices_without_cord=missing, warnings=warnings), lost

@@ -39,7 +39,7 @@ from scipy import ndimage
 from core.errors import ModelError
 from core.ingest.rules import check_resampled_slice
 from core.labels import BACKGROUND, MIRROR_LUT, N_CLASSES, REGIONS
-from core.segment.cord import keep_largest_cord, min_cord_voxels
+from core.segment.cord import keep_largest_cord, min_cord_voxels, missing_cord_warning
 from core.segment.manifest import load_manifest
 from core.segment.preprocess import (
     normalise,
@@ -287,10 +287,7 @@ class Segmenter:
                 f"{', '.join(map(str, swapped))}; check the image orientation"
             )
         if missing:
-            warnings.append(
-                f"no spinal cord was found on slice(s) {', '.join(str(z) for z in missing)}; "
-                "they carry no labels and are left out of the measures"
-            )
+            warnings.append(missing_cord_warning(missing))
         tta = None
         if augment:
             shift = (max(1, round(fx)), max(1, round(fy)))
