@@ -208,6 +208,7 @@ def measure_stage(analysis: Analysis, *, whole: WholeMasks | None = None) -> dic
             "warnings": qc_warnings,
             "b0_snr": snr,
             "slices_without_cord": list(analysis.segmentation.slices_without_cord),
+            "cord_turn_deg": round(float(analysis.segmentation.turn_deg), 1),
         },
     }
 

@@ -166,10 +166,13 @@ def test_the_shipped_model_is_scored_through_the_service_analysis(small: Params,
     assert np.nanmean(score.fa_error_pct) < 25
 
 
-def test_a_flat_severely_compressed_cord_is_not_lost_by_the_second_pass(tmp_path: Path) -> None:
-    """Study 3007 (severe compression to 61 % depth, 1 mm voxels): the CSF-contrast pass found
-    almost no cord on six of its eight slices, and the analysis was refused (cord median 13 mm^2).
-    Those slices keep the first pass's masks now, with a warning naming them."""
+def test_a_flat_severely_compressed_turned_cord_is_not_lost(tmp_path: Path) -> None:
+    """Study 3007 (severe compression to 61 % depth, turned by 25 degrees, 1 mm voxels): the
+    CSF-contrast pass once found almost no cord on six of its eight slices and the analysis was
+    refused (cord median 13 mm^2); then those slices kept the first pass's masks (cord Dice
+    0.83), with a warning naming them. Seen also turned back by the cord's angle, the second
+    pass keeps the cord on all but two slices (cord Dice 0.845 when written), and the report
+    gives the angle."""
     import json
 
     from core.segment.runtime import Segmenter
@@ -178,11 +181,13 @@ def test_a_flat_severely_compressed_cord_is_not_lost_by_the_second_pass(tmp_path
     model = Path(__file__).resolve().parents[1] / "models" / "scsnet"
     score = score_study(render(3007), seed=3007, segmenter=Segmenter(model, threads=1), workdir=tmp_path)
     assert score.failure is None
-    assert score.cord_dice > 0.75
+    assert score.cord_dice > 0.8
     report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert 20 < abs(report["qc"]["cord_turn_deg"]) < 35
     lost = report["refinement"]["first_pass_slices"]
-    assert len(lost) >= 4 and all(0 <= z < 8 for z in lost)
-    assert any(f"lost most of the cord on slice(s) {', '.join(map(str, lost))};" in w for w in report["qc"]["warnings"])
+    assert len(lost) <= 3 and all(0 <= z < 8 for z in lost)
+    if lost:
+        assert any(f"lost most of the cord on slice(s) {', '.join(map(str, lost))};" in w for w in report["qc"]["warnings"])
 
 
 def test_the_command_scores_a_set_of_studies_per_seed(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -51,8 +51,9 @@ def test_measures_match_the_known_tensors(result, phantom) -> None:
         assert region["top_probability"] > 0.99 and 0 <= region["confidence"] <= 1
         assert set(region["augmentation_dice"]) == {"shift", "flip", "mean"}
     assert report["cord"]["voxels"] == int((phantom["labels"] > 0).sum())
-    assert report["estimator"] == "binary-mean" and report["schema_version"] == "2.4"
+    assert report["estimator"] == "binary-mean" and report["schema_version"] == "2.5"
     assert report["confidence_method"]["augmentations"] == ["shift", "flip"]
+    assert report["qc"]["cord_turn_deg"] == 0.0  # the phantom's cord lies as the training's did
     assert report["anatomy"] == {"applied": True, "filled_voxels": 0, "reassigned_voxels": 0, "slices": []}
     for entry in report["slices"]:
         for key, value in entry["regions"].items():

@@ -19,14 +19,15 @@ if TYPE_CHECKING:
     from core.ingest.dicom import DicomSeriesInfo
     from core.segment.runtime import Segmenter
 
-SCHEMA_VERSION = "2.4"
+SCHEMA_VERSION = "2.5"
 """2.0: the refinement by MD is reported in ``refinement`` (was ``qc.csf_rim``), timed as the
 ``refine`` stage. 2.1 (optional keys, a 2.0 reader is unaffected): ``estimator``,
 ``confidence_method`` and ``anatomy``; per region and per slice-region ``fa_weighted``,
 ``md_weighted``, ``confidence``, ``top_probability``, ``augmentation_dice``; the ``whole``
 stage in ``timings_s``. 2.2 and 2.3: the refinement's ``first_pass_slices`` and
 ``md_threshold_by_slice_mm2_s``. 2.4: its ``fa_fraction_of_white_matter`` and
-``fa_threshold_by_slice`` (the trim by FA)."""
+``fa_threshold_by_slice`` (the trim by FA). 2.5: ``qc.cord_turn_deg`` (the cord's in-plane
+angle the network's crops were also seen turned back by)."""
 
 UNITS = {
     "fa": "1 (dimensionless)",

@@ -9,7 +9,10 @@ Per axial slice (the third axis of a closest-canonical RAS volume):
    that pass 2 must confirm, or are located on their own;
 3. pass 2: a crop of ``crop_size_px`` around that centre, normalised on its own -> class
    probabilities (averaged with those of the mirrored crop, sides swapped back), pasted into a
-   background canvas;
+   background canvas. Where the cord lies turned in-plane by 10 degrees or more (the long axis
+   of pass 2's cord, pooled over the slices: :mod:`core.segment.orientation`), pass 2 also
+   sees the crops turned back by that angle, and its answer there, turned forward, is averaged
+   with the one as they lie;
 4. the nine probability maps are resampled back to the input grid (linear) and the label is
    their argmax (where the refinement's trim by MD checks the outline afterwards, a voxel the
    network hesitates to give to a ventral funiculus rather than to the background takes the
@@ -41,6 +44,7 @@ from core.ingest.rules import check_resampled_slice
 from core.labels import BACKGROUND, MIRROR_LUT, N_CLASSES, REGIONS
 from core.segment.cord import keep_largest_cord, min_cord_voxels, missing_cord_warning
 from core.segment.manifest import load_manifest
+from core.segment.orientation import cord_turn_deg, turn, turn_probabilities
 from core.segment.preprocess import (
     normalise,
     resample_slice,
@@ -91,6 +95,9 @@ class Segmentation:
         About 9 x 4 bytes per voxel of the b0 (a 128 x 128 x 20 grid: 12 MB).
     agreement : test-time augmentation Dice of the labels made from the same image
         (``Segmenter.segment(augment=True)``), or None.
+    turn_deg : the cord's in-plane angle (degrees, on the model grid: from its first axis, the
+        patient's left-right, towards the second) by which pass 2's crops were also seen turned
+        back; 0.0: seen only as they lie.
     """
 
     labels: NDArray[np.uint8]
@@ -99,6 +106,7 @@ class Segmentation:
     warnings: tuple[str, ...] = field(default_factory=tuple)
     probabilities: NDArray[np.float32] | None = None
     agreement: Agreement | None = None
+    turn_deg: float = 0.0
 
 
 class Segmenter:
@@ -207,7 +215,8 @@ class Segmenter:
         return centres
 
     def _fine_pass(
-        self, slices: NDArray[np.float32], centres: list[_Centre | None], zs: list[int], *, mirror: bool = True
+        self, slices: NDArray[np.float32], centres: list[_Centre | None], zs: list[int], *, mirror: bool = True,
+        turn_deg: float = 0.0,
     ) -> dict[int, tuple[NDArray[np.float32], Box]]:
         """Pass 2 on a crop around each slice's cord centre: ``{z: ((C, h, w) probabilities, box)}``.
 
@@ -217,22 +226,40 @@ class Segmenter:
         ``MIRROR_LUT``: the answer then has no side preference (exactly mirror-symmetric), and
         held-out Dice of the shipped model rises by about 0.01. ``mirror=False`` skips that
         averaging (the test-time augmentations, whose flipped run would otherwise repeat it).
+
+        ``turn_deg``: the cord's in-plane angle (:func:`core.segment.orientation.cord_turn_deg`);
+        each crop is turned back by it before the network and the answer turned forward again,
+        so that the network sees the cord lying as it lay on average in training.
         """
         if not zs:
             return {}
         crops, boxes = zip(*(_crop(slices[z], (centres[z].i, centres[z].j), self._input.crop_size_px) for z in zs))  # type: ignore[union-attr]
-        images = np.stack([self._normalise(c) for c in crops])
+        images = np.stack([self._normalise(turn(c, -turn_deg)) for c in crops])
         if not (self._input.mirror_average and mirror):
-            return {z: (p, box) for z, p, box in zip(zs, self.probabilities(images), boxes)}
-        both = self.probabilities(np.concatenate([images, images[:, ::-1]]))
-        n = len(zs)
-        mirrored = both[n:][:, _MIRROR, ::-1]  # channel c of a mirrored answer is code MIRROR_LUT[c]
-        probs = (both[:n] + mirrored) / 2
-        return {z: (p, box) for z, p, box in zip(zs, probs, boxes)}
+            probs = self.probabilities(images)
+        else:
+            both = self.probabilities(np.concatenate([images, images[:, ::-1]]))
+            n = len(zs)
+            mirrored = both[n:][:, _MIRROR, ::-1]  # channel c of a mirrored answer is code MIRROR_LUT[c]
+            probs = (both[:n] + mirrored) / 2
+        return {z: (turn_probabilities(p, turn_deg), box) for z, p, box in zip(zs, probs, boxes)}
+
+    def _fine_views(
+        self, slices: NDArray[np.float32], centres: list[_Centre | None], zs: list[int], *, turn_deg: float,
+        mirror: bool = True, as_lying: dict[int, tuple[NDArray[np.float32], Box]] | None = None,
+    ) -> dict[int, tuple[NDArray[np.float32], Box]]:
+        """Pass 2's answer (:meth:`_fine_pass`) for the crops as they lie and, where ``turn_deg``
+        is not 0, the mean of that and the answer for the crops turned back by it (``as_lying``:
+        the first, already computed for these ``zs``)."""
+        plain = as_lying if as_lying is not None else self._fine_pass(slices, centres, zs, mirror=mirror)
+        if not turn_deg:
+            return plain
+        turned = self._fine_pass(slices, centres, zs, mirror=mirror, turn_deg=turn_deg)
+        return {z: ((plain[z][0] + turned[z][0]) / 2, box) for z, (_, box) in turned.items()}
 
     def segment(
         self, b0: NDArray[np.floating], *, zooms_mm: tuple[float, float, float], augment: bool = False,
-        ventral_lean: bool = False, cord: NDArray[np.bool_] | None = None,
+        ventral_lean: bool = False, cord: NDArray[np.bool_] | None = None, turn_deg: float | None = None,
     ) -> Segmentation:
         """Segment a mean-b0 volume.
 
@@ -249,6 +276,11 @@ class Segmenter:
             study): pass 2's crops are centred on each slice's cord centroid and pass 1 is
             skipped (a slice without cord gets no labels); for an image that differs from an
             already segmented one only inside the cord.
+        turn_deg : the cord's in-plane angle on the model grid (degrees; pass 2 also sees its
+            crops turned back by it and averages the two answers, :meth:`_fine_views`), e.g.
+            ``Segmentation.turn_deg`` of another segmentation of the study; None: measured here
+            from pass 2's own cord (:func:`core.segment.orientation.cord_turn_deg`, one connected
+            cord pooled over the slices) and, where it is not 0, pass 2 run again turned.
 
         Returns
         -------
@@ -265,7 +297,9 @@ class Segmenter:
 
         centres = self._locate(slices, min_pixels=min_cord_voxels(pixel_area)) if cord is None else _centres_of(cord, (fx, fy))
         found = [z for z in range(nz) if centres[z] is not None]
-        fine = self._fine_pass(slices, centres, found)
+        given_turn = turn_deg
+        turn_deg = turn_deg or 0.0
+        fine = self._fine_views(slices, centres, found, turn_deg=turn_deg)
         # A slice whose centre was interpolated, where the crop shows no cord near its middle,
         # is located on its own after all (pass 1), so it ends exactly as a fully located slice.
         recheck = [z for z in found if centres[z].interpolated and not _cord_near_centre(fine[z][0], MAX_CENTRE_SHIFT_MM / target[0])]  # type: ignore[union-attr]
@@ -274,7 +308,11 @@ class Segmenter:
             for z in recheck:
                 centres[z] = exact[z]
                 fine.pop(z)
-            fine.update(self._fine_pass(slices, centres, [z for z in recheck if centres[z] is not None]))
+            fine.update(self._fine_views(slices, centres, [z for z in recheck if centres[z] is not None], turn_deg=turn_deg))
+        if given_turn is None:
+            turn_deg = cord_turn_deg(_cord_pixels(p) for p, _ in fine.values())
+            if turn_deg:
+                fine = self._fine_views(slices, centres, sorted(fine), turn_deg=turn_deg, as_lying=fine)
         probabilities = _to_input_grid(fine, slices.shape[1:], b0.shape)
         min_voxels = min_cord_voxels(spacing[0] * spacing[1])
         labels, missing = _labels_of(probabilities, min_voxels=min_voxels, ventral_lean=ventral_lean)
@@ -292,17 +330,17 @@ class Segmenter:
         if augment:
             shift = (max(1, round(fx)), max(1, round(fy)))
             augmented = self._augmented(b0, centres, spacing=spacing, target=target, shift_px=shift, min_voxels=min_voxels,
-                                        ventral_lean=ventral_lean)
+                                        ventral_lean=ventral_lean, turn_deg=turn_deg)
             tta = agreement(labels, augmented)
         return Segmentation(
             labels=labels, cord_probability=cord_prob, slices_without_cord=tuple(missing), warnings=tuple(warnings),
-            probabilities=probabilities, agreement=tta,
+            probabilities=probabilities, agreement=tta, turn_deg=turn_deg,
         )
 
     def _augmented(
         self, b0: NDArray[np.float32], centres: list[_Centre | None], *,
         spacing: tuple[float, float], target: tuple[float, float], shift_px: tuple[int, int], min_voxels: float,
-        ventral_lean: bool = False,
+        ventral_lean: bool = False, turn_deg: float = 0.0,
     ) -> dict[str, NDArray[np.uint8]]:
         """Labels of the b0 shifted by one voxel along both in-plane axes and of the b0 mirrored
         left-right, each mapped back onto the b0's own voxels (``{"shift": .., "flip": ..}``).
@@ -311,6 +349,8 @@ class Segmenter:
         (no mirror averaging), so the two augmentations together cost about one more pass 2.
         The mirrored answer is mirrored back along x (canonical RAS: the patient's left-right)
         and its side channels swapped through ``MIRROR_LUT``: left and right are anatomical.
+        The crops are also seen turned back by ``turn_deg`` as in :meth:`_fine_views` (the mirrored
+        ones by its opposite: mirroring reverses the cord's angle).
         """
         nz = b0.shape[2]
         zs = [z for z in range(nz) if centres[z] is not None]
@@ -323,7 +363,8 @@ class Segmenter:
         h = slices.shape[1]
         moved = [None if c is None else _Centre(c.i + shift_px[0], c.j + shift_px[1]) for c in centres]
         mirrored = [None if c is None else _Centre(h - 1 - c.i, c.j) for c in centres]
-        fine = self._fine_pass(slices, moved + mirrored, zs + [nz + z for z in zs], mirror=False)
+        fine = self._fine_views(slices, moved, zs, mirror=False, turn_deg=turn_deg)
+        fine.update(self._fine_views(slices, moved + mirrored, [nz + z for z in zs], mirror=False, turn_deg=-turn_deg))
         out: dict[str, NDArray[np.uint8]] = {}
 
         probs = _to_input_grid({z: fine[z] for z in zs}, slices.shape[1:], b0.shape)
@@ -406,6 +447,12 @@ def _centres_of(cord: NDArray[np.bool_], factors: tuple[float, float]) -> list[_
         ci, cj = ndimage.center_of_mass(cord[:, :, z])
         centres.append(_Centre(int(round((ci + 0.5) * factors[0] - 0.5)), int(round((cj + 0.5) * factors[1] - 0.5))))
     return centres
+
+
+def _cord_pixels(probs: NDArray[np.float32]) -> NDArray[np.bool_]:
+    """A crop's cord ((C, h, w) probabilities -> (h, w)): where the background is below one half,
+    its largest connected piece."""
+    return keep_largest_cord((probs[BACKGROUND] < 0.5).astype(np.uint8)) > 0
 
 
 def _cord_centre(p_cord: NDArray[np.float32], *, min_pixels: float) -> _Centre | None:
