@@ -199,6 +199,36 @@ def test_mirror_average_makes_pass_two_exactly_mirror_symmetric() -> None:
     assert not np.allclose(p[1], p[5], atol=1e-3)  # the sides do differ, so the check has teeth
 
 
+def test_crops_reach_the_input_grid_as_if_pasted_into_a_background_slice_and_resampled() -> None:
+    """Pass 2's crop probabilities come back to the study's grid exactly as the whole model-grid
+    slice would (crop pasted into background, then linear resampling), for crops inside the
+    slice, overhanging each edge, and wholly outside it (that slice stays background)."""
+    from core.labels import BACKGROUND
+    from core.segment.preprocess import resample_to_shape
+    from core.segment.runtime import _to_input_grid
+
+    rng = np.random.default_rng(5)
+    model_shape, shape = (200, 180), (77, 91, 5)
+    boxes = [(10, 20, 96, 96), (-30, 100, 96, 96), (150, -50, 96, 96), (120, 110, 96, 96), (300, 300, 96, 96)]
+    fine = {}
+    expected = np.zeros((9, *shape), np.float32)
+    expected[BACKGROUND] = 1.0
+    for z, (i0, j0, h, w) in enumerate(boxes):
+        p = rng.random((9, h, w)).astype(np.float32)
+        p /= p.sum(axis=0)
+        fine[z] = (p, (i0, j0, h, w))
+        canvas = np.zeros((9, *model_shape), np.float32)
+        canvas[BACKGROUND] = 1.0
+        a0, b0, a1, b1 = max(i0, 0), max(j0, 0), min(i0 + h, model_shape[0]), min(j0 + w, model_shape[1])
+        if a1 > a0 and b1 > b0:
+            canvas[:, a0:a1, b0:b1] = p[:, a0 - i0 : a1 - i0, b0 - j0 : b1 - j0]
+        expected[:, :, :, z] = resample_to_shape(canvas, shape[:2])
+    got = _to_input_grid(fine, model_shape, shape)
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+    assert np.array_equal(got[:, :, :, 4], expected[:, :, :, 4])  # outside: background, untouched
+    assert not np.allclose(got[:, :, :, 0], got[:, :, :, 1], atol=1e-3)  # the crops do land
+
+
 def test_onnx_threads_setting_reaches_the_session(decoder_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from core.settings import CoreSettings
 

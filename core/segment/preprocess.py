@@ -78,8 +78,8 @@ def resample_to_shape(
     image = np.asarray(image, dtype=np.float32)
     in_shape = image.shape[-2:]
     if order == 1:
-        rows = _linear_matrix(in_shape[0], out_shape[0])
-        cols = _linear_matrix(in_shape[1], out_shape[1])
+        rows = linear_matrix(in_shape[0], out_shape[0])
+        cols = linear_matrix(in_shape[1], out_shape[1])
         return np.matmul(np.matmul(rows, image), cols.T).astype(np.float32, copy=False)
     sx = in_shape[0] / out_shape[0]
     sy = in_shape[1] / out_shape[1]
@@ -92,7 +92,7 @@ def resample_to_shape(
     return np.stack([ndimage.map_coordinates(c, grid, order=order, mode="nearest") for c in image]).astype(np.float32)
 
 
-def _linear_matrix(n_in: int, n_out: int) -> FloatArray:
+def linear_matrix(n_in: int, n_out: int) -> FloatArray:
     """(n_out, n_in) weights of linear interpolation at output voxel centres
     ``(i + 0.5) * n_in / n_out - 0.5``, clamped to the edge voxels."""
     x = np.clip((np.arange(n_out) + 0.5) * (n_in / n_out) - 0.5, 0.0, n_in - 1)

@@ -46,9 +46,9 @@ from core.segment.cord import keep_largest_cord, min_cord_voxels, missing_cord_w
 from core.segment.manifest import load_manifest
 from core.segment.orientation import cord_turn_deg, turn, turn_probabilities
 from core.segment.preprocess import (
+    linear_matrix,
     normalise,
     resample_slice,
-    resample_to_shape,
     zoom_factors,
 )
 from core.segment.tta import Agreement, agreement
@@ -383,15 +383,24 @@ def _to_input_grid(
     fine: dict[int, tuple[NDArray[np.float32], Box]], model_shape: tuple[int, int], shape: tuple[int, int, int]
 ) -> NDArray[np.float32]:
     """(9, X, Y, Z) probabilities on the input grid from pass 2's crops on the model grid (a
-    slice without a crop is background), one slice at a time to keep memory small."""
+    slice without a crop is background).
+
+    The same as pasting each crop into a background slice of ``model_shape`` and resampling
+    the whole slice linearly (:func:`core.segment.preprocess.resample_to_shape`), without resampling the background:
+    linear weights sum to one, so the background slice resamples to itself and only the crop's
+    difference from it, ``R[:, rows] (P - B) C[:, cols]^T``, moves the answer.
+    """
     out = np.zeros((N_CLASSES,) + tuple(shape), dtype=np.float32)
     out[BACKGROUND] = 1.0
-    canvas = np.empty((N_CLASSES,) + tuple(model_shape), dtype=np.float32)
+    rows, cols = linear_matrix(model_shape[0], shape[0]), linear_matrix(model_shape[1], shape[1])
     for z, (probs, box) in fine.items():
-        canvas[:] = 0.0
-        canvas[BACKGROUND] = 1.0
-        _paste(canvas, probs, box)
-        out[:, :, :, z] = resample_to_shape(canvas, shape[:2])
+        inside = _inside(box, model_shape)
+        if inside is None:
+            continue
+        (r0, r1), (c0, c1), crop = inside
+        delta = np.array(probs[:, crop[0], crop[1]], dtype=np.float32)
+        delta[BACKGROUND] -= 1.0
+        out[:, :, :, z] += np.matmul(np.matmul(rows[:, r0:r1], delta), cols[:, c0:c1].T)
     return out
 
 
@@ -494,14 +503,15 @@ def _crop(image: NDArray[np.float32], centre: tuple[int, int], size: tuple[int, 
     return np.ascontiguousarray(crop), (i0, j0, h, w)
 
 
-def _paste(canvas: NDArray[np.float32], probs: NDArray[np.float32], box: Box) -> None:
-    """Paste (C, h, w) crop probabilities into a (C, H, W) canvas, clipping at its borders."""
+def _inside(box: Box, shape: tuple[int, int]) -> tuple[tuple[int, int], tuple[int, int], tuple[slice, slice]] | None:
+    """The part of a crop ``box`` that lies inside a slice of ``shape``: its row and column
+    ranges in the slice and the matching slices of the crop; None if none of it does."""
     i0, j0, h, w = box
-    H, W = canvas.shape[1:]
     a0, b0 = max(i0, 0), max(j0, 0)
-    a1, b1 = min(i0 + h, H), min(j0 + w, W)
-    if a1 > a0 and b1 > b0:
-        canvas[:, a0:a1, b0:b1] = probs[:, a0 - i0 : a1 - i0, b0 - j0 : b1 - j0]
+    a1, b1 = min(i0 + h, shape[0]), min(j0 + w, shape[1])
+    if a1 <= a0 or b1 <= b0:
+        return None
+    return (a0, a1), (b0, b1), (slice(a0 - i0, a1 - i0), slice(b0 - j0, b1 - j0))
 
 
 def _sides_swapped(labels: NDArray[np.uint8]) -> list[int]:
