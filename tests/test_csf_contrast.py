@@ -10,6 +10,7 @@ from core.segment.cord import missing_cord_warning
 from core.segment.csf_contrast import (
     MD_HIGH_MM2_S,
     MD_LOW_MM2_S,
+    contrast_pass,
     csf_contrast_b0,
     free_water_share,
     keep_first_where_lost,
@@ -124,3 +125,34 @@ def test_dropping_csf_is_not_losing_the_cord() -> None:
     merged, lost = keep_first_where_lost(_seg(first, 0.9), _seg(second, 0.9), md)
     assert lost == ()
     assert np.array_equal(merged.labels, second)
+
+
+def test_the_contrast_pass_centres_its_crops_on_the_first_cord_without_a_whole_slice_pass(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The CSF-contrast image differs from the b0 only at the cord and its CSF, so its crops are
+    centred on the first pass's cord (pass 1, the costly whole-slice pass, does not run again),
+    and it still finds the cord there."""
+    seg = Segmenter(SHIPPED_MODEL_DIR)
+    s = generate(TUNING_SEED)
+    _, md = fit_fa_md(*simulate_dwi(s, TUNING_SEED))
+    zooms = (*s.acquisition.spacing_mm, 1.0)
+    b0 = np.repeat(s.b0[:, :, None], 2, axis=2)
+    first = seg.segment(b0, zooms_mm=zooms)
+    assert first.labels.any()
+    located: list[int] = []
+    original = Segmenter._locate
+
+    def counting(self: Segmenter, slices: np.ndarray, **kwargs: object) -> list:
+        located.append(len(slices))
+        return original(self, slices, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Segmenter, "_locate", counting)
+    second = contrast_pass(seg, b0, np.repeat(md[:, :, None], 2, axis=2), first, zooms_mm=zooms)
+    assert second is not None
+    assert located == []
+    truth = s.labels > 0
+    cord = second.labels[:, :, 0] > 0
+    assert 2 * (cord & truth).sum() / (cord.sum() + truth.sum()) > 0.8
+    seg.segment(b0, zooms_mm=zooms)
+    assert located, "the spy sees pass 1 where it does run, so the check above has teeth"

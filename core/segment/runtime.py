@@ -275,7 +275,8 @@ class Segmenter:
         cord : (X, Y, Z) a cord already found on this grid (another segmentation of the same
             study): pass 2's crops are centred on each slice's cord centroid and pass 1 is
             skipped (a slice without cord gets no labels); for an image that differs from an
-            already segmented one only inside the cord.
+            already segmented one only at the cord and its CSF (the refinement's CSF-contrast
+            and gray-contrast images).
         turn_deg : the cord's in-plane angle on the model grid (degrees; pass 2 also sees its
             crops turned back by it and averages the two answers, :meth:`_fine_views`), e.g.
             ``Segmentation.turn_deg`` of another segmentation of the study; None: measured here
