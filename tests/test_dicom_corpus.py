@@ -69,6 +69,24 @@ def sources(tmp_path_factory: pytest.TempPathFactory, real_dwi_paths: dict[str, 
     return folders
 
 
+@pytest.fixture(scope="module")
+def exports(sources: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Callable[[str, str], Path]:
+    """``exports(series, variant)``: the series' folder as exported, or its de-identified copy,
+    made once for the module (both tests below read the same copies; dicognito alone takes
+    tens of seconds on the Philips series' 549 files). The copies are read, never written."""
+    made: dict[tuple[str, str], Path] = {}
+    root = tmp_path_factory.mktemp("exports")
+
+    def get(series: str, variant: str) -> Path:
+        if variant == "as-exported":
+            return sources[series]
+        if (series, variant) not in made:
+            made[series, variant] = _variant(sources[series], variant, root / series / variant)
+        return made[series, variant]
+
+    return get
+
+
 def _float_series(dest: Path) -> Path:
     """The real cervical DWI as classic DICOM with 32-bit float pixels."""
     real = Path(__file__).parent / "data" / "sct_tutorial_dmri"
@@ -167,10 +185,10 @@ def test_unusual_encodings_get_every_dicom_output(
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("series", [*SERIES, "cervical-dwi"])
 def test_every_export_is_analysed_or_refused_in_one_line(
-    sources: dict[str, Path], series: str, variant: str, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+    exports: Callable[[str, str], Path], series: str, variant: str, tmp_path: Path, capsys: pytest.CaptureFixture[str],
     record_property: Callable[[str, object], None],
 ) -> None:
-    study = sources[series] if variant == "as-exported" else _variant(sources[series], variant, tmp_path / "in")
+    study = exports(series, variant)
     out = tmp_path / "out"
     capsys.readouterr()
     code = main(["analyze", str(study), "--out", str(out)])
@@ -218,13 +236,13 @@ def _report_for(labels: np.ndarray, zooms: tuple[float, ...]) -> dict[str, Any]:
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("series", [s for s in SERIES if s not in MOSAIC])
 def test_every_vendor_layout_gets_seg_sr_and_qc_that_pass_dciodvfy(
-    sources: dict[str, Path], series: str, variant: str, tmp_path: Path
+    exports: Callable[[str, str], Path], series: str, variant: str, tmp_path: Path
 ) -> None:
     """The shared vendor series are brain scans, which the analysis refuses (no spinal cord), so
     their DICOM layouts (classic, enhanced one file, one file per volume; GE, Canon, Philips,
     Siemens) are given to the DICOM writers directly, with a made-up region map, as exported
     and de-identified: SEG, SR and QC written, no warning, no dciodvfy error."""
-    study = sources[series] if variant == "as-exported" else _variant(sources[series], variant, tmp_path / "in")
+    study = exports(series, variant)
     try:
         ingest = ingest_dicom([study], workdir=tmp_path / "work")
     except InputError as exc:
