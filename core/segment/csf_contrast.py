@@ -115,7 +115,7 @@ def contrast_pass(
     pass found the cord lying at (``first.turn_deg``), and both centre their crops on the first
     pass's cord: the brightening changes only the cord's outline and its CSF, so the whole-slice
     pass that locates the cord is not run again (on a full field of view about a sixth of the
-    analysis's network work; the yardstick's 128 studies score as before).
+    analysis's network work; the yardstick's 256 studies score as before).
     """
     if not first.labels.any() or not md_is_cord_like(cord_median_md(first.labels, md)):
         return None

@@ -387,9 +387,10 @@ def _to_input_grid(
     slice without a crop is background).
 
     The same as pasting each crop into a background slice of ``model_shape`` and resampling
-    the whole slice linearly (:func:`core.segment.preprocess.resample_to_shape`), without resampling the background:
-    linear weights sum to one, so the background slice resamples to itself and only the crop's
-    difference from it, ``R[:, rows] (P - B) C[:, cols]^T``, moves the answer.
+    the whole slice linearly (:func:`core.segment.preprocess.resample_to_shape`), without
+    resampling the background: linear weights sum to one, so the background slice resamples to
+    itself and only the crop's difference from it, ``R[:, rows] (P - B) C[:, cols]^T``, moves
+    the answer.
     """
     out = np.zeros((N_CLASSES,) + tuple(shape), dtype=np.float32)
     out[BACKGROUND] = 1.0
