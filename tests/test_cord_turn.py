@@ -12,6 +12,7 @@ import pytest
 
 from core.segment.orientation import MIN_TURN_DEG, cord_turn_deg, turn, turn_probabilities
 from core.segment.runtime import Segmenter
+from core.segment.tta import dice
 from core.settings import SHIPPED_MODEL_DIR
 
 def _ellipse(angle_deg: float, *, shape: tuple[int, int] = (96, 96), centre: tuple[float, float] | None = None,
@@ -81,17 +82,13 @@ def test_the_segmenter_measures_the_turn_and_uses_a_given_one(decoder_dir: Path)
     b0 = np.where(cord, 3, 0).astype(np.float32) * phantoms.SCALE
     measured = segmenter.segment(b0, zooms_mm=(1.0, 1.0, 4.0), augment=True)
     assert measured.turn_deg == pytest.approx(30.0, abs=2.0)
-    assert _dice(measured.labels > 0, cord) > 0.95
+    assert dice(measured.labels > 0, cord) > 0.95
     assert measured.agreement is not None
     mirrored = segmenter.segment(np.ascontiguousarray(b0[::-1]), zooms_mm=(1.0, 1.0, 4.0))
     assert mirrored.turn_deg == pytest.approx(-measured.turn_deg, abs=0.5)
     assert segmenter.segment(b0, zooms_mm=(1.0, 1.0, 4.0), turn_deg=12.5).turn_deg == 12.5
     plain = segmenter.segment(b0, zooms_mm=(1.0, 1.0, 4.0), turn_deg=0.0)
     assert plain.turn_deg == 0.0 and np.array_equal(plain.labels, np.where(cord, 3, 0))
-
-
-def _dice(a: np.ndarray, b: np.ndarray) -> float:
-    return float(2 * (a & b).sum() / max(1, a.sum() + b.sum()))
 
 
 def test_a_flattened_cord_turned_past_the_training_is_read_better_also_turned_back() -> None:
@@ -113,7 +110,7 @@ def test_a_flattened_cord_turned_past_the_training_is_read_better_also_turned_ba
     as_lying = segmenter.segment(b0, zooms_mm=zooms, turn_deg=0.0)  # type: ignore[arg-type]
     both = segmenter.segment(b0, zooms_mm=zooms)  # type: ignore[arg-type]
     assert both.turn_deg == pytest.approx(-26.0, abs=4.0)
-    dice = [np.mean([_dice(seg.labels == c, truth == c) for c in range(1, 9)]) for seg in (as_lying, both)]
-    assert dice[1] > dice[0] + 0.08, dice
+    region_dice = [np.mean([dice(seg.labels == c, truth == c) for c in range(1, 9)]) for seg in (as_lying, both)]
+    assert region_dice[1] > region_dice[0] + 0.08, region_dice
     mirrored = segmenter.segment(np.ascontiguousarray(b0[::-1]), zooms_mm=zooms)  # type: ignore[arg-type]
     assert mirrored.turn_deg == pytest.approx(-both.turn_deg, abs=1.0)
