@@ -3,6 +3,7 @@ and the job store on each backend (a SQLite file, a database of one throwaway Po
 
 from __future__ import annotations
 
+import os
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -13,8 +14,29 @@ import pytest
 import service_helpers as h
 from pg_cluster import Cluster, postgres_cluster
 
+# The README's test command runs the suite in two processes (pytest-xdist; pyproject.toml's
+# addopts) on a machine of two cores: each process's ONNX Runtime sessions then take one core,
+# not both (two analyses at once on two threads each run at a fraction of their speed and break
+# the fault tests' time limits). It reaches the service processes the tests start through
+# service_helpers.env_for, and the CLI's in-process analyses through CoreSettings.
+if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
+    os.environ.setdefault("SCSNET_ONNX_THREADS", "1")
+
 DATA = Path(__file__).parent / "data"
 REAL_DWI = DATA / "sct_tutorial_dmri"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Every test gets a node id of its own: schemathesis gives each API operation's test
+    (tests/test_fuzz_api.py) its test function's id, and pytest-xdist schedules by node id, so
+    all but one operation would silently not run. A duplicate left after that stops the run."""
+    for item in items:
+        if type(item).__name__ == "SchemathesisFunction" and item.parent is not None and not item.nodeid.endswith(f"::{item.name}"):
+            item._id = item.parent.id.child(item.name)  # the id pytest itself gives a node of that name
+    seen: set[str] = set()
+    duplicates = sorted({item.nodeid for item in items if item.nodeid in seen or seen.add(item.nodeid)})
+    if duplicates:
+        raise pytest.UsageError(f"{len(duplicates)} test ids are not unique (pytest-xdist would run one of each): {duplicates[:3]}")
 
 
 @pytest.fixture(scope="session")

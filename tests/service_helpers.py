@@ -54,8 +54,9 @@ def wait_until(predicate: Callable[[], Any], *, timeout_s: float, what: str, int
 
 
 def env_for(data_dir: Path, **extra: str) -> dict[str, str]:
-    """The environment of a service process using ``data_dir``."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SCSNET_")}
+    """The environment of a service process using ``data_dir``: this process's, without its
+    SCSNET_ settings but the ONNX threads (conftest.py)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SCSNET_") or k == "SCSNET_ONNX_THREADS"}
     env.update({"SCSNET_DATA_DIR": str(data_dir), "PYTHONPATH": str(ROOT)}, **extra)
     return env
 
@@ -228,7 +229,7 @@ def nifti_header(dims: tuple[int, ...]) -> bytes:
 
 
 def gz(data: bytes) -> bytes:
-    return gzip.compress(data)
+    return gzip.compress(data, mtime=0)  # the same bytes on every call (a test id may show them)
 
 
 def zip_bytes(entries: dict[str, bytes], *, symlink: str | None = None) -> bytes:

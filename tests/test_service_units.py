@@ -39,6 +39,7 @@ REAL = Path(__file__).parent / "data" / "sct_tutorial_dmri"
         (bytes(range(256)), Kind.unknown),
         (b"", Kind.unknown),
     ],
+    ids=["nifti", "nifti-gz", "dicom", "dicom-gz", "dicom-no-preamble", "zip", "text", "binary", "empty"],
 )
 def test_sniffing_goes_by_content(tmp_path: Path, content: bytes, kind: Kind) -> None:
     path = tmp_path / "upload.nii.gz"  # a misleading name on purpose
