@@ -246,10 +246,8 @@ def analyze(
     clock = _Clock(progress)
     with staging_dir(out_dir) as tmp:
         with clock.stage("load"):
-            study = load_study(inputs, workdir=tmp / ".ingest", bval=bval, bvec=bvec, limits=limits)
+            study = load_study(inputs, workdir=tmp / ".ingest", bval=bval, bvec=bvec, limits=limits, refuse_head=True)
             canonical, reorientation = study.dwi.to_canonical()
-            if study.dicom is not None:
-                plausibility.check_body_part(study.dicom.series.body_part, study.dicom.series.series_description)
         with clock.stage("segment"):
             b0, segmentation = segment_stage(canonical, segmenter, augment=options.augment, ventral_lean=options.refine)
         with clock.stage("fit"):

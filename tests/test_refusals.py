@@ -28,6 +28,8 @@ from core.errors import (
     MixedStudiesError,
     NoSpinalCordError,
 )
+from core.ingest import dicom as dicom_ingest
+from core.ingest.dicom_checks import check_body_part
 from core.ingest.nifti import load_nifti_dwi
 from core.ingest.rules import MAX_RESAMPLED_SLICE_PX
 from core.measures import plausibility
@@ -144,19 +146,29 @@ def _dicom(small_cervical, dest: Path, **kwargs: object) -> Path:
     return dest
 
 
-def test_a_head_series_is_refused_by_its_description(small_cervical, shipped, tmp_path) -> None:
+def test_a_head_series_is_refused_by_its_description(small_cervical, shipped, tmp_path, monkeypatch) -> None:
+    """Refused as soon as the series is chosen: its geometry is not checked nor its b=0 source
+    images located (each a read of every file, seconds on a large enhanced series)."""
     study = _dicom(small_cervical, tmp_path / "in", series_description="DTI brain")
+
+    def not_now(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a head series was read on after it was chosen")
+
+    monkeypatch.setattr(dicom_ingest, "check_series_geometry", not_now)
+    monkeypatch.setattr(dicom_ingest, "locate_b0_sources", not_now)
     with pytest.raises(NoSpinalCordError, match="head or brain series"):
         pipeline.analyze([study], out_dir=tmp_path / "out", segmenter=shipped)
     assert not (tmp_path / "out").exists()
+    monkeypatch.undo()
+    assert pipeline.convert([study], out_dir=tmp_path / "converted")  # converting is no analysis: not refused
 
 
 def test_a_head_body_part_is_refused() -> None:
     for part in ("HEAD", "brain", "Skull"):
         with pytest.raises(NoSpinalCordError, match="BodyPartExamined"):
-            plausibility.check_body_part(part, "DTI")
-    plausibility.check_body_part("CSPINE", "DTI cervical")
-    plausibility.check_body_part(None, "DTI headrest off")  # a word, not a substring
+            check_body_part(part, "DTI")
+    check_body_part("CSPINE", "DTI cervical")
+    check_body_part(None, "DTI headrest off")  # a word, not a substring
 
 
 # --- implausible measures ------------------------------------------------------------------------

@@ -41,7 +41,7 @@ from pydicom.dataset import Dataset
 
 from core.errors import UnsupportedInputError
 from core.ingest.archive import collect_inputs
-from core.ingest.dicom_checks import check_one_study, check_series_geometry
+from core.ingest.dicom_checks import check_body_part, check_one_study, check_series_geometry
 from core.ingest.dicom_convert import ConvertedVolume, choose_series
 from core.ingest.dicom_geometry import PlaneGeometry, frame_planes, frame_voxel_indices
 from core.ingest.dicom_series import (
@@ -252,6 +252,12 @@ def _offer_dataset(matcher: _Matcher, ds: Dataset, path: Path) -> None:
         )
 
 
+def _body_part(path: Path) -> str | None:
+    """BodyPartExamined of the image at ``path`` (upper case), None when absent or empty."""
+    ds = read_header(path, tags=("BodyPartExamined",))
+    return str(ds.get("BodyPartExamined") or "").strip().upper() or None if ds is not None else None
+
+
 def series_info(group: SeriesGroup, volume: ConvertedVolume, bvals: NDArray[np.float64]) -> DicomSeriesInfo:
     """Describe the chosen series and locate its source b=0 images."""
     first = read_header(group.files[0], tags=None)
@@ -302,7 +308,8 @@ class DicomIngest:
 
 
 def ingest_dicom(
-    paths: Sequence[Path], *, workdir: Path, timeout_s: float = 300.0, limits: UploadLimits = DEFAULT_LIMITS
+    paths: Sequence[Path], *, workdir: Path, timeout_s: float = 300.0, limits: UploadLimits = DEFAULT_LIMITS,
+    refuse_head: bool = False,
 ) -> DicomIngest:
     """Read a DICOM upload (files, folders, zips, gzipped files) into a :class:`DicomIngest`.
 
@@ -314,6 +321,9 @@ def ingest_dicom(
         ``series`` live here, so keep it until the DICOM SEG is written.
     timeout_s : total time allowed for dcm2niix over all series (s).
     limits : bounds on unpacking (see :class:`~core.ingest.rules.UploadLimits`).
+    refuse_head : refuse a series of the head as soon as it is chosen, before its geometry is
+        checked and its b=0 source images located (both read every file): the analysis does
+        (:func:`core.pipeline.analyze`); converting a study does not.
 
     Raises
     ------
@@ -321,6 +331,8 @@ def ingest_dicom(
     UnsupportedInputError : no DICOM image in the upload.
     MixedStudiesError : images of more than one patient or study.
     NoDiffusionSeriesError : no series with a b=0 image and at least 6 directions.
+    NoSpinalCordError : the chosen series is of the head (``refuse_head``;
+        :func:`~core.ingest.dicom_checks.check_body_part`).
     ConversionError : dcm2niix failed or timed out.
     GradientError, ImageError : the chosen series' data does not validate as a DWI, or its
         geometry (pixel spacing, slice positions) is missing or impossible.
@@ -337,6 +349,8 @@ def ingest_dicom(
         )
     check_one_study(groups)
     volume, warnings = choose_series(groups, workdir=workdir / "dcm2niix", timeout_s=timeout_s)
+    if refuse_head:
+        check_body_part(_body_part(volume.group.files[0]), volume.group.description)
     check_series_geometry(volume.group)
     assert volume.bval is not None and volume.bvec is not None  # qualified series have both
     group = volume.group

@@ -1,9 +1,13 @@
 """Checks on a DICOM upload before its diffusion series is analysed: one patient and one study
-per job, and a series whose geometry can be trusted.
+per job, a series of the spine, not the head, and a series whose geometry can be trusted.
 
 - :func:`check_one_study`: every image of the upload belongs to one PatientID and one
   StudyInstanceUID (a de-identified upload without them is accepted); otherwise
   :class:`~core.errors.MixedStudiesError` naming the counts and the series, never a name or ID.
+- :func:`check_body_part`: the chosen series' header says it is of the head (BodyPartExamined
+  HEAD, BRAIN or SKULL, or a series description naming the brain or head) ->
+  :class:`~core.errors.NoSpinalCordError`, before its slices are checked and its b=0 source
+  images located (each a read of every file);
 - :func:`check_series_geometry`: every image of the chosen series has a PixelSpacing (classic)
   or a Pixel Measures functional group (enhanced) within the bounds of
   :func:`core.ingest.rules.check_voxel_size`, a SliceThickness / SpacingBetweenSlices within
@@ -14,13 +18,14 @@ per job, and a series whose geometry can be trusted.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
 
-from core.errors import ImageError, MixedStudiesError
+from core.errors import ImageError, MixedStudiesError, NoSpinalCordError
 from core.ingest.dicom_geometry import frame_planes
 from core.ingest.dicom_series import SeriesGroup
 from core.ingest.rules import check_voxel_size
@@ -33,6 +38,12 @@ GEOMETRY_TAGS = (
 
 SAME_POSITION_MM = 1e-3
 """Image positions closer than this are one position."""
+
+HEAD_BODY_PARTS = frozenset({"HEAD", "BRAIN", "SKULL"})
+"""BodyPartExamined values of a head study."""
+
+HEAD_DESCRIPTION = re.compile(r"\b(brain|head)\b", re.IGNORECASE)
+"""A series description naming the brain or head (a word, so "forehead" or "headrest" do not count)."""
 
 
 def check_one_study(groups: Sequence[SeriesGroup]) -> None:
@@ -51,6 +62,25 @@ def check_one_study(groups: Sequence[SeriesGroup]) -> None:
         f"the upload holds images of {len(patients)} patient(s) and {len(studies)} studies "
         f"({len(groups)} series: {shown}); upload one study of one patient per job"
     )
+
+
+def check_body_part(body_part: str | None, series_description: str | None) -> None:
+    """Refuse a DICOM study whose header says it is of the head or brain.
+
+    Raises
+    ------
+    NoSpinalCordError : naming the attribute that says so.
+    """
+    if body_part is not None and body_part.strip().upper() in HEAD_BODY_PARTS:
+        raise NoSpinalCordError(
+            f"no spinal cord to measure: the DICOM says the study is of the {body_part.strip().lower()} "
+            "(BodyPartExamined); scsnet measures the cervical spinal cord"
+        )
+    if series_description and HEAD_DESCRIPTION.search(series_description):
+        raise NoSpinalCordError(
+            f"no spinal cord to measure: the series {series_description!r} is a head or brain series; "
+            "scsnet measures the cervical spinal cord"
+        )
 
 
 def check_series_geometry(group: SeriesGroup) -> None:

@@ -33,12 +33,14 @@ def load_study(
     bval: Path | None = None,
     bvec: Path | None = None,
     limits: UploadLimits = DEFAULT_LIMITS,
+    refuse_head: bool = False,
 ) -> Study:
     """Load ``inputs`` as one diffusion study.
 
     A single ``.nii`` / ``.nii.gz`` is read with its gradient files (``bval``/``bvec`` or its
     BIDS siblings); anything else is treated as DICOM and converted with dcm2niix into
-    ``workdir``, unpacked within ``limits``.
+    ``workdir``, unpacked within ``limits``; ``refuse_head``: a DICOM series of the head is
+    refused as soon as it is chosen (:func:`core.ingest.dicom.ingest_dicom`).
     """
     paths = [Path(p) for p in inputs]
     if not paths:
@@ -57,5 +59,5 @@ def load_study(
         raise UnsupportedInputError("--bval/--bvec go with a NIfTI image; DICOM carries its own gradients")
     from core.ingest.dicom import ingest_dicom
 
-    ingest = ingest_dicom(paths, workdir=workdir, limits=limits)
+    ingest = ingest_dicom(paths, workdir=workdir, limits=limits, refuse_head=refuse_head)
     return Study(dwi=ingest.dwi, dicom=ingest)

@@ -1,11 +1,9 @@
 """No numbers without a spinal cord, and none that no cord has.
 
 Checks that end an analysis before anything is written (the pipeline's staging folder is then
-discarded), each with a sentence naming the problem:
+discarded), each with a sentence naming the problem (a DICOM study of the head is refused
+earlier, while it is read: :func:`core.ingest.dicom_checks.check_body_part`):
 
-- :func:`check_body_part`: the DICOM says the study is of the head (BodyPartExamined HEAD,
-  BRAIN or SKULL, or a series description naming the brain or head) ->
-  :class:`~core.errors.NoSpinalCordError`;
 - :func:`check_b0_signal`: a b=0 image that is negative throughout (a magnitude image never
   is: a negative scl_slope or a wrong rescale) -> :class:`~core.errors.ImplausibleMeasuresError`;
 - :func:`check_cord`: after segmentation and refinement, the cord must be found on enough
@@ -23,7 +21,6 @@ without refinement, centroid steps at most 2.1 mm between 5 mm slices, median co
 from __future__ import annotations
 
 import math
-import re
 from typing import Any
 
 import numpy as np
@@ -49,12 +46,6 @@ MAX_CENTROID_STEP_MM = 10.0
 8 x 12 mm and curves gently (the real study: at most 2.1 mm per 5 mm slice); a 10 mm jump means
 two different objects were labelled."""
 
-HEAD_BODY_PARTS = frozenset({"HEAD", "BRAIN", "SKULL"})
-"""BodyPartExamined values of a head study."""
-
-HEAD_DESCRIPTION = re.compile(r"\b(brain|head)\b", re.IGNORECASE)
-"""A series description naming the brain or head (a word, so "forehead" or "headrest" do not count)."""
-
 CORD_MD_MM2_S = (0.2e-3, 2.5e-3)
 """Median cord MD (mm^2/s) of living tissue. Cord tissue reads 0.6-1.0x10^-3 (the real study
 0.83x10^-3), free water (CSF, 37 C) about 3x10^-3; b-values in s/m^2 or multiplied by 1000 give
@@ -63,25 +54,6 @@ diffusion weighting at all."""
 
 MIN_CORD_FA = 0.01
 """A cord whose FA is below this everywhere (median and mean) has no directional signal."""
-
-
-def check_body_part(body_part: str | None, series_description: str | None) -> None:
-    """Refuse a DICOM study whose header says it is of the head or brain.
-
-    Raises
-    ------
-    NoSpinalCordError : naming the attribute that says so.
-    """
-    if body_part is not None and body_part.strip().upper() in HEAD_BODY_PARTS:
-        raise NoSpinalCordError(
-            f"no spinal cord to measure: the DICOM says the study is of the {body_part.strip().lower()} "
-            "(BodyPartExamined); scsnet measures the cervical spinal cord"
-        )
-    if series_description and HEAD_DESCRIPTION.search(series_description):
-        raise NoSpinalCordError(
-            f"no spinal cord to measure: the series {series_description!r} is a head or brain series; "
-            "scsnet measures the cervical spinal cord"
-        )
 
 
 def check_b0_signal(b0: NDArray[np.floating]) -> None:
