@@ -252,10 +252,11 @@ def _offer_dataset(matcher: _Matcher, ds: Dataset, path: Path) -> None:
         )
 
 
-def _body_part(path: Path) -> str | None:
-    """BodyPartExamined of the image at ``path`` (upper case), None when absent or empty."""
-    ds = read_header(path, tags=("BodyPartExamined",))
-    return str(ds.get("BodyPartExamined") or "").strip().upper() or None if ds is not None else None
+def _body_part(ds: Dataset | None) -> str | None:
+    """BodyPartExamined of a header (upper case), None when absent or empty."""
+    if ds is None:
+        return None
+    return str(ds.get("BodyPartExamined") or "").strip().upper() or None
 
 
 def series_info(group: SeriesGroup, volume: ConvertedVolume, bvals: NDArray[np.float64]) -> DicomSeriesInfo:
@@ -277,7 +278,7 @@ def series_info(group: SeriesGroup, volume: ConvertedVolume, bvals: NDArray[np.f
         files=group.files,
         b0_sources=sources,
         seg_unsupported_reason=reason,
-        body_part=str(first.get("BodyPartExamined") or "").strip().upper() or None,
+        body_part=_body_part(first),
     )
 
 
@@ -350,7 +351,7 @@ def ingest_dicom(
     check_one_study(groups)
     volume, warnings = choose_series(groups, workdir=workdir / "dcm2niix", timeout_s=timeout_s)
     if refuse_head:
-        check_body_part(_body_part(volume.group.files[0]), volume.group.description)
+        check_body_part(_body_part(read_header(volume.group.files[0], tags=("BodyPartExamined",))), volume.group.description)
     check_series_geometry(volume.group)
     assert volume.bval is not None and volume.bvec is not None  # qualified series have both
     group = volume.group
