@@ -31,12 +31,15 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     (tests/test_fuzz_api.py) its test function's id, and pytest-xdist schedules by node id, so
     all but one operation would silently not run. A duplicate left after that stops the run."""
     for item in items:
-        if type(item).__name__ == "SchemathesisFunction" and item.parent is not None and not item.nodeid.endswith(f"::{item.name}"):
+        named = item.nodeid.endswith(f"::{item.name}")
+        if type(item).__name__ == "SchemathesisFunction" and item.parent is not None and not named:
             item._id = item.parent.id.child(item.name)  # the id pytest itself gives a node of that name
     seen: set[str] = set()
     duplicates = sorted({item.nodeid for item in items if item.nodeid in seen or seen.add(item.nodeid)})
     if duplicates:
-        raise pytest.UsageError(f"{len(duplicates)} test ids are not unique (pytest-xdist would run one of each): {duplicates[:3]}")
+        raise pytest.UsageError(
+            f"{len(duplicates)} test ids are not unique (pytest-xdist would run one of each): {duplicates[:3]}"
+        )
 
 
 @pytest.fixture(scope="session")
