@@ -107,8 +107,6 @@ class DicomSeriesInfo:
     files: tuple[Path, ...]
     b0_sources: tuple[SourceFrame, ...] = ()
     seg_unsupported_reason: str | None = None
-    body_part: str | None = None
-    """BodyPartExamined of the first image (upper case), None when absent or empty."""
 
     @property
     def seg_supported(self) -> bool:
@@ -252,13 +250,6 @@ def _offer_dataset(matcher: _Matcher, ds: Dataset, path: Path) -> None:
         )
 
 
-def _body_part(ds: Dataset | None) -> str | None:
-    """BodyPartExamined of a header (upper case), None when absent or empty."""
-    if ds is None:
-        return None
-    return str(ds.get("BodyPartExamined") or "").strip().upper() or None
-
-
 def series_info(group: SeriesGroup, volume: ConvertedVolume, bvals: NDArray[np.float64]) -> DicomSeriesInfo:
     """Describe the chosen series and locate its source b=0 images."""
     first = read_header(group.files[0], tags=None)
@@ -278,7 +269,6 @@ def series_info(group: SeriesGroup, volume: ConvertedVolume, bvals: NDArray[np.f
         files=group.files,
         b0_sources=sources,
         seg_unsupported_reason=reason,
-        body_part=_body_part(first),
     )
 
 
@@ -351,7 +341,7 @@ def ingest_dicom(
     check_one_study(groups)
     volume, warnings = choose_series(groups, workdir=workdir / "dcm2niix", timeout_s=timeout_s)
     if refuse_head:
-        check_body_part(_body_part(read_header(volume.group.files[0], tags=("BodyPartExamined",))), volume.group.description)
+        check_body_part(volume.group.body_part, volume.group.description)
     check_series_geometry(volume.group)
     assert volume.bval is not None and volume.bvec is not None  # qualified series have both
     group = volume.group

@@ -19,7 +19,7 @@ from pydicom.errors import InvalidDicomError
 GROUPING_TAGS = (
     "SOPClassUID", "SOPInstanceUID", "SeriesInstanceUID", "StudyInstanceUID", "FrameOfReferenceUID",
     "Rows", "Columns", "InstanceNumber", "NumberOfFrames", "SeriesDescription", "ProtocolName",
-    "SeriesNumber", "Modality", "Manufacturer", "ImageType", "PatientID",
+    "SeriesNumber", "Modality", "Manufacturer", "ImageType", "PatientID", "BodyPartExamined",
 )  # fmt: skip
 """The attributes read while sniffing (reading only these is several times faster on Philips
 headers full of private sequences)."""
@@ -69,6 +69,7 @@ class SeriesGroup:
     series_instance_uid, sop_class_uid : the grouping key.
     description : SeriesDescription, or ProtocolName, or "series <number>".
     modality, manufacturer, series_number : as in the header (None when absent).
+    body_part : BodyPartExamined of the first file (upper case; None when absent or empty).
     files : the DICOM files, sorted by InstanceNumber.
     n_frames : total number of frames (images) over all files.
     patient_ids, study_instance_uids : the non-empty PatientID and StudyInstanceUID values of
@@ -85,6 +86,7 @@ class SeriesGroup:
     n_frames: int
     patient_ids: frozenset[str] = frozenset()
     study_instance_uids: frozenset[str] = frozenset()
+    body_part: str | None = None
 
     @property
     def n_images(self) -> int:
@@ -139,6 +141,7 @@ def group_series(files: Sequence[Path]) -> tuple[list[SeriesGroup], list[Path]]:
                 n_frames=sum(int_or_none(m[2].get("NumberOfFrames")) or 1 for m in members),
                 patient_ids=_values(members, "PatientID"),
                 study_instance_uids=_values(members, "StudyInstanceUID"),
+                body_part=str(first.get("BodyPartExamined") or "").strip().upper() or None,
             )
         )
     groups.sort(key=lambda g: (-g.n_frames, g.series_number or 0, g.description))
