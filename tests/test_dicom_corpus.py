@@ -15,7 +15,7 @@ De-identification variants, as hospitals export studies:
 from __future__ import annotations
 
 import tarfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +52,11 @@ IDENTIFIERS = (
     "ReferringPhysicianName", "StudyDate", "StudyTime",
 )  # fmt: skip
 VARIANTS = ("as-exported", "identifiers-deleted", "private-removed", "dicognito")
+THINNED = {"canon-classic", "philips"}
+"""The classic series of hundreds of files (520 and 549): their de-identified copies keep every
+:data:`KEEP_EVERY`-th slice of every volume, the same layout in a quarter of the files (copying,
+de-identifying and reading these files was most of this module's time)."""
+KEEP_EVERY = 4
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::UserWarning")]
 
 
@@ -81,7 +86,8 @@ def exports(sources: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) 
         if variant == "as-exported":
             return sources[series]
         if (series, variant) not in made:
-            made[series, variant] = _variant(sources[series], variant, root / series / variant)
+            keep_every = KEEP_EVERY if series in THINNED else 1
+            made[series, variant] = _variant(sources[series], variant, root / series / variant, keep_every=keep_every)
         return made[series, variant]
 
     return get
@@ -95,16 +101,36 @@ def _float_series(dest: Path) -> Path:
     return dest
 
 
-def _variant(source: Path, variant: str, dest: Path) -> Path:
-    """A copy of the DICOM files under ``source`` (non-DICOM files left out), de-identified."""
+def _height_mm(position: Any, orientation: Any) -> float:
+    """Where an image lies along its slice normal (mm), from its position and orientation."""
+    o = np.asarray(orientation, dtype=np.float64)
+    return float(np.dot(np.cross(o[:3], o[3:]), np.asarray(position, dtype=np.float64)))
+
+
+def _every_kth_slice(heights: Sequence[float], k: int) -> list[bool]:
+    """Which of the images at ``heights`` (mm) to keep: those at every ``k``-th distinct height."""
+    kept = set(sorted({round(h, 2) for h in heights})[::k])
+    return [round(h, 2) in kept for h in heights]
+
+
+def _variant(source: Path, variant: str, dest: Path, *, keep_every: int = 1) -> Path:
+    """A copy of the DICOM files under ``source`` (non-DICOM files left out), de-identified;
+    with ``keep_every`` k > 1, only the images of every k-th slice (classic images)."""
     anonymizer = Anonymizer(seed="scsnet-corpus")  # one per study: consistent new UIDs across its files
-    for n, path in enumerate(sorted(p for p in source.rglob("*") if p.is_file())):
+    images = []
+    for path in sorted(p for p in source.rglob("*") if p.is_file()):
         try:
             ds = pydicom.dcmread(path, force=True)
         except Exception:  # noqa: BLE001 - not DICOM (DICOMDIR parts, text): left out
             continue
-        if "SOPInstanceUID" not in ds:
-            continue
+        if "SOPInstanceUID" in ds:
+            images.append(ds)
+    if keep_every > 1:  # objects that are not slices (no position) are all kept
+        slices = [ds for ds in images if "ImagePositionPatient" in ds]
+        heights = [_height_mm(ds.ImagePositionPatient, ds.ImageOrientationPatient) for ds in slices]
+        dropped = {id(ds) for ds, keep in zip(slices, _every_kth_slice(heights, keep_every), strict=True) if not keep}
+        images = [ds for ds in images if id(ds) not in dropped]
+    for n, ds in enumerate(images):
         if variant == "identifiers-deleted":
             for keyword in IDENTIFIERS:
                 if keyword in ds:
@@ -128,13 +154,22 @@ def _blank_unparseable_dates(ds: pydicom.Dataset) -> None:
 
 def _one_frame_per_file(source: Path, dest: Path) -> Path:
     """The enhanced multi-frame files under ``source`` split into Enhanced MR objects of one
-    frame each (as some archives store them): each keeps its frame's functional groups."""
+    frame each (as some archives store them): each keeps its frame's functional groups. Only
+    every :data:`KEEP_EVERY`-th slice is kept (the XA30 series' 819 frames are 21 volumes of
+    39 slices)."""
     dest.mkdir(parents=True)
     n = 0
     for path in sorted(p for p in source.rglob("*") if p.is_file()):
         ds = pydicom.dcmread(path)
         frames = ds.pixel_array.reshape(int(ds.NumberOfFrames), int(ds.Rows), int(ds.Columns))
-        for f, item in enumerate(ds.PerFrameFunctionalGroupsSequence):
+        items = ds.PerFrameFunctionalGroupsSequence
+        heights = [
+            _height_mm(item.PlanePositionSequence[0].ImagePositionPatient, item.PlaneOrientationSequence[0].ImageOrientationPatient)
+            for item in items
+        ]
+        for f, (item, keep) in enumerate(zip(items, _every_kth_slice(heights, KEEP_EVERY), strict=True)):
+            if not keep:
+                continue
             one = ds.copy()
             one.NumberOfFrames = 1
             one.PerFrameFunctionalGroupsSequence = [item]

@@ -22,19 +22,22 @@ import re
 from collections.abc import Sequence
 
 import numpy as np
-import pydicom
 from pydicom.dataset import Dataset
 
 from core.errors import ImageError, MixedStudiesError, NoSpinalCordError
 from core.ingest.dicom_geometry import frame_planes
-from core.ingest.dicom_series import SeriesGroup
+from core.ingest.dicom_series import SeriesGroup, read_header
 from core.ingest.rules import check_voxel_size
 
-GEOMETRY_TAGS = (
-    "Rows", "Columns", "NumberOfFrames", "ImageType", "ImagePositionPatient", "ImageOrientationPatient",
-    "PixelSpacing", "SliceThickness", "SpacingBetweenSlices", "SharedFunctionalGroupsSequence",
-    "PerFrameFunctionalGroupsSequence",
+CLASSIC_GEOMETRY_TAGS = (
+    "SOPClassUID", "Rows", "Columns", "NumberOfFrames", "ImageType", "ImagePositionPatient", "ImageOrientationPatient",
+    "PixelSpacing", "SliceThickness", "SpacingBetweenSlices",
 )  # fmt: skip
+"""The geometry of a single-frame image (all before the private groups: a quick read; the SOP
+class as :func:`~core.ingest.dicom_series.read_header` wants it of a file without preamble)."""
+
+GEOMETRY_TAGS = CLASSIC_GEOMETRY_TAGS + ("SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence")
+"""The geometry of a multi-frame image, which keeps it in its functional groups."""
 
 SAME_POSITION_MM = 1e-3
 """Image positions closer than this are one position."""
@@ -95,10 +98,11 @@ def check_series_geometry(group: SeriesGroup) -> None:
     positions: list[np.ndarray] = []
     mosaic = False
     for path in group.files:
-        try:
-            ds = pydicom.dcmread(path, stop_before_pixels=True, force=True, specific_tags=list(GEOMETRY_TAGS))
-        except Exception as exc:
-            raise ImageError(f"{label} has an image ({path.name}) whose header cannot be read") from exc
+        ds = read_header(path, tags=CLASSIC_GEOMETRY_TAGS)
+        if ds is not None and "NumberOfFrames" in ds:
+            ds = read_header(path, tags=GEOMETRY_TAGS)
+        if ds is None:
+            raise ImageError(f"{label} has an image ({path.name}) whose header cannot be read")
         image_type = [str(t).upper() for t in (ds.get("ImageType") or [])]
         mosaic = mosaic or "MOSAIC" in image_type or "VFRAME" in image_type
         _check_spacing(ds, label=label)
