@@ -10,6 +10,9 @@ De-identification variants, as hospitals export studies:
 - ``private-removed``: every private tag removed (vendors keep diffusion gradients there, so
   GE, Siemens mosaic and UIH studies then have none: exit 2 is right for them);
 - ``dicognito``: the PS3.15-style anonymisation of ``dicognito`` (new names, IDs, UIDs, dates).
+
+The de-identified copies of the Canon classic and Philips series keep every 4th slice of each
+volume (:data:`THINNED`): the same layouts in a quarter of the files.
 """
 
 from __future__ import annotations
@@ -27,7 +30,6 @@ from dicom_synth import write_dicom_series
 from dicom_validate import dciodvfy
 
 from cli.main import main
-from core.errors import InputError
 from core.ingest.dicom import ingest_dicom
 from core.ingest.nifti import load_nifti_dwi
 from core.labels import REGIONS
@@ -268,7 +270,7 @@ def _report_for(labels: np.ndarray, zooms: tuple[float, ...]) -> dict[str, Any]:
             "dicom_outputs": {}}  # fmt: skip
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("variant", [v for v in VARIANTS if v != "private-removed"])
 @pytest.mark.parametrize("series", [s for s in SERIES if s not in MOSAIC])
 def test_every_vendor_layout_gets_seg_sr_and_qc_that_pass_dciodvfy(
     exports: Callable[[str, str], Path], series: str, variant: str, tmp_path: Path
@@ -276,13 +278,12 @@ def test_every_vendor_layout_gets_seg_sr_and_qc_that_pass_dciodvfy(
     """The shared vendor series are brain scans, which the analysis refuses (no spinal cord), so
     their DICOM layouts (classic, enhanced one file, one file per volume; GE, Canon, Philips,
     Siemens) are given to the DICOM writers directly, with a made-up region map, as exported
-    and de-identified: SEG, SR and QC written, no warning, no dciodvfy error."""
+    and de-identified: SEG, SR and QC written, no warning, no dciodvfy error.
+
+    Not with the private tags removed: the writers copy no private attribute, so such a copy
+    gives them what the export gives them (the analysis of it is tested above)."""
     study = exports(series, variant)
-    try:
-        ingest = ingest_dicom([study], workdir=tmp_path / "work")
-    except InputError as exc:
-        assert variant == "private-removed" and ("gradient" in exc.detail or "diffusion" in exc.detail), exc.detail
-        return
+    ingest = ingest_dicom([study], workdir=tmp_path / "work")
     labels = np.zeros(ingest.dwi.shape[:3], dtype=np.uint8)
     x, y, z = (n // 2 for n in labels.shape)
     for code in range(1, 9):

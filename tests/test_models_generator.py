@@ -10,6 +10,7 @@ from models.atlas import load_atlas
 from models.generator import (
     CROP_SIZE_PX,
     PATIENT_KEYS,
+    SyntheticSlice,
     _root_sleeves,
     _tensor,
     draw_acquisition,
@@ -24,6 +25,12 @@ LEFT = [c for c, r in BY_CODE.items() if r.side == "left"]
 RIGHT = [c for c, r in BY_CODE.items() if r.side == "right"]
 DORSAL = [c for c, r in BY_CODE.items() if r.tissue == "dorsal"]
 VENTRAL = [c for c, r in BY_CODE.items() if r.tissue == "ventral"]
+
+
+@pytest.fixture(scope="module")
+def drawn() -> list[SyntheticSlice]:
+    """``generate(seed)`` for seeds 0-119, made once for the tests that count over many slices."""
+    return [generate(seed) for seed in range(120)]
 
 
 def _centroid(labels: np.ndarray, codes: list[int]) -> np.ndarray:
@@ -109,17 +116,16 @@ def test_root_sleeves_are_csf_wedges_leaving_the_sac_antero_laterally() -> None:
         assert near > far
 
 
-def test_some_slices_have_csf_as_bright_as_the_cord() -> None:
+def test_some_slices_have_csf_as_bright_as_the_cord(drawn: list[SyntheticSlice]) -> None:
     """The real b0 often shows CSF no brighter than the cord; about 28 % of slices do here."""
-    low = np.mean([generate(seed).params["csf_int"] < 1.3 for seed in range(120)])
+    low = np.mean([s.params["csf_int"] < 1.3 for s in drawn[:120]])
     assert 0.15 < low < 0.45
 
 
-def test_some_fields_of_view_hold_little_more_than_the_cord() -> None:
+def test_some_fields_of_view_hold_little_more_than_the_cord(drawn: list[SyntheticSlice]) -> None:
     """About 10 % of slices have a tight 20-40 mm field of view, and still a cord in it."""
     tight = []
-    for seed in range(100):
-        s = generate(seed)
+    for s in drawn[:100]:
         extent = [n * d for n, d in zip(s.acquisition.shape, s.acquisition.spacing_mm)]
         if max(extent) <= 40.0:
             tight.append(s)
@@ -196,11 +202,11 @@ def test_kspace_option_changes_the_image_only() -> None:
         assert np.array_equal(generate(seed, kspace=0.0).b0, plain.b0)
 
 
-def test_compressed_share_sets_how_many_cords_are_flattened() -> None:
+def test_compressed_share_sets_how_many_cords_are_flattened(drawn: list[SyntheticSlice]) -> None:
     from models.generator import COMPRESSED_SHARE, generate
 
     seeds = range(40)
-    default = [generate(s).params["compression"] for s in seeds]
+    default = [drawn[s].params["compression"] for s in seeds]
     assert [generate(s, compressed=COMPRESSED_SHARE).params["compression"] for s in seeds[:8]] == default[:8]
     assert all(c == 1.0 for c in (generate(s, compressed=0.0).params["compression"] for s in seeds[:10]))
     assert all(0.5 <= c <= 0.95 for c in (generate(s, compressed=1.0).params["compression"] for s in seeds[:10]))
