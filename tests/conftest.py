@@ -26,21 +26,10 @@ DATA = Path(__file__).parent / "data"
 REAL_DWI = DATA / "sct_tutorial_dmri"
 
 
-LONGEST_FIRST = (
-    "test_dicom_corpus.py", "test_faults.py", "test_service_integration.py", "test_delivery.py", "test_orthanc.py",
-    "test_hostile_uploads.py",
-)  # fmt: skip
-"""The modules that take longest (263, 233, 187, 76, 63 and 57 s in one run on two cores), run
-first: pytest-xdist hands out whole files in collection order, and one of them at the end would
-keep one test process busy while the other waits (a minute and a half in one run)."""
-
-
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Every test gets a node id of its own: schemathesis gives each API operation's test
     (tests/test_fuzz_api.py) its test function's id, and pytest-xdist schedules by node id, so
-    all but one operation would silently not run. A duplicate left after that stops the run.
-    Then the modules of :data:`LONGEST_FIRST` move to the front (in that order; each module's
-    tests stay together and in their order)."""
+    all but one operation would silently not run. A duplicate left after that stops the run."""
     for item in items:
         named = item.nodeid.endswith(f"::{item.name}")
         if type(item).__name__ == "SchemathesisFunction" and item.parent is not None and not named:
@@ -51,8 +40,6 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         raise pytest.UsageError(
             f"{len(duplicates)} test ids are not unique (pytest-xdist would run one of each): {duplicates[:3]}"
         )
-    rank = {name: n for n, name in enumerate(LONGEST_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
 
 
 @pytest.fixture(scope="session")
