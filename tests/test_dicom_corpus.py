@@ -31,6 +31,7 @@ from dicom_validate import dciodvfy
 
 from cli.main import main
 from core.ingest.dicom import ingest_dicom
+from core.ingest.dicom_geometry import PlaneGeometry, frame_planes
 from core.ingest.nifti import load_nifti_dwi
 from core.labels import REGIONS
 from core.report.qc import write_qc_png
@@ -103,10 +104,10 @@ def _float_series(dest: Path) -> Path:
     return dest
 
 
-def _height_mm(position: Any, orientation: Any) -> float:
-    """Where an image lies along its slice normal (mm), from its position and orientation."""
-    o = np.asarray(orientation, dtype=np.float64)
-    return float(np.dot(np.cross(o[:3], o[3:]), np.asarray(position, dtype=np.float64)))
+def _height_mm(plane: PlaneGeometry) -> float:
+    """Where an image or frame lies along its slice normal (mm)."""
+    o = plane.orientation
+    return float(np.dot(np.cross(o[:3], o[3:]), plane.position))
 
 
 def _every_kth_slice(heights: Sequence[float], k: int) -> list[bool]:
@@ -127,10 +128,11 @@ def _variant(source: Path, variant: str, dest: Path, *, keep_every: int = 1) -> 
             continue
         if "SOPInstanceUID" in ds:
             images.append(ds)
-    if keep_every > 1:  # objects that are not slices (no position) are all kept
-        slices = [ds for ds in images if "ImagePositionPatient" in ds]
-        heights = [_height_mm(ds.ImagePositionPatient, ds.ImageOrientationPatient) for ds in slices]
-        dropped = {id(ds) for ds, keep in zip(slices, _every_kth_slice(heights, keep_every), strict=True) if not keep}
+    if keep_every > 1:  # objects that are not slices (no plane) are all kept
+        planes = [(ds, frame_planes(ds)[0]) for ds in images]
+        slices = [(ds, plane) for ds, plane in planes if plane is not None]
+        heights = [_height_mm(plane) for _, plane in slices]
+        dropped = {id(ds) for (ds, _), keep in zip(slices, _every_kth_slice(heights, keep_every), strict=True) if not keep}
         images = [ds for ds in images if id(ds) not in dropped]
     for n, ds in enumerate(images):
         if variant == "identifiers-deleted":
@@ -165,10 +167,7 @@ def _one_frame_per_file(source: Path, dest: Path) -> Path:
         ds = pydicom.dcmread(path)
         frames = ds.pixel_array.reshape(int(ds.NumberOfFrames), int(ds.Rows), int(ds.Columns))
         items = ds.PerFrameFunctionalGroupsSequence
-        heights = [
-            _height_mm(item.PlanePositionSequence[0].ImagePositionPatient, item.PlaneOrientationSequence[0].ImageOrientationPatient)
-            for item in items
-        ]
+        heights = [_height_mm(plane) for plane in frame_planes(ds) if plane is not None]
         for f, (item, keep) in enumerate(zip(items, _every_kth_slice(heights, KEEP_EVERY), strict=True)):
             if not keep:
                 continue

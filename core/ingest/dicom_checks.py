@@ -97,10 +97,9 @@ def check_series_geometry(group: SeriesGroup) -> None:
     label = f"the series {group.description!r}"
     positions: list[np.ndarray] = []
     mosaic = False
+    tags = GEOMETRY_TAGS if group.multi_frame else CLASSIC_GEOMETRY_TAGS
     for path in group.files:
-        ds = read_header(path, tags=CLASSIC_GEOMETRY_TAGS)
-        if ds is not None and "NumberOfFrames" in ds:
-            ds = read_header(path, tags=GEOMETRY_TAGS)
+        ds = read_header(path, tags=tags)
         if ds is None:
             raise ImageError(f"{label} has an image ({path.name}) whose header cannot be read")
         image_type = [str(t).upper() for t in (ds.get("ImageType") or [])]

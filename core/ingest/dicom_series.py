@@ -90,6 +90,8 @@ class SeriesGroup:
     description : SeriesDescription, or ProtocolName, or "series <number>".
     modality, manufacturer, series_number : as in the header (None when absent).
     body_part : BodyPartExamined of the first file (upper case; None when absent or empty).
+    multi_frame : some file has NumberOfFrames (an enhanced, multi-frame object: its geometry is
+        in its functional groups).
     files : the DICOM files, sorted by InstanceNumber.
     n_frames : total number of frames (images) over all files.
     patient_ids, study_instance_uids : the non-empty PatientID and StudyInstanceUID values of
@@ -107,6 +109,7 @@ class SeriesGroup:
     patient_ids: frozenset[str] = frozenset()
     study_instance_uids: frozenset[str] = frozenset()
     body_part: str | None = None
+    multi_frame: bool = False
 
     @property
     def n_images(self) -> int:
@@ -162,6 +165,7 @@ def group_series(files: Sequence[Path]) -> tuple[list[SeriesGroup], list[Path]]:
                 patient_ids=_values(members, "PatientID"),
                 study_instance_uids=_values(members, "StudyInstanceUID"),
                 body_part=str(first.get("BodyPartExamined") or "").strip().upper() or None,
+                multi_frame=any("NumberOfFrames" in m[2] for m in members),
             )
         )
     groups.sort(key=lambda g: (-g.n_frames, g.series_number or 0, g.description))
