@@ -48,7 +48,10 @@ def test_resampled_round_trip_keeps_the_geometry(tmp_path: Path) -> None:
     for code in (1, 5):
         centre_got = np.argwhere(seg.labels[:, :, 0] == code).mean(axis=0)
         centre_want = np.argwhere(labels[:, :, 0] == code).mean(axis=0)
-        assert np.linalg.norm((centre_got - centre_want) * 0.9) < 0.6, code  # mm
+        # mm, under one 0.9 mm voxel: the decoder's in-between codes at the right half's edge
+        # give code 1 about ten voxels right of the midline, which pull its centre by 0.59 mm
+        # (0.64 mm once edge voxels more probably cord than not are cord); code 5: 0.36 mm
+        assert np.linalg.norm((centre_got - centre_want) * 0.9) < 0.75, code
 
 
 def test_cord_near_the_edge_of_the_field(decoder_dir: Path) -> None:
@@ -277,3 +280,33 @@ def test_a_voxel_the_network_hesitates_to_give_to_a_ventral_funiculus_takes_it()
     # without the lean (every pass but the refinement's): the plain argmax, one cord
     plain, _ = _labels_of(probs, min_voxels=4)
     assert plain[8, 14, 0] == 0 and plain[11, 14, 0] == 0 and np.count_nonzero(plain) == 64
+
+
+def test_a_voxel_more_probably_cord_than_not_is_cord_even_when_no_single_region_beats_the_background() -> None:
+    """The cord is decided against the background first (P(background) < 1/2), then the region
+    inside it: an edge voxel whose cord probability is split among regions is cord, labelled
+    with its most probable region; a voxel more probably background stays background."""
+    from core.segment.runtime import _labels_of
+
+    shape = (20, 20, 1)
+    probs = np.zeros((9, *shape), np.float32)
+    probs[0] = 1.0
+    probs[:, 6:14, 6:14] = 0.0
+    probs[1, 6:14, 6:14] = 1.0  # a left lateral block
+
+    def edge(i: int, j: int, p_bg: float) -> None:
+        probs[:, i, j] = 0.0
+        probs[0, i, j] = p_bg
+        probs[1, i, j] = (1 - p_bg) * 0.45  # no region alone beats the background...
+        probs[4, i, j] = (1 - p_bg) * 0.30
+        probs[2, i, j] = (1 - p_bg) * 0.25
+
+    edge(5, 8, 0.45)  # ...but together they do: cord, left lateral
+    edge(5, 9, 0.55)  # more probably background: left out
+    edge(1, 1, 0.45)  # cord-like but not touching the cord: dropped by the one-cord rule
+    assert np.argmax(probs[:, 5, 8, 0]) == 0  # the plain nine-class argmax says background
+    labels, missing = _labels_of(probs, min_voxels=4)
+    assert missing == []
+    assert labels[5, 8, 0] == 1
+    assert labels[5, 9, 0] == 0 and labels[1, 1, 0] == 0
+    assert np.count_nonzero(labels) == 64 + 1
