@@ -28,7 +28,7 @@ from models.net import SCSNet, count_parameters
 log = logging.getLogger(__name__)
 
 OPSET = 17
-VERSION = "0.5.0"  # the shipped weights; bump when they change
+VERSION = "0.6.0"  # the shipped weights; bump when they change
 
 
 def export_onnx(model: SCSNet, path: Path) -> None:
