@@ -37,7 +37,7 @@ REAL = Path(__file__).parent / "data" / "sct_tutorial_dmri"
 NIFTI_KEYS = ("report", "labels", "maps/fa", "maps/md", "maps/ad", "maps/rd", "b0", "qc.png", "qc.html")
 
 
-def slow_model(base: Path, out_dir: Path, *, layers: int = 12, channels: int = 32) -> Path:
+def slow_model(base: Path, out_dir: Path, *, layers: int = 6, channels: int = 32) -> Path:
     """The model in ``base`` (its manifest and .onnx copied into ``out_dir``) plus ``layers`` 3x3
     convolutions of ``channels`` channels on its input whose result enters the logits as
     ``Relu(-|sum|)``, which is 0 for any finite input: the labels are the model's, only slower."""
