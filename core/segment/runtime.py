@@ -14,11 +14,10 @@ Per axial slice (the third axis of a closest-canonical RAS volume):
    sees the crops turned back by that angle, and its answer there, turned forward, is averaged
    with the one as they lie;
 4. the nine probability maps are resampled back to the input grid (linear); a voxel is cord
-   where the background is below one half, and its label is its most probable class (the
-   argmax, the cord first: :func:`_cord_first`; where the refinement's trim by MD checks the
-   outline afterwards, a voxel the
-   network hesitates to give to a ventral funiculus rather than to the background takes the
-   funiculus: :func:`_ventral_lean`); one connected cord is kept per slice. The maps are kept
+   where the background is below one half (:func:`_cord_first`; where the refinement's trim by
+   MD checks the outline afterwards, also a voxel the network hesitates to give to a ventral
+   funiculus rather than to the background: :func:`_ventral_lean`), and a cord voxel's label
+   is its most probable region; one connected cord is kept per slice. The maps are kept
    in the result (``Segmentation.probabilities``) for probability-weighted measures and
    confidence;
 5. with ``augment=True``, test-time augmentation (:mod:`core.segment.tta`): the b0 is segmented
@@ -271,7 +270,7 @@ class Segmenter:
         zooms_mm : voxel size (mm) along X, Y, Z.
         augment : also segment the shifted and the mirrored b0 and keep their agreement with the
             labels (:meth:`_augmented`, :mod:`core.segment.tta`).
-        ventral_lean : label by :func:`_ventral_lean` rather than the plain argmax (the
+        ventral_lean : also take in the voxels of :func:`_ventral_lean` as cord (the
             augmentations too); for masks whose outline the refinement's trim by MD checks
             afterwards (the pipeline's passes unless ``--no-refine``).
         cord : (X, Y, Z) a cord already found on this grid (another segmentation of the same
@@ -411,13 +410,15 @@ def _to_input_grid(
 def _labels_of(
     probabilities: NDArray[np.float32], *, min_voxels: float, ventral_lean: bool = False
 ) -> tuple[NDArray[np.uint8], list[int]]:
-    """(X, Y, Z) labels: the argmax of (9, X, Y, Z) ``probabilities``, the cord decided first
-    (:func:`_cord_first`; with ``ventral_lean``, :func:`_ventral_lean` of that), one connected
-    cord per slice; a slice whose cord is under
+    """(X, Y, Z) labels of (9, X, Y, Z) ``probabilities``: a voxel is cord where
+    :func:`_cord_first` (with ``ventral_lean``, also :func:`_ventral_lean`) says so and then takes
+    its most probable region; one connected cord per slice; a slice whose cord is under
     ``min_voxels`` is cleared and listed."""
-    labels = _cord_first(probabilities, np.argmax(probabilities, axis=0).astype(np.uint8))
+    region = (np.argmax(probabilities[1:], axis=0) + 1).astype(np.uint8)  # most probable region, codes 1-8
+    cord = _cord_first(probabilities)
     if ventral_lean:
-        labels = _ventral_lean(probabilities, labels)
+        cord |= _ventral_lean(probabilities, region)
+    labels = np.where(cord, region, np.uint8(BACKGROUND))
     missing: list[int] = []
     for z in range(labels.shape[2]):
         slice_labels = keep_largest_cord(labels[:, :, z])
@@ -428,44 +429,36 @@ def _labels_of(
     return labels, missing
 
 
-def _cord_first(probabilities: NDArray[np.float32], labels: NDArray[np.uint8]) -> NDArray[np.uint8]:
-    """``labels`` (the argmax of (9, ...) ``probabilities``) with every background voxel that is
-    more probably cord than not, P(background) < 1/2, given its most probable region (in place;
-    returned).
+def _cord_first(probabilities: NDArray[np.float32]) -> NDArray[np.bool_]:
+    """The voxels of (9, ...) ``probabilities`` that are more probably cord than not,
+    P(background) < 1/2: the cord, decided against the background before the region inside it.
 
-    The nine-class argmax asks which single class is likeliest. At the cord's edge a voxel's cord
-    probability is split among two or three regions, so the background can win that argmax
-    while the voxel is more likely cord than not: the outline then falls inside the cord
-    (the real GRE-EPI cords, ``python -m models.real_epi``, came out at 0.82-0.86 of their
-    tracings' volume). Deciding cord against background first, by the cord's own probability,
-    and the region inside it second keeps the outline where the network puts it.
+    Where one class holds the majority this is the nine-class argmax. At the cord's edge,
+    though, a voxel's cord probability is split among two or three regions, so the background
+    can win that argmax while the voxel is more likely cord than not: the outline then falls
+    inside the cord (the real GRE-EPI cords, ``python -m models.real_epi``, came out at
+    0.82-0.86 of their tracings' volume). Deciding cord against background first, by the cord's
+    own probability, keeps the outline where the network puts it.
     """
-    split = (labels == BACKGROUND) & (probabilities[BACKGROUND] < 0.5)
-    if split.any():
-        labels[split] = np.argmax(probabilities[1:, split], axis=0) + 1
-    return labels
+    return probabilities[BACKGROUND] < 0.5
 
 
-def _ventral_lean(probabilities: NDArray[np.float32], labels: NDArray[np.uint8]) -> NDArray[np.uint8]:
-    """``labels`` (the argmax of (9, ...) ``probabilities``) with background voxels whose most
-    probable region is a ventral funiculus, and whose background probability is below
-    ``VENTRAL_LEAN_P_BACKGROUND``, given to that funiculus (in place; returned).
+def _ventral_lean(probabilities: NDArray[np.float32], region: NDArray[np.uint8]) -> NDArray[np.bool_]:
+    """The voxels whose most probable region (``region``, codes 1-8) is a ventral funiculus and
+    whose background probability is below ``VENTRAL_LEAN_P_BACKGROUND``: cord as well.
 
     At the front of the cord the network splits an edge voxel's cord probability between the
     ventral funiculus and its neighbours, so the plain argmax leaves out voxels that are mostly
     cord, most of all on compressed cords, where the ventral funiculi are little more than
     their edge. The voxels taken in border the CSF in front of the cord, where the refinement's
     trim by MD gives back those that are mostly CSF; without that trim (``--no-refine``, images
-    without diffusion) the plain argmax stands. On the independent yardstick the ventral
-    funiculi's FA error fell from 5.73 / 5.40 % to 5.22 / 4.67 % (seeds 0-1, where 0.7, 0.8 and
-    0.9 were tried) and from 5.91 / 5.76 % to 5.59 / 4.97 % (seeds 2-3); leaning every region
-    towards the cord instead raised the lateral funiculi's error on both draws
+    without diffusion) the cord of :func:`_cord_first` stands. On the independent yardstick the
+    ventral funiculi's FA error fell from 5.73 / 5.40 % to 5.22 / 4.67 % (seeds 0-1, where 0.7,
+    0.8 and 0.9 were tried) and from 5.91 / 5.76 % to 5.59 / 4.97 % (seeds 2-3); leaning every
+    region towards the cord instead raised the lateral funiculi's error on both draws
     (models/scsnet/MODEL_CARD.md).
     """
-    hesitant = (labels == BACKGROUND) & (probabilities[BACKGROUND] < VENTRAL_LEAN_P_BACKGROUND)
-    region = np.argmax(probabilities[1:, hesitant], axis=0) + 1  # their most probable region, codes 1-8
-    labels[hesitant] = np.where(np.isin(region, _VENTRAL_CODES), region, BACKGROUND)
-    return labels
+    return (probabilities[BACKGROUND] < VENTRAL_LEAN_P_BACKGROUND) & np.isin(region, _VENTRAL_CODES)
 
 
 def _centres_of(cord: NDArray[np.bool_], factors: tuple[float, float]) -> list[_Centre | None]:
